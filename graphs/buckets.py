@@ -1,0 +1,13 @@
+"""Bucketed shapes: every variable length on the hot path is rounded up to a small set.
+
+A bucket is a static shape (later, a CUDA-graph key); padding beyond the real length is
+masked by position, so it never changes a result.
+"""
+from __future__ import annotations
+
+KV_BLOCK = 64  # attention spans are rounded up to a multiple of this many positions
+
+
+def kv_bucket(length: int, max_len: int) -> int:
+    """Smallest multiple of KV_BLOCK covering `length` positions, capped at the cache size."""
+    return min(max_len, -(-length // KV_BLOCK) * KV_BLOCK)

@@ -1,0 +1,25 @@
+"""Static KV cache: fixed buffers, explicit write positions, rollback by setting a length.
+
+Writes go to the positions the caller names, and every read is masked by position
+(a query at position p sees keys at positions <= p), so entries past the committed length
+are never read: rejecting a draft is `cache.length = n`, never a copy.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, n_layers: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (n_layers, 1, n_kv_heads, max_len, head_dim)  # [layer, batch=1, head, pos, dim]
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0  # committed positions; everything at or past it is scratch
+
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store k/v [1, heads, T, dim] at `positions` [T] and return the layer's full K/V."""
+        self.k[layer].index_copy_(2, positions, k)
+        self.v[layer].index_copy_(2, positions, v)
+        return self.k[layer], self.v[layer]

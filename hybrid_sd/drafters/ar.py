@@ -1,0 +1,237 @@
+"""Autoregressive drafter in the EAGLE-3 format: one decoder layer over fused target features.
+
+Row t of the draft layer pairs the target's features f_t (three layers, low|mid|high) with
+the embedding of token x_{t+1}, at position t:
+    g = fc(f_t);  a = [input_layernorm(embed(x_{t+1})) | hidden_norm(g)]
+    g = g + o_proj(attn(a));  g = g + mlp(post_attention_layernorm(g));  logits = lm_head(norm(g))
+Drafting feeds the output g back (instead of fc(f)) with the embedding of the token just
+drafted, one position further. Only rows built from target features stay in the draft cache;
+their K/V depend on the row input alone, so catching up is a KV-only pass (no queries,
+attention output, MLP or logits for those rows).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from transformers import LlamaConfig
+
+from ..cache import KVCache
+from ..graphs import kv_bucket
+from ..models.transformer import MLP, RMSNorm, apply_rope, attend, rope_inv_freq, rope_tables
+from ..verify import Sampling
+from .base import Context, Draft
+from .checkpoint import check_fits, load_strict, read_checkpoint, write_checkpoint
+
+ARCHITECTURES = ("LlamaForCausalLM", "LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
+
+
+def default_aux_layers(n_target_layers: int) -> tuple[int, ...]:
+    """Hidden states entering layers 2, L//2 and L-3 (transformers' hidden_states numbering)."""
+    L = n_target_layers
+    return (2, L // 2, L - 3)
+
+
+class Eagle3Attention(nn.Module):
+    def __init__(self, c: LlamaConfig, head_dim: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, head_dim
+        bias = bool(getattr(c, "attention_bias", False))
+        self.q_proj = nn.Linear(2 * c.hidden_size, self.n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(2 * c.hidden_size, self.n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(2 * c.hidden_size, self.n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * head_dim, c.hidden_size, bias=bias)
+
+    def kv(self, a, cos, sin):
+        T = a.shape[0]
+        k = self.k_proj(a).view(1, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(a).view(1, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(k, cos, sin), v
+
+    def forward(self, a, cos, sin, cache: KVCache, positions, kv_len: int):
+        T = a.shape[0]
+        k, v = self.kv(a, cos, sin)
+        k_all, v_all = cache.write(0, positions, k, v)
+        q = apply_rope(self.q_proj(a).view(1, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+        mask = torch.arange(kv_len, device=a.device)[None, :] <= positions[:, None]
+        y = attend(q, k_all[:, :, :kv_len], v_all[:, :, :kv_len], mask)
+        return self.o_proj(y.transpose(1, 2).reshape(T, -1))
+
+
+class Eagle3Layer(nn.Module):
+    def __init__(self, c: LlamaConfig, head_dim: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Eagle3Attention(c, head_dim)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c.hidden_size, c.intermediate_size, bool(getattr(c, "mlp_bias", False)))
+        self.norm_before_residual = bool(getattr(c, "norm_before_residual", False))
+
+    def row_input(self, g, emb):
+        """The attention input [embed | hidden] and the residual the layer adds to."""
+        g_normed = self.hidden_norm(g)
+        a = torch.cat([self.input_layernorm(emb), g_normed], dim=-1)
+        return a, (g_normed if self.norm_before_residual else g)
+
+
+class ARDrafter(nn.Module):
+    name = "ar"
+
+    def __init__(self, config: LlamaConfig, embed: nn.Embedding, target_layers: int, head_dim: int | None = None):
+        super().__init__()
+        c = self.config = config
+        H = c.hidden_size
+        self.head_dim = head_dim or getattr(c, "head_dim", None) or H // c.num_attention_heads
+        self.target_hidden = getattr(c, "target_hidden_size", None) or H
+        eagle = getattr(c, "eagle_config", None) or {}
+        pinned = eagle.get("eagle_aux_hidden_state_layer_ids")
+        # pinned ids name layer outputs; +1 gives the hidden state entering the next layer
+        self.feature_layers = tuple(i + 1 for i in pinned) if pinned else default_aux_layers(target_layers)
+        n_aux = len(self.feature_layers)
+        self.draft_vocab = getattr(c, "draft_vocab_size", None) or c.vocab_size
+        self.fc = nn.Linear(n_aux * self.target_hidden, H, bias=bool(getattr(c, "bias", False)))
+        if getattr(c, "fc_norm", False):  # one norm per target layer before fusing
+            self.fc_norm = nn.ModuleList(RMSNorm(self.target_hidden, c.rms_norm_eps) for _ in range(n_aux))
+        if getattr(c, "norm_before_fc", False):
+            self.input_norm = RMSNorm(n_aux * self.target_hidden, c.rms_norm_eps)
+        self.midlayer = Eagle3Layer(c, self.head_dim)
+        self.norm = RMSNorm(H, c.rms_norm_eps)
+        self.lm_head = nn.Linear(H, self.draft_vocab, bias=False)
+        self.register_buffer("d2t", torch.zeros(self.draft_vocab, dtype=torch.long))
+        self.register_buffer("t2d", torch.zeros(c.vocab_size, dtype=torch.bool))
+        self.norm_output = bool(getattr(c, "norm_output", False))
+        self.embed = [embed]  # the target's embedding, held outside this module's state dict
+        self.cache: KVCache | None = None
+        self.frontier = 0
+
+    # ---- checkpoint format -------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, target) -> "ARDrafter":
+        raw, state = read_checkpoint(path)
+        if raw.get("architectures") and raw["architectures"][0] not in ARCHITECTURES:
+            from ..errors import UserError
+            raise UserError(f"{path}: architecture {raw['architectures'][0]} is not an EAGLE-3 head "
+                            f"(expected one of {', '.join(ARCHITECTURES)})")
+        # a vLLM "speculators" export names the decoder layer layers.0 instead of midlayer
+        state = {("midlayer." + k[len("layers.0."):] if k.startswith("layers.0.") else k): v for k, v in state.items()}
+        config = LlamaConfig.from_dict(raw)
+        n_heads = raw["num_attention_heads"]
+        head_dim = state["midlayer.self_attn.q_proj.weight"].shape[0] // n_heads
+        embed = target.model.embed_tokens
+        if "embed_tokens.weight" in state:
+            embed = nn.Embedding.from_pretrained(state.pop("embed_tokens.weight"), freeze=True)
+        tc = target.config
+        check_fits("vocabulary size", raw.get("vocab_size"), tc.vocab_size, path)
+        check_fits("embedding width", config.hidden_size, embed.embedding_dim, path)
+        drafter = cls(config, embed, tc.num_hidden_layers, head_dim)
+        check_fits("target hidden size", drafter.target_hidden, tc.hidden_size, path)
+        if max(drafter.feature_layers) >= tc.num_hidden_layers:
+            check_fits("deepest feature layer", max(drafter.feature_layers), f"< {tc.num_hidden_layers}", path)
+        state.setdefault("t2d", drafter.t2d)  # training-only; some exports drop it
+        load_strict(drafter, state, path)
+        if int((drafter.d2t + torch.arange(drafter.draft_vocab)).max()) >= tc.vocab_size:
+            check_fits("largest mapped token id (d2t)", int((drafter.d2t + torch.arange(drafter.draft_vocab)).max()),
+                       f"< {tc.vocab_size}", path)
+        p = target.lm_head.weight
+        return drafter.to(device=p.device, dtype=p.dtype).eval()
+
+    def config_dict(self) -> dict:
+        c = self.config
+        out = {
+            "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama",
+            "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": 1, "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads, "head_dim": self.head_dim,
+            "hidden_act": "silu", "rms_norm_eps": c.rms_norm_eps, "vocab_size": c.vocab_size,
+            "draft_vocab_size": self.draft_vocab, "target_hidden_size": self.target_hidden,
+            "max_position_embeddings": c.max_position_embeddings, "tie_word_embeddings": False,
+            "eagle_config": {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in self.feature_layers]},
+        }
+        rope = getattr(c, "rope_parameters", None) or {}
+        if rope.get("rope_theta") not in (None, 10000.0):
+            out["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "default") != "default":
+            out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+        for flag in ("norm_before_residual", "norm_output", "fc_norm", "norm_before_fc"):
+            if getattr(c, flag, False):
+                out[flag] = True
+        return out
+
+    def save_pretrained(self, path, dtype=torch.float16) -> None:
+        state = {k: v for k, v in self.state_dict().items()}
+        write_checkpoint(path, self.config_dict(), state, dtype=dtype)
+
+    # ---- drafting ----------------------------------------------------------------------
+    def reset(self, max_len: int, k_max: int = 32) -> None:
+        p = self.lm_head.weight
+        size = max_len + k_max
+        if self.cache is None or self.cache.max_len < size:
+            self.cache = KVCache(1, size, self.config.num_key_value_heads, self.head_dim, p.dtype, p.device)
+            inv_freq, scale = rope_inv_freq(self.config, self.head_dim)
+            cos, sin = rope_tables(inv_freq, scale, size)
+            self.rope_cos, self.rope_sin = cos.to(p.device, p.dtype), sin.to(p.device, p.dtype)
+        self.frontier = 0
+
+    def fuse(self, features: torch.Tensor) -> torch.Tensor:
+        """fc over the concatenated target features [T, n_aux * target_hidden]."""
+        if hasattr(self, "fc_norm"):
+            chunks = features.split(self.target_hidden, dim=-1)
+            features = torch.cat([norm(x) for norm, x in zip(self.fc_norm, chunks)], dim=-1)
+        if hasattr(self, "input_norm"):
+            features = self.input_norm(features)
+        return self.fc(features)
+
+    def catch_up(self, ctx: Context, end: int) -> None:
+        """KV-only prefill of rows [frontier, end): norms, k/v projections and RoPE only."""
+        start = self.frontier
+        if end <= start:
+            return
+        g = self.fuse(ctx.feature_rows(self.feature_layers, start, end))
+        emb = self.embed[0](ctx.tokens[start + 1:end + 1])
+        a, _ = self.midlayer.row_input(g, emb)
+        positions = torch.arange(start, end, device=g.device)
+        k, v = self.midlayer.self_attn.kv(a, self.rope_cos[positions], self.rope_sin[positions])
+        self.cache.write(0, positions, k, v)
+        self.frontier = end
+
+    def step(self, g, emb, positions, kv_len):
+        """Full computation of rows (g, emb) at `positions`: new hidden g and draft-vocab logits."""
+        layer = self.midlayer
+        a, residual = layer.row_input(g, emb)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        h = residual + layer.self_attn(a, cos, sin, self.cache, positions, kv_len)
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        normed = self.norm(h)
+        return (normed if self.norm_output else h), self.lm_head(normed).float()
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids + self.d2t[draft_ids]
+
+    def draft(self, ctx: Context, k: int, sampling: Sampling, generator=None) -> Draft:
+        """k steps: the last context row (f_{n-1}, x_n) predicts x_{n+1}, then feed back."""
+        n = ctx.n
+        device = self.lm_head.weight.device
+        if k <= 0 or n == 0:
+            return Draft(torch.empty(0, dtype=torch.long, device=device))
+        kv_len = kv_bucket(n + k, self.cache.max_len)
+        g = self.fuse(ctx.feature_rows(self.feature_layers, n - 1, n))
+        token = ctx.tokens[n:n + 1]
+        tokens, probs, conf = [], [], []
+        for j in range(k):
+            positions = torch.arange(n - 1 + j, n + j, device=device)
+            g, logits = self.step(g, self.embed[0](token), positions, kv_len)
+            p = torch.softmax(logits[0] / (1.0 if sampling.greedy else sampling.temperature), dim=-1)
+            d = p.argmax().view(1) if sampling.greedy else torch.multinomial(p, 1, generator=generator)
+            token = self.to_target_ids(d)
+            tokens.append(token)
+            conf.append(p[d])
+            if not sampling.greedy:
+                probs.append(p)
+        draft_probs = None
+        if probs:
+            full = torch.zeros(k, self.config.vocab_size, device=device)
+            index = self.to_target_ids(torch.arange(self.draft_vocab, device=device)).expand(k, -1)
+            draft_probs = full.scatter_(1, index, torch.stack(probs))
+        return Draft(torch.cat(tokens), draft_probs, torch.cat(conf))

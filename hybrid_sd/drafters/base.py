@@ -1,0 +1,58 @@
+"""The drafter protocol and the committed context that all drafters read.
+
+Positions: `ctx.ids[0..n]` are committed; `ctx.ids[n]` (the bonus) has no target K/V or
+features yet. Features exist for positions 0..n-1. A drafter's `frontier` is the number of
+positions whose context it has consumed; `catch_up(ctx, n)` brings it to n in one batched
+pass (Lazy Catch-up: a drafter that did not draft for a while just has a lower frontier).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..verify import Sampling
+
+
+@dataclass
+class Context:
+    ids: list[int]              # committed tokens (prompt + generated), host side
+    tokens: torch.Tensor        # the same ids on the device, [max_len]
+    features: torch.Tensor | None  # [max_len, n_captured, hidden]: target features per position
+    capture: tuple[int, ...]    # which hidden states (transformers numbering) `features` holds
+
+    @property
+    def n(self) -> int:
+        """Position of the bonus token, = number of positions with target K/V and features."""
+        return len(self.ids) - 1
+
+    def feature_rows(self, layers: tuple[int, ...], start: int, end: int) -> torch.Tensor:
+        """Features of positions [start, end) for `layers`, concatenated in their order: [T, L*H]."""
+        cols = [self.capture.index(layer) for layer in layers]
+        rows = self.features[start:end]
+        if cols == list(range(cols[0], cols[0] + len(cols))):
+            return rows[:, cols[0]:cols[0] + len(cols)].flatten(1)
+        return rows[:, cols].flatten(1)
+
+
+@dataclass
+class Draft:
+    tokens: torch.Tensor             # [k] target ids, on the device
+    probs: torch.Tensor | None = None  # [k, V] proposal the tokens were sampled from; None = deterministic
+    confidence: torch.Tensor | None = None  # [k] drafter's probability of each drafted token
+
+
+class Drafter(Protocol):
+    name: str
+    feature_layers: tuple[int, ...]  # target hidden states it reads (transformers numbering)
+    frontier: int
+
+    def reset(self, max_len: int) -> None:
+        """Forget all context; prepare caches for sequences up to max_len."""
+
+    def catch_up(self, ctx: Context, end: int) -> None:
+        """Consume the context of positions [frontier, end)."""
+
+    def draft(self, ctx: Context, k: int, sampling: Sampling, generator: torch.Generator | None) -> Draft:
+        """Up to k tokens to follow ctx.ids (may be fewer, or none)."""

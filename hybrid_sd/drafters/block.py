@@ -1,0 +1,188 @@
+"""Block-diffusion drafter in the DFlash format: a whole block of drafts in one forward pass.
+
+The target's features of each context position are fused once, ctx = hidden_norm(fc(f)),
+and enter every draft layer only as keys and values (k_norm(k_proj(ctx)), v_proj(ctx), RoPE
+at the absolute position). The block [bonus, MASK, ..., MASK] sits at the next positions;
+its queries see all context and the whole block (no causal mask). The target's LM head on
+norm(h) at block slot i >= 1 predicts the token at that slot. Context K/V depend on ctx alone,
+so catching up is a KV-only pass and the per-layer context K/V are cached across rounds.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from transformers import Qwen3Config
+
+from ..cache import KVCache
+from ..errors import UserError
+from ..graphs import kv_bucket
+from ..models.transformer import MLP, RMSNorm, apply_rope, attend, rope_inv_freq, rope_tables
+from ..verify import Sampling
+from .base import Context, Draft
+from .checkpoint import check_fits, load_strict, read_checkpoint, write_checkpoint
+
+
+def default_target_layer_ids(n_target_layers: int, n_draft_layers: int) -> list[int]:
+    """Evenly spaced layer outputs from 1 to L-3 (one per draft layer), as DFlash does."""
+    L, n = n_target_layers, n_draft_layers
+    if n == 1:
+        return [L // 2]
+    return [int(round(1 + i * (L - 4) / (n - 1))) for i in range(n)]
+
+
+class BlockAttention(nn.Module):
+    def __init__(self, c: Qwen3Config, head_dim: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, head_dim
+        H, bias = c.hidden_size, bool(getattr(c, "attention_bias", False))
+        self.q_proj = nn.Linear(H, self.n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(H, self.n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(H, self.n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * head_dim, H, bias=bias)
+        self.q_norm = RMSNorm(head_dim, c.rms_norm_eps)
+        self.k_norm = RMSNorm(head_dim, c.rms_norm_eps)
+
+    def kv(self, x, cos, sin):
+        T = x.shape[0]
+        k = self.k_norm(self.k_proj(x).view(1, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(1, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(k, cos, sin), v
+
+
+class BlockLayer(nn.Module):
+    def __init__(self, c: Qwen3Config, head_dim: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = BlockAttention(c, head_dim)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c.hidden_size, c.intermediate_size)
+
+
+class BlockDrafter(nn.Module):
+    name = "block"
+
+    def __init__(self, config: Qwen3Config, target, target_layer_ids: list[int], mask_token_id: int,
+                 block_size: int):
+        super().__init__()
+        c = self.config = config
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.target_layer_ids = list(target_layer_ids)
+        self.feature_layers = tuple(i + 1 for i in target_layer_ids)  # output of layer i
+        self.mask_token_id, self.block_size = mask_token_id, block_size
+        self.layers = nn.ModuleList(BlockLayer(c, self.head_dim) for _ in range(c.num_hidden_layers))
+        self.fc = nn.Linear(len(target_layer_ids) * target.config.hidden_size, c.hidden_size, bias=False)
+        self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.target_io = [target.model.embed_tokens, target.lm_head]  # shared, not in our state dict
+        self.num_target_layers = target.config.num_hidden_layers
+        self.cache: KVCache | None = None
+        self.frontier = 0
+
+    # ---- checkpoint format -------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, target) -> "BlockDrafter":
+        raw, state = read_checkpoint(path)
+        if raw.get("architectures") and raw["architectures"][0] != "DFlashDraftModel":
+            raise UserError(f"{path}: architecture {raw['architectures'][0]} is not DFlashDraftModel")
+        config = Qwen3Config.from_dict(raw)
+        tc = target.config
+        dflash = raw.get("dflash_config") or {}
+        n_target = raw.get("num_target_layers", tc.num_hidden_layers)
+        check_fits("number of target layers", n_target, tc.num_hidden_layers, path)
+        check_fits("vocabulary size", raw.get("vocab_size", tc.vocab_size), tc.vocab_size, path)
+        check_fits("hidden size", config.hidden_size, tc.hidden_size, path)
+        ids = dflash.get("target_layer_ids") or default_target_layer_ids(n_target, config.num_hidden_layers)
+        if max(ids) >= tc.num_hidden_layers:
+            raise UserError(f"{path}: target_layer_ids {ids} name layers the target (with "
+                            f"{tc.num_hidden_layers} layers) does not have")
+        mask_id = dflash.get("mask_token_id", raw.get("mask_token_id"))
+        if mask_id is None or not 0 <= mask_id < tc.vocab_size:
+            raise UserError(f"{path}: mask_token_id {mask_id} is not a token of the target's vocabulary of {tc.vocab_size}")
+        block = dflash.get("block_size", raw.get("block_size", 16))
+        drafter = cls(config, target, ids, mask_id, block)
+        check_fits("fused feature width (fc input)", state["fc.weight"].shape[1], drafter.fc.in_features, path)
+        load_strict(drafter, state, path)
+        p = target.lm_head.weight
+        return drafter.to(device=p.device, dtype=p.dtype).eval()
+
+    def config_dict(self) -> dict:
+        c = self.config
+        return {
+            "architectures": ["DFlashDraftModel"], "model_type": "qwen3", "block_size": self.block_size,
+            "dflash_config": {"mask_token_id": self.mask_token_id, "target_layer_ids": self.target_layer_ids},
+            "num_target_layers": self.num_target_layers, "num_hidden_layers": c.num_hidden_layers,
+            "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+            "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": self.head_dim, "hidden_act": "silu", "rms_norm_eps": c.rms_norm_eps,
+            "rope_theta": (getattr(c, "rope_parameters", None) or {}).get("rope_theta", 1e6),
+            "attention_bias": False, "vocab_size": c.vocab_size, "tie_word_embeddings": False,
+            "max_position_embeddings": c.max_position_embeddings,
+            "layer_types": ["full_attention"] * c.num_hidden_layers,
+        }
+
+    def save_pretrained(self, path, dtype=torch.float16) -> None:
+        write_checkpoint(path, self.config_dict(), self.state_dict(), dtype=dtype)
+
+    # ---- drafting ----------------------------------------------------------------------
+    def reset(self, max_len: int) -> None:
+        p = self.fc.weight
+        size = max_len + self.block_size
+        if self.cache is None or self.cache.max_len < size:
+            c = self.config
+            self.cache = KVCache(c.num_hidden_layers, size, c.num_key_value_heads, self.head_dim, p.dtype, p.device)
+            inv_freq, scale = rope_inv_freq(c, self.head_dim)
+            cos, sin = rope_tables(inv_freq, scale, size)
+            self.rope_cos, self.rope_sin = cos.to(p.device, p.dtype), sin.to(p.device, p.dtype)
+        self.frontier = 0
+
+    def catch_up(self, ctx: Context, end: int) -> None:
+        """KV-only prefill of context positions [frontier, end) in every draft layer."""
+        start = self.frontier
+        if end <= start:
+            return
+        c = self.hidden_norm(self.fc(ctx.feature_rows(self.feature_layers, start, end)))
+        positions = torch.arange(start, end, device=c.device)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        for i, layer in enumerate(self.layers):
+            k, v = layer.self_attn.kv(c, cos, sin)
+            self.cache.write(i, positions, k, v)
+        self.frontier = end
+
+    def block_hidden(self, ctx: Context) -> torch.Tensor:
+        """One forward of [bonus, MASK...] after the cached context: norm(h) [block, H]."""
+        n, B = ctx.n, self.block_size
+        embed, _ = self.target_io
+        device = self.fc.weight.device
+        block = torch.full((B,), self.mask_token_id, dtype=torch.long, device=device)
+        block[0] = ctx.tokens[n]
+        x = embed(block)
+        positions = torch.arange(n, n + B, device=device)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        kv_len = kv_bucket(n + B, self.cache.max_len)
+        visible = (torch.arange(kv_len, device=device) < n + B)[None, :]  # context + whole block
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_norm(attn.q_proj(h).view(1, B, attn.n_heads, attn.head_dim)).transpose(1, 2)
+            q = apply_rope(q, cos, sin)
+            k, v = attn.kv(h, cos, sin)
+            k_all, v_all = self.cache.write(i, positions, k, v)  # block K/V are scratch past the frontier
+            y = attend(q, k_all[:, :, :kv_len], v_all[:, :, :kv_len], visible)
+            x = x + attn.o_proj(y.transpose(1, 2).reshape(B, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x)
+
+    def draft(self, ctx: Context, k: int, sampling: Sampling, generator=None) -> Draft:
+        device = self.fc.weight.device
+        k = min(k, self.block_size - 1)
+        if k <= 0:
+            return Draft(torch.empty(0, dtype=torch.long, device=device))
+        _, lm_head = self.target_io
+        logits = lm_head(self.block_hidden(ctx)[1:1 + k]).float()
+        p = torch.softmax(logits / (1.0 if sampling.greedy else sampling.temperature), dim=-1)
+        if sampling.greedy:
+            tokens = p.argmax(dim=-1)
+        else:
+            tokens = torch.multinomial(p, 1, generator=generator).view(-1)
+        conf = p.gather(1, tokens[:, None]).view(-1)
+        return Draft(tokens, None if sampling.greedy else p, conf)

@@ -1,0 +1,41 @@
+"""Prompt-lookup drafting: continue the latest earlier occurrence of the context's last n-gram.
+
+Training-free and model-free. Tries n = max_n down to min_n and proposes the tokens that
+followed the most recent earlier match of the last n committed tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..verify import Sampling
+from .base import Context, Draft
+
+
+class NgramDrafter:
+    name = "ngram"
+    feature_layers: tuple[int, ...] = ()
+
+    def __init__(self, max_n: int = 4, min_n: int = 1, device: str | torch.device = "cpu"):
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
+        self.max_n, self.min_n, self.device = max_n, min_n, device
+        self.frontier = 0
+
+    def reset(self, max_len: int) -> None:
+        self.frontier = 0
+
+    def catch_up(self, ctx: Context, end: int) -> None:
+        self.frontier = end  # nothing to compute: the committed ids are the whole state
+
+    def lookup(self, ids: list[int], k: int) -> list[int]:
+        for n in range(min(self.max_n, len(ids) - 1), self.min_n - 1, -1):
+            pattern = ids[-n:]
+            # scan right to left for the most recent earlier occurrence
+            for start in range(len(ids) - n - 1, -1, -1):
+                if ids[start:start + n] == pattern:
+                    return ids[start + n:start + n + k]
+        return []
+
+    def draft(self, ctx: Context, k: int, sampling: Sampling, generator=None) -> Draft:
+        found = self.lookup(ctx.ids, k) if k > 0 else []
+        return Draft(torch.tensor(found, dtype=torch.long, device=self.device))

@@ -1,0 +1,220 @@
+"""A compact, graph-friendly decoder for Llama, Qwen2 and Qwen3 dense checkpoints.
+
+Module and parameter names equal transformers' (`model.layers.0.self_attn.q_proj.weight`,
+...), so a Hugging Face state dict loads as it is. The forward has no data-dependent Python
+control flow: shapes depend only on the number of tokens and on `kv_len`, a host-side bound
+on the positions that can be attended (a bucket, later a CUDA-graph key).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from ..cache import KVCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_parameters(config) -> dict:
+    """RoPE settings of a config, for transformers 4.x (`rope_scaling`) and 5.x (`rope_parameters`)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if not params:
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params.setdefault("rope_type", params.pop("type", "default"))
+    return params
+
+
+def rope_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and cos/sin scale; scaled variants come from transformers itself."""
+    params = rope_parameters(config)
+    kind = params["rope_type"]
+    if kind == "default":
+        theta = float(params.get("rope_theta", 10000.0))
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+        return inv_freq, 1.0
+    if kind not in STATIC_ROPE_TYPES:
+        raise NotImplementedError(f"RoPE type {kind!r} is not supported (supported: {STATIC_ROPE_TYPES})")
+    return ROPE_INIT_FUNCTIONS[kind](config)
+
+
+def rope_tables(inv_freq: torch.Tensor, scale: float, max_len: int):
+    """cos/sin [max_len, head_dim] in the rotate-half layout, computed as transformers does."""
+    freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * scale, emb.sin() * scale
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, heads, T, dim]; cos/sin [T, dim] (or broadcastable)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def attend(q, k, v, mask):
+    """Scaled dot-product attention with grouped KV heads; mask True = may attend."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim_of(config)
+        H = config.hidden_size
+        qkv_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+        o_bias = config.model_type != "qwen2" and bool(getattr(config, "attention_bias", False))
+        self.q_proj = nn.Linear(H, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(H, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(H, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=o_bias)
+        if config.model_type == "qwen3":  # per-head RMSNorm on queries and keys
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = nn.Identity()
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, positions, kv_len: int | None):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k_all, v_all = cache.write(self.layer_idx, positions, k, v)
+            k, v = k_all[:, :, :kv_len], v_all[:, :, :kv_len]
+        y = attend(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inner: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=bias)
+        self.up_proj = nn.Linear(hidden, inner, bias=bias)
+        self.down_proj = nn.Linear(inner, hidden, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, bool(getattr(config, "mlp_bias", False)))
+
+    def forward(self, h, cos, sin, mask, cache, positions, kv_len):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, positions, kv_len)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def check_supported(config):
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise NotImplementedError(f"architecture {kind!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    layer_types = getattr(config, "layer_types", None) or []
+    if getattr(config, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):
+        raise NotImplementedError("sliding-window attention layers are not supported")
+    rope_kind = rope_parameters(config)["rope_type"]
+    if rope_kind not in STATIC_ROPE_TYPES:
+        raise NotImplementedError(f"RoPE type {rope_kind!r} is not supported (supported: {', '.join(STATIC_ROPE_TYPES)})")
+
+
+class Transformer(nn.Module):
+    """The target. `forward` returns final-normed hidden states and the requested features."""
+
+    def __init__(self, config, max_len: int | None = None):
+        super().__init__()
+        check_supported(config)
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.head_dim = head_dim_of(config)
+        self.max_len = max_len or config.max_position_embeddings
+        self.init_rope()
+
+    def init_rope(self):
+        with torch.device("cpu"):  # real numbers even while the module is built on meta
+            inv_freq, scale = rope_inv_freq(self.config, self.head_dim)
+            cos, sin = rope_tables(inv_freq, scale, self.max_len)
+        device = self.lm_head.weight.device if self.lm_head.weight.device.type != "meta" else "cpu"
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+
+    @property
+    def n_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.n_layers, max_len or self.max_len, self.config.num_key_value_heads,
+                       self.head_dim, p.dtype, p.device)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+                kv_len: int | None = None, capture: tuple[int, ...] = ()):
+        """tokens [B, T] at `positions` [T].
+
+        With a cache (B = 1): K/V are written at `positions`, queries attend to cache
+        positions [0, kv_len) up to their own position. Without one: plain causal attention
+        over the T tokens (training). `capture` names hidden states in transformers'
+        numbering (0 = embeddings, i = output of layer i-1, before the final norm); they are
+        returned concatenated in that order, [B, T, len(capture) * hidden].
+        Returns (final-normed hidden [B, T, H], features or None).
+        """
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        if cache is not None:
+            kv_len = kv_len or cache.max_len
+            key_pos = torch.arange(kv_len, device=positions.device)
+            mask = key_pos[None, :] <= positions[:, None]
+        else:
+            mask = positions[None, :] <= positions[:, None]
+        h = self.model.embed_tokens(tokens)
+        kept = {0: h} if 0 in capture else {}
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, cos, sin, mask, cache, positions, kv_len)
+            if i + 1 in capture:
+                kept[i + 1] = h
+        features = torch.cat([kept[i] for i in capture], dim=-1) if capture else None
+        return self.model.norm(h), features
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

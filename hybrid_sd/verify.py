@@ -1,0 +1,70 @@
+"""Acceptance of a drafted chain: greedy, and lossless speculative (rejection) sampling.
+
+Both take the target's logits for the verified rows [k+1, V] (row i scores the token after
+the i-th verified input, so rows 0..k-1 judge drafts 1..k and row k gives the bonus) and
+return (number of accepted drafts a, the token to commit after them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+def target_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """The distribution the target samples from: softmax(logits / T), cut to the top-p nucleus."""
+    probs = torch.softmax(logits.float() / s.temperature, dim=-1)
+    if s.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        outside = sorted_p.cumsum(-1) - sorted_p >= s.top_p
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def greedy_accept(draft: torch.Tensor, logits: torch.Tensor) -> tuple[int, int]:
+    """draft [k], logits [k+1, V]: longest prefix where draft equals the target's argmax."""
+    target = logits.argmax(dim=-1)
+    k = draft.numel()
+    matches = (draft == target[:k]).int()
+    a = int(matches.cumprod(0).sum()) if k else 0  # the round's one device->host sync
+    return a, int(target[a])
+
+
+def speculative_accept(draft: torch.Tensor, draft_probs: torch.Tensor | None, logits: torch.Tensor,
+                       s: Sampling, generator: torch.Generator | None) -> tuple[int, int]:
+    """Rejection sampling (Leviathan et al. / Chen et al.): the output follows the target exactly.
+
+    draft_probs [k, V] is the proposal each draft was sampled from; None means the drafts were
+    chosen deterministically (a one-hot proposal: accept with probability p(d)).
+    """
+    p = target_probs(logits, s)  # [k+1, V]
+    k = draft.numel()
+    rows = torch.arange(k, device=draft.device)
+    p_d = p[rows, draft]
+    q_d = draft_probs[rows, draft] if draft_probs is not None else torch.ones_like(p_d)
+    u = torch.rand(k, generator=generator, device=draft.device)
+    accepted = (u * q_d < p_d).int()  # u < p/q without dividing by a zero q
+    a = int(accepted.cumprod(0).sum()) if k else 0
+    if a == k:
+        residual = p[k]
+    else:
+        q = draft_probs[a] if draft_probs is not None else torch.zeros_like(p[a]).scatter_(0, draft[a:a + 1], 1.0)
+        residual = (p[a] - q).clamp_min(0.0)
+        if float(residual.sum()) <= 0.0:  # p == q exactly: any sample from p is right
+            residual = p[a]
+    token = torch.multinomial(residual / residual.sum(), 1, generator=generator)
+    return a, int(token)
