@@ -46,7 +46,10 @@ def check_fits(what: str, drafter_value, target_value, path) -> None:
 
 
 def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path) -> None:
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise UserError(f"{path}: weights do not match its config.json ({str(e).splitlines()[-1].strip()})") from None
     if missing or unexpected:
         raise UserError(f"{path}: checkpoint keys do not match the format "
                         f"(missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]})")

@@ -57,7 +57,7 @@ def eos_ids(path: Path, config) -> tuple[int, ...]:
 
 
 def load_target(path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                max_len: int | None = None):
+                max_len: int | None = None, load_tokenizer: bool = True):
     """Returns (model, tokenizer, eos_ids). `path=None` loads the embedded default."""
     if path is None:
         from .embedded import default_target_dir
@@ -76,7 +76,10 @@ def load_target(path: str | Path | None = None, device: str = "cpu", dtype: torc
     with torch.device("meta"):
         model = Transformer(config, max_len=max_len)
     model = model.to_empty(device="cpu")  # built on meta: no time spent on random init
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise UserError(f"{path}: weights do not match its config.json ({str(e).splitlines()[-1].strip()})") from None
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     unexpected = [k for k in unexpected if "rotary_emb" not in k]
     if missing or unexpected:
@@ -86,7 +89,7 @@ def load_target(path: str | Path | None = None, device: str = "cpu", dtype: torc
         model.lm_head.weight = model.model.embed_tokens.weight
     model.init_rope()  # RoPE tables are not in the checkpoint
     model = model.to(device=device, dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path) if load_tokenizer else None
     return model, tokenizer, eos_ids(path, config)
 
 

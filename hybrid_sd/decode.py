@@ -1,0 +1,155 @@
+"""Single-stream generation: `python -m hybrid_sd.decode "prompt"` (or the prompt on stdin)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2, as for every other user error
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m hybrid_sd.decode", description=__doc__)
+    p.add_argument("prompt", nargs="?", help="the prompt; read from stdin when absent")
+    p.add_argument("--target", help="HF checkpoint directory (Llama, Qwen2, Qwen3 dense); default: embedded SmolLM2-135M-Instruct")
+    p.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--drafter", default="ngram", help="none | ngram | ar | block (default: ngram)")
+    p.add_argument("--draft", help="drafter checkpoint directory (for --drafter ar/block)")
+    p.add_argument("--k", type=int, default=None, help="tokens drafted per round (default: 8 for ngram, 6 for ar, block size-1 for block)")
+    p.add_argument("--ngram-max", type=int, default=4, help="longest n-gram the prompt-lookup drafter matches")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--max-context", type=int, default=4096, help="KV cache length in tokens (prompt + answer)")
+    p.add_argument("--stats", action="store_true", help="print a stats line on stderr")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of streaming text")
+    return p
+
+
+def check_args(args) -> None:
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.k is not None and args.k < 1:
+        raise UserError(f"--k must be >= 1, got {args.k}")
+    if args.max_context < 2:
+        raise UserError(f"--max-context must be >= 2, got {args.max_context}")
+    if args.ngram_max < 1:
+        raise UserError(f"--ngram-max must be >= 1, got {args.ngram_max}")
+
+
+def resolve_device(name: str):
+    import torch
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r} (use cpu or cuda[:N])") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but this torch build sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported device {name!r} (use cpu or cuda[:N])")
+    return device
+
+
+def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        return list(ids)
+    return tokenizer.encode(text, add_special_tokens=True)
+
+
+class Streamer:
+    """Prints the text of newly committed tokens, holding back an unfinished UTF-8 character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], 0
+
+    def __call__(self, new: list[int]) -> None:
+        self.ids.extend(new)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        sys.stdout.write(text[self.printed:])
+        sys.stdout.flush()
+        self.printed = len(text)
+
+
+def run(args) -> int:
+    check_args(args)
+    import torch
+
+    from .drafters import load_drafter
+    from .engine import Engine
+    from .models.loading import load_target, parse_dtype
+    from .models.packed_linear import pack_linears
+    from .verify import Sampling
+
+    device, dtype = resolve_device(args.device), parse_dtype(args.dtype)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        raise UserError("empty prompt: pass it as an argument or on stdin")
+    target, tokenizer, eos = load_target(args.target, device=device, dtype=dtype)
+    if args.max_context > target.max_len:
+        raise UserError(f"--max-context {args.max_context} exceeds the model's {target.max_len} positions")
+    pack_linears(target)
+    drafter = load_drafter(args.drafter, args.draft, target, args.ngram_max)
+    k = args.k or {"ngram": 8, "ar": 6}.get(args.drafter, getattr(drafter, "block_size", 2) - 1)
+    engine = Engine(target, eos, drafter, k=k, max_len=args.max_context)
+    ids = encode_prompt(tokenizer, prompt, chat=not args.no_chat)
+    sampling = Sampling(args.temperature, args.top_p, args.seed)
+    streamer = None if args.json else Streamer(tokenizer)
+    with torch.inference_mode():
+        gen = engine.generate(ids, args.max_new_tokens, sampling, on_tokens=streamer)
+    result = {
+        "text": tokenizer.decode(gen.token_ids, skip_special_tokens=True),
+        "token_ids": gen.token_ids,
+        "prompt_tokens": gen.prompt_tokens,
+        "new_tokens": len(gen.token_ids),
+        "tokens_per_s": round(gen.tokens_per_s, 3),
+        "ttft_s": round(gen.ttft_s, 4),
+        "elapsed_s": round(gen.elapsed_s, 4),
+        "stop_reason": gen.stop_reason,
+        "drafter": args.drafter,
+        "k": k if drafter is not None else 0,
+        "rounds": len(gen.rounds),
+        "mean_accepted": round(gen.mean_accepted, 3),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print()
+    if args.stats:
+        print(f"[{args.drafter}] prompt {gen.prompt_tokens} tok | new {len(gen.token_ids)} tok | "
+              f"{gen.tokens_per_s:.1f} tok/s | ttft {gen.ttft_s * 1000:.0f} ms | rounds {len(gen.rounds)} | "
+              f"mean accepted {gen.mean_accepted:.2f} | stop {gen.stop_reason}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

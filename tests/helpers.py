@@ -1,0 +1,175 @@
+"""Tiny random targets and drafters, built and saved in the published checkpoint formats."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+from hybrid_sd.engine import Engine
+from hybrid_sd.models.loading import load_target
+from hybrid_sd.models.packed_linear import pack_linears
+from hybrid_sd.models.transformer import Transformer
+
+VOCAB = 96
+EOS = 3
+
+
+def tiny_config(family: str = "llama", **overrides):
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=False, initializer_range=0.15, eos_token_id=EOS, bos_token_id=1,
+                  pad_token_id=0)
+    common.update(overrides)
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "qwen2":
+        return Qwen2Config(**common)
+    if family == "qwen3":
+        common.setdefault("head_dim", 24)
+        return Qwen3Config(**common)
+    raise ValueError(family)
+
+
+def hf_model(config, seed: int = 0):
+    torch.manual_seed(seed)
+    config._attn_implementation = "sdpa"
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def save_hf_checkpoint(path: Path, config, seed: int = 0) -> Path:
+    hf = hf_model(config, seed)
+    hf.save_pretrained(path)
+    return path
+
+
+def tiny_target(tmp_path: Path, family: str = "llama", seed: int = 0, pack: bool = True, **overrides):
+    """A random HF checkpoint on disk, loaded through the product's own loader."""
+    path = save_hf_checkpoint(tmp_path / f"target-{family}-{seed}", tiny_config(family, **overrides), seed)
+    model, _, eos = load_target(path, load_tokenizer=False)
+    return (pack_linears(model) if pack else model), eos
+
+
+def plain_greedy(target: Transformer, eos, prompt: list[int], max_new: int) -> list[int]:
+    return Engine(target, eos, None).generate(prompt, max_new).token_ids
+
+
+def random_prompts(n: int, seed: int = 0, lo: int = 1, hi: int = 24) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = lo if i == 0 else int(torch.randint(lo, hi + 1, (1,), generator=g))
+        out.append(torch.randint(4, VOCAB, (length,), generator=g).tolist())
+    # a few prompts that repeat themselves, so prompt lookup has something to find
+    for i in range(0, n, 5):
+        out[i] = (out[i] * 3)[: max(len(out[i]) * 3, 2)]
+    return out
+
+
+def write_eagle3_checkpoint(path: Path, target_config, hidden: int | None = None, draft_vocab: int = 48,
+                            seed: int = 0, speculators_names: bool = False, pinned_layers=None, **extra) -> Path:
+    """A random EAGLE-3 head with the published config keys and weight names."""
+    torch.manual_seed(seed)
+    Ht = target_config.hidden_size
+    h = hidden or Ht
+    nH, nKV, hd, inner = 4, 2, 16, 96
+    used = sorted(torch.randperm(target_config.vocab_size)[:draft_vocab].tolist())
+    d2t = torch.tensor([t - i for i, t in enumerate(used)], dtype=torch.long)
+    t2d = torch.zeros(target_config.vocab_size, dtype=torch.bool)
+    t2d[used] = True
+    s = 0.2
+    layer = "layers.0." if speculators_names else "midlayer."
+    state = {
+        "fc.weight": torch.randn(h, 3 * Ht) * s / 3,
+        layer + "input_layernorm.weight": 1 + 0.1 * torch.randn(h),
+        layer + "hidden_norm.weight": 1 + 0.1 * torch.randn(h),
+        layer + "self_attn.q_proj.weight": torch.randn(nH * hd, 2 * h) * s,
+        layer + "self_attn.k_proj.weight": torch.randn(nKV * hd, 2 * h) * s,
+        layer + "self_attn.v_proj.weight": torch.randn(nKV * hd, 2 * h) * s,
+        layer + "self_attn.o_proj.weight": torch.randn(h, nH * hd) * s,
+        layer + "post_attention_layernorm.weight": 1 + 0.1 * torch.randn(h),
+        layer + "mlp.gate_proj.weight": torch.randn(inner, h) * s,
+        layer + "mlp.up_proj.weight": torch.randn(inner, h) * s,
+        layer + "mlp.down_proj.weight": torch.randn(h, inner) * s,
+        "norm.weight": 1 + 0.1 * torch.randn(h),
+        "lm_head.weight": torch.randn(draft_vocab, h) * s,
+        "d2t": d2t, "t2d": t2d,
+    }
+    config = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": h,
+              "intermediate_size": inner, "num_hidden_layers": 1, "num_attention_heads": nH,
+              "num_key_value_heads": nKV, "hidden_act": "silu", "rms_norm_eps": 1e-6,
+              "vocab_size": target_config.vocab_size, "draft_vocab_size": draft_vocab,
+              "max_position_embeddings": 2048, "tie_word_embeddings": False, **extra}
+    if hidden is not None:
+        config["target_hidden_size"] = Ht
+    if pinned_layers is not None:
+        config["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": list(pinned_layers)}
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
+    return path
+
+
+def write_dflash_checkpoint(path: Path, target_config, n_layers: int = 2, block_size: int = 8, mask_token_id: int = 2,
+                            seed: int = 0, target_layer_ids=None) -> Path:
+    """A random DFlash block drafter with the published config keys and weight names."""
+    torch.manual_seed(seed)
+    H = target_config.hidden_size
+    nH, nKV, hd, inner = 4, 2, 16, 96
+    n_feat = len(target_layer_ids) if target_layer_ids is not None else n_layers
+    s = 0.2
+    state = {"fc.weight": torch.randn(H, n_feat * H) * s / 2, "hidden_norm.weight": 1 + 0.1 * torch.randn(H),
+             "norm.weight": 1 + 0.1 * torch.randn(H)}
+    for i in range(n_layers):
+        p = f"layers.{i}."
+        state.update({
+            p + "input_layernorm.weight": 1 + 0.1 * torch.randn(H),
+            p + "self_attn.q_proj.weight": torch.randn(nH * hd, H) * s,
+            p + "self_attn.k_proj.weight": torch.randn(nKV * hd, H) * s,
+            p + "self_attn.v_proj.weight": torch.randn(nKV * hd, H) * s,
+            p + "self_attn.o_proj.weight": torch.randn(H, nH * hd) * s,
+            p + "self_attn.q_norm.weight": 1 + 0.1 * torch.randn(hd),
+            p + "self_attn.k_norm.weight": 1 + 0.1 * torch.randn(hd),
+            p + "post_attention_layernorm.weight": 1 + 0.1 * torch.randn(H),
+            p + "mlp.gate_proj.weight": torch.randn(inner, H) * s,
+            p + "mlp.up_proj.weight": torch.randn(inner, H) * s,
+            p + "mlp.down_proj.weight": torch.randn(H, inner) * s,
+        })
+    dflash = {"mask_token_id": mask_token_id}
+    if target_layer_ids is not None:
+        dflash["target_layer_ids"] = list(target_layer_ids)
+    config = {"architectures": ["DFlashDraftModel"], "model_type": "qwen3", "block_size": block_size,
+              "dflash_config": dflash, "num_target_layers": target_config.num_hidden_layers,
+              "num_hidden_layers": n_layers, "hidden_size": H, "intermediate_size": inner,
+              "num_attention_heads": nH, "num_key_value_heads": nKV, "head_dim": hd, "hidden_act": "silu",
+              "rms_norm_eps": 1e-6, "rope_theta": 1e6, "attention_bias": False,
+              "vocab_size": target_config.vocab_size, "tie_word_embeddings": False,
+              "max_position_embeddings": 2048, "layer_types": ["full_attention"] * n_layers}
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
+    return path
+
+
+class OracleDrafter:
+    """Hands the target's own future tokens back as drafts: every draft must be accepted."""
+
+    name = "oracle"
+    feature_layers: tuple[int, ...] = ()
+
+    def __init__(self, reference: list[int]):
+        self.reference, self.frontier = reference, 0
+
+    def reset(self, max_len: int) -> None:
+        self.frontier = 0
+
+    def catch_up(self, ctx, end: int) -> None:
+        self.frontier = end
+
+    def draft(self, ctx, k, sampling, generator=None):
+        from hybrid_sd.drafters.base import Draft
+        n = ctx.n
+        assert ctx.ids == self.reference[:n + 1], "the committed context left the target's own output"
+        return Draft(torch.tensor(self.reference[n + 1:n + 1 + k], dtype=torch.long))

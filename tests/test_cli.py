@@ -1,0 +1,58 @@
+"""The CLI on the embedded default: streaming, --json, and one-line errors with exit code 2."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def decode(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "hybrid_sd.decode", *args], input=stdin, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("drafter", ["none", "ngram"])
+def test_json_output(drafter):
+    run = decode("--json", "--drafter", drafter, "--max-new-tokens", "12", "What is the capital of France?")
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    for key in ("text", "token_ids", "prompt_tokens", "new_tokens", "tokens_per_s", "ttft_s", "drafter", "rounds",
+                "mean_accepted"):
+        assert key in out, key
+    assert out["new_tokens"] == len(out["token_ids"]) <= 12
+    assert "Paris" in out["text"]
+    assert out["drafter"] == drafter and out["rounds"] >= 1 and out["mean_accepted"] >= 1.0
+
+
+def test_stream_from_stdin_with_stats():
+    run = decode("--stats", "--max-new-tokens", "8", "--no-chat", stdin="The capital of France is")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip(), "nothing streamed"
+    assert "tok/s" in run.stderr and "ttft" in run.stderr
+
+
+def test_sampling_is_seeded():
+    args = ("--json", "--temperature", "0.8", "--top-p", "0.9", "--seed", "7", "--max-new-tokens", "16", "Tell a joke")
+    first, second = decode(*args), decode(*args)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["token_ids"] == json.loads(second.stdout)["token_ids"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--top-p", "1.5", "x"), "--top-p"),
+    (("--temperature", "-1", "x"), "--temperature"),
+    (("--max-new-tokens", "0", "x"), "--max-new-tokens"),
+    (("--drafter", "magic", "x"), "unknown drafter"),
+    (("--drafter", "ar", "x"), "--draft"),
+    (("--target", "/nonexistent/ckpt", "x"), "no config.json"),
+    pytest.param(("--device", "cuda", "x"), "CUDA", marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is present")),
+    (("--dtype", "int3", "x"), "dtype"),
+    (("--max-context", "16", "x" * 400), "context"),
+    (("--no-such-flag",), "unrecognized"),
+])
+def test_user_errors_are_one_line(args, message):
+    run = decode(*args)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], run.stderr
+    assert "Traceback" not in run.stderr

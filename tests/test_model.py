@@ -1,0 +1,100 @@
+"""The compact target equals transformers' own forward, and its cache arithmetic is exact."""
+import pytest
+import torch
+
+from helpers import hf_model, save_hf_checkpoint, tiny_config
+from hybrid_sd.errors import UserError
+from hybrid_sd.models.loading import load_target
+from hybrid_sd.models.packed_linear import pack_linears
+from hybrid_sd.models.transformer import Transformer
+
+FAMILIES = {
+    "llama": {},
+    "llama-rope-llama3": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                              rope_theta=500000.0),
+    "llama-tied-bias": dict(tie_word_embeddings=True, attention_bias=True),
+    "qwen2": {},
+    "qwen3": {},
+}
+
+
+def build(name):
+    family = name.split("-")[0]
+    config = tiny_config(family, **FAMILIES[name])
+    hf = hf_model(config)
+    ours = Transformer(config).eval()
+    missing, unexpected = ours.load_state_dict(hf.state_dict(), strict=False)
+    assert not unexpected and all(k == "lm_head.weight" for k in missing)
+    if config.tie_word_embeddings:
+        ours.lm_head.weight = ours.model.embed_tokens.weight
+    return config, hf, ours
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_logits_and_features_equal_transformers(name):
+    config, hf, ours = build(name)
+    tokens = torch.randint(0, config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))
+    ref = hf(tokens, output_hidden_states=True)
+    hidden, feats = ours(tokens, torch.arange(37), capture=(2, 4, 6))
+    torch.testing.assert_close(ours.logits(hidden), ref.logits, rtol=1e-5, atol=1e-5)
+    expected = torch.cat([ref.hidden_states[i] for i in (2, 4, 6)], dim=-1)
+    torch.testing.assert_close(feats, expected, rtol=1e-5, atol=1e-5)
+    # with the cache (batch 1) the same numbers come out
+    hidden_c, _ = ours(tokens[:1], torch.arange(37), ours.new_cache(64), kv_len=64)
+    torch.testing.assert_close(ours.logits(hidden_c), ref.logits[:1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_prefill_then_steps_equal_one_long_forward(name, packed):
+    config, _, ours = build(name)
+    if packed:
+        pack_linears(ours)
+    tokens = torch.randint(0, config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
+    full, _ = ours(tokens, torch.arange(40), ours.new_cache(128), kv_len=128)
+    cache = ours.new_cache(128)
+    parts = [ours(tokens[:, :10], torch.arange(10), cache, kv_len=64)[0]]
+    for t in range(10, 40):
+        parts.append(ours(tokens[:, t:t + 1], torch.tensor([t]), cache, kv_len=64)[0])
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3"])
+def test_block_after_rollback_equals_uninterrupted(name):
+    """Write a rejected block, roll back by length only, write another: as if never rejected."""
+    config, _, ours = build(name)
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(0, config.vocab_size, (1, 20), generator=g)
+    wrong = torch.randint(0, config.vocab_size, (1, 6), generator=g)
+    right = torch.randint(0, config.vocab_size, (1, 5), generator=g)
+    reference_cache = ours.new_cache(64)
+    ours(prefix, torch.arange(20), reference_cache, kv_len=64)
+    expected, _ = ours(right, torch.arange(20, 25), reference_cache, kv_len=64)
+
+    cache = ours.new_cache(64)
+    ours(prefix, torch.arange(20), cache, kv_len=64)
+    cache.length = 20
+    ours(wrong, torch.arange(20, 26), cache, kv_len=64)  # a draft that will be rejected
+    cache.length = 20  # rollback = set the length
+    got, _ = ours(right, torch.arange(20, 25), cache, kv_len=64)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_loader_rejects_bad_checkpoints(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        load_target(tmp_path, load_tokenizer=False)
+    bad = tiny_config("llama")
+    bad.model_type = "gpt2"
+    (tmp_path / "config.json").write_text(bad.to_json_string().replace('"llama"', '"gpt2"'))
+    with pytest.raises(UserError, match="not supported"):
+        load_target(tmp_path, load_tokenizer=False)
+
+
+def test_loader_rejects_mismatched_weights(tmp_path):
+    path = save_hf_checkpoint(tmp_path / "a", tiny_config("llama"))
+    other = save_hf_checkpoint(tmp_path / "b", tiny_config("llama", num_hidden_layers=2))
+    (path / "model.safetensors").unlink()
+    (other / "model.safetensors").rename(path / "model.safetensors")
+    with pytest.raises(UserError, match="do not match"):
+        load_target(path, load_tokenizer=False)
