@@ -115,12 +115,12 @@ class Engine:
                                 sampling, generator)
             rounds.append(record)
             new = ctx.ids[len(ctx.ids) - record.committed:]
-            for i, token in enumerate(new):  # stop at EOS or the budget, even inside a round
+            for i, token in enumerate(new):  # EOS or the budget can end the answer inside a round
                 out.append(token)
-                stop = self.stop_reason(out, max_new_tokens, ctx.n)
-                if stop is not None:
+                if token in self.eos_ids or len(out) >= max_new_tokens:
                     new = new[:i + 1]
                     break
+            stop = self.stop_reason(out, max_new_tokens, ctx.n)
             if on_tokens:
                 on_tokens(new)
         return Generation(out, P, ttft, time.perf_counter() - t0, stop, rounds)

@@ -52,8 +52,15 @@ def tiny_target(tmp_path: Path, family: str = "llama", seed: int = 0, pack: bool
     return (pack_linears(model) if pack else model), eos
 
 
-def plain_greedy(target: Transformer, eos, prompt: list[int], max_new: int) -> list[int]:
-    return Engine(target, eos, None).generate(prompt, max_new).token_ids
+_plain_outputs: dict = {}
+
+
+def plain_greedy(target: Transformer, eos, prompt: list[int], max_new: int, max_len: int | None = None) -> list[int]:
+    """The target decoding alone (memoised: many tests compare against the same outputs)."""
+    key = (id(target), tuple(eos), tuple(prompt), max_new, max_len)
+    if key not in _plain_outputs:
+        _plain_outputs[key] = Engine(target, eos, None, max_len=max_len).generate(prompt, max_new).token_ids
+    return list(_plain_outputs[key])
 
 
 def random_prompts(n: int, seed: int = 0, lo: int = 1, hi: int = 24) -> list[list[int]]:
@@ -97,6 +104,8 @@ def write_eagle3_checkpoint(path: Path, target_config, hidden: int | None = None
         "lm_head.weight": torch.randn(draft_vocab, h) * s,
         "d2t": d2t, "t2d": t2d,
     }
+    if h != Ht:  # a head narrower than the target brings its own embedding
+        state["embed_tokens.weight"] = torch.randn(target_config.vocab_size, h) * s
     config = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": h,
               "intermediate_size": inner, "num_hidden_layers": 1, "num_attention_heads": nH,
               "num_key_value_heads": nKV, "hidden_act": "silu", "rms_norm_eps": 1e-6,
@@ -173,3 +182,68 @@ class OracleDrafter:
         n = ctx.n
         assert ctx.ids == self.reference[:n + 1], "the committed context left the target's own output"
         return Draft(torch.tensor(self.reference[n + 1:n + 1 + k], dtype=torch.long))
+
+
+class TargetAsDrafter:
+    """Drafts by running the target itself (its own cache); samples at T > 0 and reports q.
+
+    Its proposal is close to the target's distribution, so rejection sampling accepts often
+    and both its accept and its residual paths get exercised.
+    """
+
+    name = "self"
+    feature_layers: tuple[int, ...] = ()
+
+    def __init__(self, target):
+        self.target, self.frontier, self.cache = target, 0, None
+
+    def reset(self, max_len: int) -> None:
+        self.cache, self.frontier = self.target.new_cache(max_len + 64), 0
+
+    def catch_up(self, ctx, end: int) -> None:
+        if end > self.frontier:
+            self.target(ctx.tokens[self.frontier:end][None], torch.arange(self.frontier, end), self.cache, end + 64)
+            self.frontier = end
+
+    def draft(self, ctx, k, sampling, generator=None):
+        from hybrid_sd.drafters.base import Draft
+        n, token, tokens, probs = ctx.n, ctx.tokens[ctx.n:ctx.n + 1], [], []
+        for j in range(k):
+            hidden, _ = self.target(token[None], torch.tensor([n + j]), self.cache, n + j + 64)
+            logits = self.target.logits(hidden[0, -1])
+            if sampling.greedy:
+                token = logits.argmax().view(1)
+            else:
+                p = torch.softmax(logits / sampling.temperature, -1)
+                token = torch.multinomial(p, 1, generator=generator)
+                probs.append(p)
+            tokens.append(token)
+        return Draft(torch.cat(tokens), torch.stack(probs) if probs else None)
+
+
+class MixedDrafter:
+    """Runs a real drafter, then overwrites a random prefix of its draft with the target's own
+    tokens, so that its catch-up sees every acceptance length, not only the rare lucky one."""
+
+    def __init__(self, inner, reference: list[int], seed: int = 0):
+        self.inner, self.reference = inner, reference
+        self.name, self.feature_layers = inner.name, inner.feature_layers
+        self.g = torch.Generator().manual_seed(seed)
+
+    @property
+    def frontier(self):
+        return self.inner.frontier
+
+    def reset(self, max_len):
+        self.inner.reset(max_len)
+
+    def catch_up(self, ctx, end):
+        self.inner.catch_up(ctx, end)
+
+    def draft(self, ctx, k, sampling, generator=None):
+        d = self.inner.draft(ctx, k, sampling, generator)
+        n, kd = ctx.n, d.tokens.numel()
+        truth = torch.tensor(self.reference[n + 1:n + 1 + kd], dtype=torch.long)
+        m = int(torch.randint(0, truth.numel() + 1, (1,), generator=self.g))
+        d.tokens = torch.cat([truth[:m], d.tokens[m:truth.numel()]])
+        return d

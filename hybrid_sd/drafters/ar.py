@@ -120,12 +120,15 @@ class ARDrafter(nn.Module):
         n_heads = raw["num_attention_heads"]
         head_dim = state["midlayer.self_attn.q_proj.weight"].shape[0] // n_heads
         embed = target.model.embed_tokens
-        if "embed_tokens.weight" in state:
-            embed = nn.Embedding.from_pretrained(state.pop("embed_tokens.weight"), freeze=True)
+        own_embedding = "embed_tokens.weight" in state
+        if own_embedding:
+            embed = nn.Embedding.from_pretrained(state["embed_tokens.weight"], freeze=True)
         tc = target.config
         check_fits("vocabulary size", raw.get("vocab_size"), tc.vocab_size, path)
         check_fits("embedding width", config.hidden_size, embed.embedding_dim, path)
         drafter = cls(config, embed, tc.num_hidden_layers, head_dim)
+        if own_embedding:
+            drafter.embed_tokens = embed  # part of the checkpoint, saved back under the same name
         check_fits("target hidden size", drafter.target_hidden, tc.hidden_size, path)
         if max(drafter.feature_layers) >= tc.num_hidden_layers:
             check_fits("deepest feature layer", max(drafter.feature_layers), f"< {tc.num_hidden_layers}", path)
