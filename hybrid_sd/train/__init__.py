@@ -1,0 +1,1 @@
+"""Training: self-distilled data, AR and block drafters (and, later, the router)."""
