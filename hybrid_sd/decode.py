@@ -106,7 +106,7 @@ def run(args) -> int:
     if args.max_context > target.max_len:
         raise UserError(f"--max-context {args.max_context} exceeds the model's {target.max_len} positions")
     pack_linears(target)
-    drafter = load_drafter(args.drafter, args.draft, target, args.ngram_max)
+    drafter = load_drafter(args.drafter, args.draft, target, args.ngram_max, embedded_default=args.target is None)
     k = args.k or {"ngram": 8, "ar": 6}.get(args.drafter, getattr(drafter, "block_size", 2) - 1)
     engine = Engine(target, eos, drafter, k=k, max_len=args.max_context)
     ids = encode_prompt(tokenizer, prompt, chat=not args.no_chat)

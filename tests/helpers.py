@@ -247,3 +247,17 @@ class MixedDrafter:
         m = int(torch.randint(0, truth.numel() + 1, (1,), generator=self.g))
         d.tokens = torch.cat([truth[:m], d.tokens[m:truth.numel()]])
         return d
+
+
+def write_selfdistilled_data(path: Path, target, n_train: int = 12, n_heldout: int = 4, max_new: int = 24) -> Path:
+    """A data directory in hybrid_sd.train.data's layout, answered by the tiny target itself."""
+    import json as _json
+    for split, n, seed in (("train", n_train, 1), ("heldout", n_heldout, 2)):
+        rows = []
+        for i, prompt in enumerate(random_prompts(n, seed=seed, lo=3, hi=12)):
+            response = plain_greedy(target, (), prompt, max_new)
+            rows.append({"category": ["code", "math", "structured", "chat"][i % 4], "prompt": "",
+                         "prompt_ids": prompt, "response_ids": response})
+        (path / split).mkdir(parents=True, exist_ok=True)
+        (path / split / "mix-000.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    return path

@@ -11,18 +11,30 @@ from .block import BlockDrafter
 from .ngram import NgramDrafter
 
 KINDS = ("none", "ngram", "ar", "block")
+# Drafters trained by this project for the embedded default target, shipped as package data.
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "weights" / "smollm2-135m-instruct"
 
 
-def load_drafter(kind: str, path: str | Path | None, target, ngram_max: int = 4) -> Drafter | None:
-    """Build the drafter the CLI asked for; `path` is a checkpoint directory for ar/block."""
+def shipped_drafter(kind: str) -> Path | None:
+    path = SHIPPED_DIR / kind
+    return path if (path / "config.json").is_file() else None
+
+
+def load_drafter(kind: str, path: str | Path | None, target, ngram_max: int = 4,
+                 embedded_default: bool = False) -> Drafter | None:
+    """Build the drafter the CLI asked for; `path` is a checkpoint directory for ar/block
+    (on the embedded default target, the shipped drafter when no path is given)."""
     if kind == "none":
         return None
     if kind == "ngram":
         return NgramDrafter(max_n=ngram_max, device=target.lm_head.weight.device)
     if kind not in ("ar", "block"):
         raise UserError(f"unknown drafter {kind!r} (choose from {', '.join(KINDS)})")
+    if path is None and embedded_default:
+        path = shipped_drafter(kind)
     if path is None:
-        raise UserError(f"--drafter {kind} needs a checkpoint: pass --draft PATH")
+        raise UserError(f"--drafter {kind} needs a checkpoint: pass --draft PATH"
+                        + ("" if embedded_default else " (drafters ship only for the embedded default target)"))
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"drafter checkpoint {path} does not exist")

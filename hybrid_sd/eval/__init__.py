@@ -1,0 +1,1 @@
+"""Evaluation of drafters on held-out data."""

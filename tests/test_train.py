@@ -1,0 +1,93 @@
+"""Training: each command runs end to end on a tiny target, lowers its loss and writes a
+checkpoint that loads; and the training forward computes exactly what drafting computes."""
+import json
+
+import pytest
+import torch
+
+from helpers import save_hf_checkpoint, tiny_config, write_selfdistilled_data
+from hybrid_sd.drafters import ARDrafter, BlockDrafter
+from hybrid_sd.drafters.base import Context
+from hybrid_sd.models.loading import load_target
+from hybrid_sd.train import ar as train_ar
+from hybrid_sd.train import block as train_block
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    path = save_hf_checkpoint(tmp / "target", tiny_config("llama"))
+    target, _, _ = load_target(path, load_tokenizer=False)
+    write_selfdistilled_data(tmp / "data", target)
+    return tmp, path, target
+
+
+def context(target, ids, layers, max_len=64):
+    capture = tuple(sorted(set(layers)))
+    _, f = target(torch.tensor([ids[:-1]]), torch.arange(len(ids) - 1), capture=capture)
+    feats = torch.zeros(max_len, len(capture), target.config.hidden_size)
+    feats[:len(ids) - 1] = f[0].view(len(ids) - 1, len(capture), -1)
+    tokens = torch.zeros(max_len + 1, dtype=torch.long)
+    tokens[:len(ids)] = torch.tensor(ids)
+    return Context(list(ids), tokens, feats, capture)
+
+
+def test_ttt_forward_equals_drafting(setup):
+    """Step j of the training-time test at row t = drafting step j after context ending at t."""
+    _, _, target = setup
+    vocab = torch.arange(target.config.vocab_size)
+    drafter = train_ar.new_drafter(target, vocab)
+    drafter.reset(64)
+    seq = torch.randint(4, 96, (20,), generator=torch.Generator().manual_seed(0))
+    _, f = target(seq[None], torch.arange(20), capture=drafter.feature_layers)
+    steps = 4
+    ttt = [drafter.lm_head(h[0]) for _, h in train_ar.ttt_forward(drafter, target.model.embed_tokens, f, seq[None], steps)]
+    for t in (0, 6, 11):
+        ctx = context(target, seq[:t + 2].tolist(), drafter.feature_layers)  # n = t + 1
+        drafter.reset(64)
+        drafter.catch_up(ctx, ctx.n)
+        g = drafter.fuse(ctx.feature_rows(drafter.feature_layers, t, t + 1))
+        for j in range(steps):
+            token = seq[t + 1 + j:t + 2 + j]  # teacher forcing, as in training
+            g, logits = drafter.step(g, target.model.embed_tokens(token), torch.tensor([t + j]), 64)
+            torch.testing.assert_close(logits[0], ttt[j][t], rtol=1e-4, atol=1e-4, msg=f"t={t} step={j}")
+
+
+def test_block_training_forward_equals_drafting(setup):
+    _, _, target = setup
+    drafter = train_block.new_drafter(target, 2, 8, mask_token_id=2)
+    drafter.reset(64)
+    seq = torch.randint(4, 96, (30,), generator=torch.Generator().manual_seed(1))
+    _, f = target(seq[None], torch.arange(30), capture=drafter.feature_layers)
+    anchors = torch.tensor([3, 10, 17])
+    trained = train_block.block_forward(drafter, f[0], seq, anchors)
+    for i, a in enumerate(anchors.tolist()):
+        ctx = context(target, seq[:a + 1].tolist(), drafter.feature_layers)  # bonus x_a at n = a
+        drafter.reset(64)
+        drafter.catch_up(ctx, ctx.n)
+        torch.testing.assert_close(drafter.block_hidden(ctx), trained[i], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["ar", "block"])
+def test_training_command_end_to_end(setup, kind):
+    tmp, path, target = setup
+    out = tmp / f"out-{kind}"
+    common = ["--data", str(tmp / "data"), "--target", str(path), "--out", str(out), "--epochs", "6",
+              "--batch", "4", "--lr", "3e-3"]
+    if kind == "ar":
+        rc = train_ar.main(common + ["--draft-vocab", "64"])
+    else:
+        rc = train_block.main(common + ["--loss-vocab", "64", "--mask-token-id", "2", "--layers", "2"])
+    assert rc == 0
+    log = json.loads((out / "training_log.json").read_text())["log"]
+    first, last = sum(r["loss"] for r in log[:3]) / 3, sum(r["loss"] for r in log[-3:]) / 3
+    assert last < 0.8 * first, (first, last)
+    cls = ARDrafter if kind == "ar" else BlockDrafter
+    drafter = cls.from_pretrained(out, target)
+    assert drafter.fc.weight.dtype == torch.float32  # fp16 on disk, target dtype in memory
+
+
+def test_missing_data_is_a_clear_error(setup, capsys):
+    tmp, path, _ = setup
+    assert train_ar.main(["--data", str(tmp / "nothing"), "--target", str(path), "--out", str(tmp / "x")]) == 2
+    assert "run python -m hybrid_sd.train.data first" in capsys.readouterr().err
