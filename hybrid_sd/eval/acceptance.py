@@ -47,6 +47,33 @@ class Tally:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
+def heldout_prompts(data_dir: Path, per_category: int) -> dict[str, list[list[int]]]:
+    """The first `per_category` held-out prompts (token ids, chat template applied) per category."""
+    from ..train.data import read_split
+
+    by_cat = defaultdict(list)
+    for r in read_split(data_dir, "heldout"):
+        if len(by_cat[r["category"]]) < per_category:
+            by_cat[r["category"]].append(r["prompt_ids"])
+    return dict(by_cat)
+
+
+@torch.inference_mode()
+def heldout_tau(target, eos, drafter, k: int, data_dir: Path, per_category: int = 2,
+                max_new_tokens: int = 48) -> dict[str, float]:
+    """Tokens per round of `drafter` at draft length k per held-out category and on the mix
+    (greedy); the quick check the trainers log after training."""
+    from ..engine import Engine
+
+    engine = Engine(target, eos, drafter, k=k, max_len=min(2048, target.max_len))
+    tally = {cat: Tally() for cat in heldout_prompts(data_dir, per_category)}
+    for cat, prompts in heldout_prompts(data_dir, per_category).items():
+        for ids in prompts:
+            tally[cat].add(engine, ids, max_new_tokens)
+    tally["mix"] = sum(tally.values(), Tally())
+    return {cat: round(t.committed / max(t.rounds, 1), 3) for cat, t in tally.items()}
+
+
 def main(argv=None) -> int:
     p = Parser(prog="python -m hybrid_sd.eval.acceptance", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="data directory (default: the user cache)")
@@ -71,14 +98,10 @@ def run(args) -> dict:
     from ..engine import Engine
     from ..models.loading import load_target
     from ..models.packed_linear import pack_linears
-    from ..train.data import default_data_dir, read_split
+    from ..train.data import default_data_dir
 
     data_dir = Path(args.data) if args.data else default_data_dir()
-    rows = read_split(data_dir, "heldout")
-    by_cat = defaultdict(list)
-    for r in rows:
-        if len(by_cat[r["category"]]) < args.per_category:
-            by_cat[r["category"]].append(r["prompt_ids"])
+    by_cat = heldout_prompts(data_dir, args.per_category)
     target, _, eos = load_target(None, max_len=2048, load_tokenizer=False)
     pack_linears(target)
     ks = [int(k) for k in args.k.split(",") if k]

@@ -139,11 +139,11 @@ def train(args) -> Path:
 
     torch.manual_seed(args.seed)
     data_dir = Path(args.data) if args.data else default_data_dir()
-    target, _, _ = load_target(args.target, load_tokenizer=False)
+    target, _, eos = load_target(args.target, load_tokenizer=False)
     target.requires_grad_(False)
     train_seqs = load_sequences(data_dir, "train")
     layers = default_aux_layers(target.config.num_hidden_layers)
-    feats = target_features(target, train_seqs, layers, data_dir / f"features-{'-'.join(map(str, layers))}.safetensors")
+    feats = target_features(target, train_seqs, layers, data_dir / "features")
     vocab_ids = frequent_tokens(train_seqs, args.draft_vocab)
     target_to_draft = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
     target_to_draft[vocab_ids] = torch.arange(len(vocab_ids))
@@ -181,7 +181,14 @@ def train(args) -> Path:
     drafter.eval()
     out = Path(args.out)
     drafter.save_pretrained(out, dtype=torch.float16)
-    (out / "training_log.json").write_text(json.dumps({"args": vars(args), "log": log}, indent=1) + "\n")
+    record = {"args": vars(args), "log": log}
+    if args.eval_per_category:
+        from ..eval.acceptance import heldout_tau
+        k = 6
+        tau = heldout_tau(target, eos, drafter, k, data_dir, args.eval_per_category)
+        record["heldout_tau"] = {"k": k, **tau}
+        print(f"held-out tokens per round at k={k}: " + ", ".join(f"{c} {t:.2f}" for c, t in tau.items()))
+    (out / "training_log.json").write_text(json.dumps(record, indent=1) + "\n")
     return out
 
 
@@ -198,6 +205,8 @@ def main(argv=None) -> int:
     p.add_argument("--intermediate", type=int, default=None, help="MLP width (default: the target's)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop early after this long")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-per-category", type=int, default=2,
+                   help="held-out prompts per category to measure tokens per round on after training (0: skip)")
     args = p.parse_args(argv)
     try:
         train(args)

@@ -105,7 +105,7 @@ def train(args) -> Path:
 
     torch.manual_seed(args.seed)
     data_dir = Path(args.data) if args.data else default_data_dir()
-    target, tokenizer, _ = load_target(args.target, load_tokenizer=args.mask_token_id is None)
+    target, tokenizer, eos = load_target(args.target, load_tokenizer=args.mask_token_id is None)
     target.requires_grad_(False)
     mask_id = args.mask_token_id
     if mask_id is None:  # an existing special token the target never emits in answers
@@ -115,7 +115,7 @@ def train(args) -> Path:
     seqs = load_sequences(data_dir, "train")
     drafter = new_drafter(target, args.layers, args.block_size, mask_id)
     layers = drafter.feature_layers
-    feats = target_features(target, seqs, layers, data_dir / f"features-{'-'.join(map(str, layers))}.safetensors")
+    feats = target_features(target, seqs, layers, data_dir / "features")
     vocab_ids = frequent_tokens(seqs, args.loss_vocab)
     target_to_sub = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
     target_to_sub[vocab_ids] = torch.arange(len(vocab_ids))
@@ -162,7 +162,14 @@ def train(args) -> Path:
     drafter.eval()
     out = Path(args.out)
     drafter.save_pretrained(out, dtype=torch.float16)
-    (out / "training_log.json").write_text(json.dumps({"args": vars(args), "log": log}, indent=1) + "\n")
+    record = {"args": vars(args), "log": log}
+    if args.eval_per_category:
+        from ..eval.acceptance import heldout_tau
+        k = drafter.block_size - 1
+        tau = heldout_tau(target, eos, drafter, k, data_dir, args.eval_per_category)
+        record["heldout_tau"] = {"k": k, **tau}
+        print(f"held-out tokens per round at k={k}: " + ", ".join(f"{c} {t:.2f}" for c, t in tau.items()))
+    (out / "training_log.json").write_text(json.dumps(record, indent=1) + "\n")
     return out
 
 
@@ -183,6 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--mask-token-id", type=int, default=None)
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-per-category", type=int, default=2,
+                   help="held-out prompts per category to measure tokens per round on after training (0: skip)")
     args = p.parse_args(argv)
     try:
         train(args)

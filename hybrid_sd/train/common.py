@@ -32,45 +32,57 @@ def load_sequences(data_dir: Path, split: str, max_len: int = 512) -> list[Seque
 
 
 @torch.inference_mode()
-def target_features(target, sequences: list[Sequence], layers: tuple[int, ...], cache_file: Path | None = None,
+def target_features(target, sequences: list[Sequence], layers: tuple[int, ...], cache_dir: Path | None = None,
                     batch_tokens: int = 4096) -> list[torch.Tensor]:
     """Per sequence, the target's hidden states `layers` at every position: [T, len(layers) * H] fp16.
 
-    Computed once in right-padded batches (causal attention keeps padding out of real rows) and
-    cached in `cache_file` (written atomically) for every later epoch and run.
+    Each layer is cached in its own file under `cache_dir` (written atomically), so the AR and
+    block trainers share the layers they both read and no epoch or run recomputes them. Missing
+    layers are computed together, in right-padded batches (causal attention keeps the padding
+    out of real rows).
     """
-    if cache_file is not None and cache_file.is_file():
-        stored = load_file(str(cache_file))
-        if len(stored) == len(sequences) and all(stored[f"s{i}"].shape[0] == len(s.tokens) for i, s in enumerate(sequences)):
-            return [stored[f"s{i}"] for i in range(len(sequences))]
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].tokens))
-    feats: list[torch.Tensor | None] = [None] * len(sequences)
-    bar = tqdm(total=len(sequences), desc="target features", unit="seq")
-    i = 0
-    while i < len(order):
-        width = len(sequences[order[i]].tokens)
-        j = i
-        while j < len(order) and (j - i + 1) * len(sequences[order[j]].tokens) <= batch_tokens:
-            j += 1
-        j = max(j, i + 1)
-        group = order[i:j]
-        width = max(len(sequences[g].tokens) for g in group)
-        batch = torch.zeros(len(group), width, dtype=torch.long)
-        for r, g in enumerate(group):
-            batch[r, :len(sequences[g].tokens)] = sequences[g].tokens
-        _, f = target(batch, torch.arange(width), capture=layers)
-        for r, g in enumerate(group):
-            feats[g] = f[r, :len(sequences[g].tokens)].to(torch.float16).clone()
-        bar.update(len(group))
-        i = j
-    bar.close()
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=cache_file.name + ".", dir=cache_file.parent)
-        os.close(fd)
-        save_file({f"s{i}": f for i, f in enumerate(feats)}, tmp)
-        os.replace(tmp, cache_file)
-    return feats
+    def path(layer):
+        return cache_dir / f"hidden-{layer}.safetensors" if cache_dir is not None else None
+
+    per_layer: dict[int, list[torch.Tensor]] = {}
+    for layer in layers:
+        if path(layer) is not None and path(layer).is_file():
+            stored = load_file(str(path(layer)))
+            if len(stored) == len(sequences) and all(stored[f"s{i}"].shape[0] == len(s.tokens)
+                                                     for i, s in enumerate(sequences)):
+                per_layer[layer] = [stored[f"s{i}"] for i in range(len(sequences))]
+    missing = tuple(sorted(set(layers) - set(per_layer)))
+    if missing:
+        computed = {layer: [None] * len(sequences) for layer in missing}
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].tokens))
+        bar = tqdm(total=len(sequences), desc=f"target features {missing}", unit="seq")
+        i = 0
+        while i < len(order):
+            j = i + 1
+            while j < len(order) and (j - i + 1) * len(sequences[order[j]].tokens) <= batch_tokens:
+                j += 1
+            group = order[i:j]
+            width = max(len(sequences[g].tokens) for g in group)
+            batch = torch.zeros(len(group), width, dtype=torch.long)
+            for r, g in enumerate(group):
+                batch[r, :len(sequences[g].tokens)] = sequences[g].tokens
+            _, f = target(batch, torch.arange(width), capture=missing)
+            f = f.view(len(group), width, len(missing), -1)
+            for r, g in enumerate(group):
+                for c, layer in enumerate(missing):
+                    computed[layer][g] = f[r, :len(sequences[g].tokens), c].to(torch.float16).clone()
+            bar.update(len(group))
+            i = j
+        bar.close()
+        for layer, feats in computed.items():
+            per_layer[layer] = feats
+            if cache_dir is not None:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=path(layer).name + ".", dir=cache_dir)
+                os.close(fd)
+                save_file({f"s{i}": x for i, x in enumerate(feats)}, tmp)
+                os.replace(tmp, path(layer))
+    return [torch.cat([per_layer[layer][i] for layer in layers], dim=-1) for i in range(len(sequences))]
 
 
 def frequent_tokens(sequences: list[Sequence], size: int, always: tuple[int, ...] = ()) -> torch.Tensor:

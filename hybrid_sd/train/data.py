@@ -6,7 +6,8 @@ A drafter must imitate the target, not the internet, so every response is the ta
 greedy continuation. Generation is batched (transformers' `generate` over the packed target,
 left padding), which is ~9x the single-stream throughput on the CPU; batching can change a
 rare near-tie against single-stream decoding, which does not matter for training text.
-Shards of `--batch` prompts are written atomically and skipped when present (resumable).
+Shards of `--batch` prompts are written atomically and skipped when present (resumable); a
+larger `--per-category` later grows the stored data set, keeping what is there.
 Held-out prompts (per category) come from separate seeds / HumanEval problems and are never
 used for training.
 """
@@ -81,12 +82,12 @@ def batched_generate(model, tokenizer, prompts_ids: list[list[int]], max_new: in
     return results
 
 
-def build_prompts(tokenizer, model, eos, per_category: int, heldout: int, seed: int, batch: int) -> dict:
-    """{split: [(category, text)]}; chat questions are written by the target itself."""
+def templated_prompts(per_category: int, heldout: int, seed: int) -> dict:
+    """{split: [(category, text)]} for the categories built from templates and HumanEval. Each
+    list is a prefix of the list for a larger `per_category`, so a data set can grow."""
     splits = {"train": [], "heldout": []}
     humaneval = humaneval_prompts()
-    rng = random.Random(seed)
-    rng.shuffle(humaneval)
+    random.Random(seed).shuffle(humaneval)
     code_train = humaneval[heldout:heldout + per_category]
     code_train += code_prompts(random.Random(seed + 1), max(0, per_category - len(code_train)))
     splits["heldout"] += [("code", p) for p in humaneval[:heldout]]
@@ -94,26 +95,59 @@ def build_prompts(tokenizer, model, eos, per_category: int, heldout: int, seed: 
     for cat, make in (("math", math_prompts), ("structured", structured_prompts)):
         splits["train"] += [(cat, p) for p in make(random.Random(seed + 10 + len(cat)), per_category)]
         splits["heldout"] += [(cat, p) for p in make(random.Random(seed + 1000 + len(cat)), heldout)]
-    # Magpie: the target completes its own user turn, sampled for variety
+    return splits
+
+
+def chat_questions(tokenizer, model, eos, want: int, seed: int, batch: int, avoid=()) -> list[str]:
+    """Magpie: the target completes its own user turn (sampled, for variety); new questions only."""
     prefix = tokenizer.encode(user_turn_prefix(tokenizer), add_special_tokens=False)
-    questions: list[str] = []
-    want = per_category + heldout
+    seen, questions = set(avoid), []
     bar = tqdm(total=want, desc="chat questions", unit="q")
-    attempt = 0
-    while len(questions) < want and attempt < 40:
-        outs = batched_generate(model, tokenizer, [prefix] * batch, 64, eos, sample=True, seed=seed + attempt)
-        for out in outs:
+    for attempt in range(40 + want // max(batch // 4, 1)):
+        if len(questions) >= want:
+            break
+        for out in batched_generate(model, tokenizer, [prefix] * batch, 64, eos, sample=True, seed=seed + attempt):
             if not out or out[-1] not in eos:  # an unfinished question is not a question
                 continue
             text = tokenizer.decode(out, skip_special_tokens=True).strip()
-            if len(text) >= 12 and text not in questions and len(questions) < want:
+            if len(text) >= 12 and text not in seen and len(questions) < want:
+                seen.add(text)
                 questions.append(text)
                 bar.update()
-        attempt += 1
     bar.close()
+    return questions
+
+
+def build_prompts(tokenizer, model, eos, per_category: int, heldout: int, seed: int, batch: int) -> dict:
+    """{split: [(category, text)]}; chat questions are written by the target itself."""
+    splits = templated_prompts(per_category, heldout, seed)
+    questions = chat_questions(tokenizer, model, eos, per_category + heldout, seed, batch)
     splits["heldout"] += [("chat", q) for q in questions[:heldout]]
     splits["train"] += [("chat", q) for q in questions[heldout:]]
     return splits
+
+
+def grow_prompts(splits: dict, tokenizer, model, eos, per_category: int, seed: int, batch: int) -> dict:
+    """Extend a stored plan to `per_category` training prompts per category, keeping every
+    stored prompt (and so every answered shard) and the held-out split as they are."""
+    have = {cat: [t for c, t in splits["train"] if c == cat] for cat in CATEGORIES}
+    heldout = sum(1 for c, _ in splits["heldout"] if c == "code")
+    fresh = templated_prompts(per_category, heldout, seed)
+    grown = {"train": [], "heldout": list(splits["heldout"])}
+    for cat in CATEGORIES:
+        if cat == "chat":
+            continue
+        texts = [t for c, t in fresh["train"] if c == cat]
+        if texts[:len(have[cat])] != have[cat][:len(texts)]:
+            raise UserError(f"the stored prompt plan's {cat} prompts were built with other settings; "
+                            "grow it with the same --seed or build a new data set with --out")
+        grown["train"] += [(cat, t) for t in (have[cat] if len(have[cat]) >= per_category else texts)]
+    extra = max(0, per_category - len(have["chat"]))
+    # seeds far from the ones the stored questions were sampled with; never a held-out question
+    avoid = have["chat"] + [t for c, t in splits["heldout"] if c == "chat"]
+    new = chat_questions(tokenizer, model, eos, extra, seed + 100_000, batch, avoid) if extra else []
+    grown["train"] += [("chat", q) for q in have["chat"] + new]
+    return grown
 
 
 def main(argv=None) -> int:
@@ -147,14 +181,16 @@ def build(args) -> Path:
     model = pack_linears(AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval())
     eos = eos_ids(target_dir, model.config)
     plan_file = out / "prompts.json"
-    if plan_file.is_file():  # resume with exactly the same prompts
+    if plan_file.is_file():  # resume (or grow) with exactly the same prompts
         splits = {k: [tuple(x) for x in v] for k, v in json.loads(plan_file.read_text()).items()}
+        if any(sum(1 for c, _ in splits["train"] if c == cat) < args.per_category for cat in CATEGORIES):
+            splits = grow_prompts(splits, tokenizer, model, eos, args.per_category, args.seed, args.batch)
     else:
         splits = build_prompts(tokenizer, model, eos, args.per_category, args.heldout, args.seed, args.batch)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = plan_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(splits))
-        os.replace(tmp, plan_file)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = plan_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(splits))
+    os.replace(tmp, plan_file)
     jobs = []
     for split, items in splits.items():
         for cat in CATEGORIES:
@@ -163,8 +199,8 @@ def build(args) -> Path:
                 jobs.append((split, cat, s // args.batch, texts[s:s + args.batch]))
     for split, cat, shard, texts in tqdm(jobs, desc="answering", unit="shard"):
         path = out / split / f"{cat}-{shard:03d}.jsonl"
-        if path.is_file():
-            continue
+        if path.is_file() and [json.loads(line)["prompt"] for line in path.read_text().splitlines()] == texts:
+            continue  # answered before (a grown plan keeps every full shard)
         prompt_ids = [encode_prompt(tokenizer, t, chat=True) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: len(prompt_ids[i]))  # less padding
         answers = [None] * len(texts)

