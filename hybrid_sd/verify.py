@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels import row_argmax
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -37,7 +39,7 @@ def target_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
 
 def greedy_accept(draft: torch.Tensor, logits: torch.Tensor) -> tuple[int, int]:
     """draft [k], logits [k+1, V]: longest prefix where draft equals the target's argmax."""
-    target = logits.argmax(dim=-1)
+    target = row_argmax(logits)
     k = draft.numel()
     matches = (draft == target[:k]).int()
     a = int(matches.cumprod(0).sum()) if k else 0  # the round's one device->host sync

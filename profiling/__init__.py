@@ -1,4 +1,5 @@
-"""NVTX ranges and per-round phase timing (CUDA events / perf counters)."""
-from .phases import PHASES, PhaseClock
+"""NVTX ranges and per-round phase timing (CUDA events / perf counters), and phase tables."""
+from .phases import PHASES, PhaseClock, nvtx_range
+from .report import phase_table
 
-__all__ = ["PHASES", "PhaseClock"]
+__all__ = ["PHASES", "PhaseClock", "nvtx_range", "phase_table"]

@@ -1,9 +1,10 @@
 """Per-round phase timing with NVTX ranges.
 
 `PhaseClock.phase(name)` is a context manager that opens an NVTX range of that name (a no-op
-unless a profiler such as Nsight Systems is attached) and adds the wall time spent in it to
-the current round's record. On the CPU, time is `perf_counter`; with `sync=True` on CUDA it
-synchronises at each boundary so that the phase table is exact (use only when profiling).
+unless a profiler such as Nsight Systems is attached) and adds the time spent in it to the
+current round's record. On the CPU, time is `perf_counter`. With `sync=True` on CUDA
+(profiling), each phase records a pair of CUDA events and the round's times are read once,
+at `end_round`, so that the phase table is device time without a sync per phase.
 """
 from __future__ import annotations
 
@@ -16,26 +17,52 @@ import torch
 PHASES = ("route", "catchup", "draft", "verify", "accept", "commit")
 
 
+@contextmanager
+def nvtx_range(message: str):
+    rng = nvtx.start_range(message=message)
+    try:
+        yield
+    finally:
+        nvtx.end_range(rng)
+
+
 class PhaseClock:
     def __init__(self, sync: bool = False):
-        self.sync = sync and torch.cuda.is_available()
+        self.events = sync and torch.cuda.is_available()
         self.times: dict[str, float] = {}
+        self.pending: list[tuple[str, object, object]] = []
+        self.round_range = None
 
     def start_round(self) -> dict[str, float]:
-        self.times = {}
+        self.times, self.pending = {}, []
+        self.round_range = nvtx.start_range(message="round")
         return self.times
+
+    def end_round(self) -> None:
+        if self.pending:  # CUDA events: one sync per round, when profiling
+            self.pending[-1][2].synchronize()
+            for name, start, end in self.pending:
+                self.times[name] = self.times.get(name, 0.0) + start.elapsed_time(end) / 1e3
+            self.pending = []
+        if self.round_range is not None:
+            nvtx.end_range(self.round_range)
+            self.round_range = None
 
     @contextmanager
     def phase(self, name: str, label: str | None = None):
         """Time one phase; `label` refines the NVTX name (e.g. draft:ar) but not the table key."""
-        rng = nvtx.start_range(message=label or name)
-        if self.sync:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.sync:
-                torch.cuda.synchronize()
-            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
-            nvtx.end_range(rng)
+        with nvtx_range(label or name):
+            if self.events:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                try:
+                    yield
+                finally:
+                    end.record()
+                    self.pending.append((name, start, end))
+                return
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0

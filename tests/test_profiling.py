@@ -1,0 +1,60 @@
+"""Phase tables from the engine's own round records and from an Nsight Systems SQLite export."""
+import sqlite3
+
+from helpers import random_prompts
+from hybrid_sd.drafters import NgramDrafter
+from hybrid_sd.engine import Engine
+from hybrid_sd.profiling import PHASES, phase_table
+from hybrid_sd.profiling.report import main as report_main
+from hybrid_sd.profiling.report import nsys_rounds
+
+
+def test_engine_rounds_time_every_phase(target):
+    gen = Engine(target, (), NgramDrafter(), k=4).generate(random_prompts(1, seed=3)[0] * 3, 24)
+    assert all({"catchup", "draft", "verify", "accept", "commit"} <= set(r.times) for r in gen.rounds)
+    table = phase_table([r.times for r in gen.rounds])
+    assert f"{len(gen.rounds)} rounds" in table and "| verify |" in table
+
+
+def write_export(path, rounds):
+    """An nsys-style export: NVTX ranges with names in StringIds, nanosecond timestamps."""
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE StringIds (id INTEGER PRIMARY KEY, value TEXT NOT NULL)")
+    db.execute("CREATE TABLE NVTX_EVENTS (start INT NOT NULL, end INT, eventType INT NOT NULL, text TEXT, textId INT)")
+    names = {}
+
+    def add(name, start, end):
+        if name not in names:
+            names[name] = len(names) + 1
+            db.execute("INSERT INTO StringIds VALUES (?, ?)", (names[name], name))
+        db.execute("INSERT INTO NVTX_EVENTS VALUES (?, ?, 59, NULL, ?)", (start, end, names[name]))
+
+    t = 1_000_000
+    add("generate", t, t + 10**9)
+    for phases in rounds:
+        start = t
+        for name, ms in phases:
+            add(name, t, t + int(ms * 1e6))
+            t += int(ms * 1e6)
+        add("round", start, t)
+        t += 5_000  # host work between rounds, outside any round
+    db.commit()
+    db.close()
+
+
+def test_nsys_export_gives_the_same_table(tmp_path, capsys):
+    path = tmp_path / "report.sqlite"
+    write_export(path, [[("route", 0.1), ("catchup:ar", 0.5), ("draft:ar", 2.0), ("verify", 10.0), ("accept", 0.2),
+                         ("commit", 0.1)],
+                        [("route", 0.1), ("catchup:block", 1.5), ("draft:block", 3.0), ("verify", 11.0),
+                         ("accept", 0.2), ("commit", 0.1)]])
+    rounds = nsys_rounds(path)
+    assert len(rounds) == 2 and set(rounds[0]) == set(PHASES)
+    assert abs(rounds[1]["catchup"] - 1.5e-3) < 1e-9 and abs(rounds[0]["draft"] - 2.0e-3) < 1e-9
+    assert report_main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 rounds" in out and "| catchup | 1.000 |" in out
+
+
+def test_report_without_a_file_is_a_usage_error(tmp_path):
+    assert report_main([str(tmp_path / "missing.sqlite")]) == 2
