@@ -1,4 +1,4 @@
 """Shape bucketing (and, on CUDA, graph capture and replay) for the engine's step functions."""
-from .buckets import KV_BLOCK, kv_bucket
+from .buckets import CATCHUP_BUCKETS, DRAFT_BUCKETS, KV_BLOCK, kv_bucket
 
-__all__ = ["KV_BLOCK", "kv_bucket"]
+__all__ = ["CATCHUP_BUCKETS", "DRAFT_BUCKETS", "KV_BLOCK", "kv_bucket"]

@@ -6,6 +6,8 @@ masked by position, so it never changes a result.
 from __future__ import annotations
 
 KV_BLOCK = 64  # attention spans are rounded up to a multiple of this many positions
+DRAFT_BUCKETS = (1, 2, 3, 4, 5, 6, 7)  # draft lengths a router may choose (verify shapes k + 1)
+CATCHUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # catch-up lengths with a measured cost (longer: linear)
 
 
 def kv_bucket(length: int, max_len: int) -> int:

@@ -7,7 +7,6 @@ wall time, prefill included) and each method's ratio to plain decoding of this e
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -20,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .decode import Parser, encode_prompt
-from .errors import UserError
+from .errors import UserError, exit_code
 
 PROMPTS = {
     "code": [
@@ -44,7 +43,8 @@ PROMPTS = {
         "Describe a good morning routine.",
     ],
 }
-METHODS = ("hf", "plain", "ngram")
+METHODS = ("hf", "plain", "ngram", "ar", "block", "hybrid", "hybrid-learned")
+DEFAULT_K = {"ngram": 8, "ar": 6, "block": None}  # None: the block drafter's trained size - 1
 
 
 def run_hf(model, ids, max_new, eos):
@@ -56,20 +56,18 @@ def main(argv=None) -> int:
     p = Parser(prog="python -m hybrid_sd.bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="one prompt per category, small budget (for CI)")
     p.add_argument("--out", default="bench-out", help="directory for results.json and results.md")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)}; a drafter may name its k, e.g. ar@4")
     p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--lam", type=float, default=1.0, help="hybrid: the routers' latency weight")
     p.add_argument("--repeats", type=int, default=None, help="passes over the prompt set (median reported)")
-    args = p.parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_code(run, p.parse_args(argv))
 
 
 def run(args) -> int:
     from transformers import AutoModelForCausalLM
 
+    from .decode import build_hybrid
     from .drafters import load_drafter
     from .engine import Engine
     from .models.embedded import default_target_dir
@@ -77,9 +75,9 @@ def run(args) -> int:
     from .models.packed_linear import pack_linears
 
     methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m.split("@")[0] not in METHODS or ("@" in m and not m.split("@")[1].isdigit())]
     if bad:
-        raise UserError(f"unknown method(s) {bad} (choose from {', '.join(METHODS)})")
+        raise UserError(f"unknown method(s) {bad} (choose from {', '.join(METHODS)}, drafters optionally @k)")
     max_new = args.max_new_tokens or (32 if args.quick else 128)
     repeats = args.repeats or (1 if args.quick else 3)
     prompts = [(cat, text) for cat, texts in PROMPTS.items() for text in (texts[:1] if args.quick else texts)]
@@ -87,8 +85,18 @@ def run(args) -> int:
     target, tokenizer, eos = load_target(None, max_len=2048)
     pack_linears(target)
     hf = AutoModelForCausalLM.from_pretrained(default_target_dir(), dtype=torch.float32).eval() if "hf" in methods else None
-    engines = {"plain": Engine(target, eos, None, max_len=2048),
-               "ngram": Engine(target, eos, load_drafter("ngram", None, target), k=8, max_len=2048)}
+    engines = {}
+    for m in methods:
+        kind, _, k = m.partition("@")
+        if kind == "hf":
+            continue
+        if kind.startswith("hybrid"):
+            engines[m] = build_hybrid(target, eos, "learned" if kind == "hybrid-learned" else "entropy", args.lam,
+                                      max_len=2048)
+            continue
+        drafter = load_drafter("none" if kind == "plain" else kind, None, target, embedded_default=True)
+        k = int(k) if k else DEFAULT_K.get(kind) or (drafter.block_size - 1 if drafter is not None else 1)
+        engines[m] = Engine(target, eos, drafter, k=k, max_len=2048)
 
     def decode(method, ids):
         if method == "hf":

@@ -23,14 +23,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--drafter", default="ngram", help="none | ngram | ar | block (default: ngram)")
+    p.add_argument("--drafter", default="ngram", help="none | ngram | ar | block | hybrid (default: ngram)")
     p.add_argument("--draft", help="drafter checkpoint directory (for --drafter ar/block)")
+    p.add_argument("--router", default="entropy", help="hybrid: entropy (calibrated rule) | learned (MLP)")
+    p.add_argument("--lam", type=float, default=1.0,
+                   help="hybrid: latency weight; maximise expected tokens - lam * round cost in plain steps")
+    p.add_argument("--router-dir", help="hybrid: router directory (default: shipped for the embedded target)")
+    p.add_argument("--ar-draft", help="hybrid: AR drafter directory (default: shipped for the embedded target)")
+    p.add_argument("--block-draft", help="hybrid: block drafter directory (default: shipped for the embedded target)")
     p.add_argument("--k", type=int, default=None, help="tokens drafted per round (default: 8 for ngram, 6 for ar, block size-1 for block)")
     p.add_argument("--ngram-max", type=int, default=4, help="longest n-gram the prompt-lookup drafter matches")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--max-context", type=int, default=4096, help="KV cache length in tokens (prompt + answer)")
     p.add_argument("--stats", action="store_true", help="print a stats line on stderr")
+    p.add_argument("--profile", action="store_true",
+                   help="print a per-round phase table on stderr (CUDA events on GPU, perf counters on CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of streaming text")
     return p
 
@@ -46,6 +54,8 @@ def check_args(args) -> None:
         raise UserError(f"--k must be >= 1, got {args.k}")
     if args.max_context < 2:
         raise UserError(f"--max-context must be >= 2, got {args.max_context}")
+    if args.lam < 0:
+        raise UserError(f"--lam must be >= 0, got {args.lam}")
     if args.ngram_max < 1:
         raise UserError(f"--ngram-max must be >= 1, got {args.ngram_max}")
 
@@ -106,9 +116,16 @@ def run(args) -> int:
     if args.max_context > target.max_len:
         raise UserError(f"--max-context {args.max_context} exceeds the model's {target.max_len} positions")
     pack_linears(target)
-    drafter = load_drafter(args.drafter, args.draft, target, args.ngram_max, embedded_default=args.target is None)
-    k = args.k or {"ngram": 8, "ar": 6}.get(args.drafter, getattr(drafter, "block_size", 2) - 1)
-    engine = Engine(target, eos, drafter, k=k, max_len=args.max_context)
+    if args.drafter == "hybrid":
+        engine = build_hybrid(target, eos, args.router, args.lam, args.router_dir, args.ar_draft, args.block_draft,
+                              args.ngram_max, args.max_context, embedded=args.target is None,
+                              profile_sync=args.profile)
+        k = None
+    else:
+        drafter = load_drafter(args.drafter, args.draft, target, args.ngram_max, embedded_default=args.target is None)
+        k = args.k or {"ngram": 8, "ar": 6}.get(args.drafter, getattr(drafter, "block_size", 2) - 1)
+        k = k if drafter is not None else 0
+        engine = Engine(target, eos, drafter, k=k, max_len=args.max_context, profile_sync=args.profile)
     ids = encode_prompt(tokenizer, prompt, chat=not args.no_chat)
     sampling = Sampling(args.temperature, args.top_p, args.seed)
     streamer = None if args.json else Streamer(tokenizer)
@@ -124,10 +141,15 @@ def run(args) -> int:
         "elapsed_s": round(gen.elapsed_s, 4),
         "stop_reason": gen.stop_reason,
         "drafter": args.drafter,
-        "k": k if drafter is not None else 0,
+        "k": k,
         "rounds": len(gen.rounds),
         "mean_accepted": round(gen.mean_accepted, 3),
     }
+    if args.profile:
+        from .profiling import phase_table
+        print(phase_table([r.times for r in gen.rounds]), file=sys.stderr)
+    if args.drafter == "hybrid":
+        result.update(router=args.router, lam=args.lam, **gen.routing_stats())
     if args.json:
         print(json.dumps(result))
     else:
@@ -136,7 +158,31 @@ def run(args) -> int:
         print(f"[{args.drafter}] prompt {gen.prompt_tokens} tok | new {len(gen.token_ids)} tok | "
               f"{gen.tokens_per_s:.1f} tok/s | ttft {gen.ttft_s * 1000:.0f} ms | rounds {len(gen.rounds)} | "
               f"mean accepted {gen.mean_accepted:.2f} | stop {gen.stop_reason}", file=sys.stderr)
+        if args.drafter == "hybrid":
+            st = gen.routing_stats()
+            per = ", ".join(f"{d} {st['share'][d]:.0%} x{st['tokens_per_round'][d]:.2f}" for d in st["share"])
+            print(f"[hybrid/{args.router} lam={args.lam}] rounds: {per} | switches {st['switches']} | "
+                  f"catch-up {st['catchup_tokens']} tok | switching overhead {st['switching_overhead']:.1%}",
+                  file=sys.stderr)
     return 0
+
+
+def build_hybrid(target, eos, router: str = "entropy", lam: float = 1.0, router_dir=None, ar=None, block=None,
+                 ngram_max: int = 4, max_len: int | None = None, embedded: bool = True,
+                 profile_sync: bool = False):
+    """AR, block and n-gram drafters on one target; the latency table measured now, on this
+    machine; then the router (the shipped drafters and router on the embedded default)."""
+    from .drafters import load_drafter
+    from .engine import Engine
+    from .router import FixedRouter, load_router
+
+    drafters = [load_drafter("ar", ar, target, embedded_default=embedded),
+                load_drafter("block", block, target, embedded_default=embedded),
+                load_drafter("ngram", None, target, ngram_max)]
+    engine = Engine(target, eos, drafters, max_len=max_len, router=FixedRouter(0, 1), profile_sync=profile_sync)
+    latency = engine.measure_latency(repeats=2)
+    engine.use_router(load_router(router, router_dir, latency, [d.name for d in drafters], lam))
+    return engine
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,9 @@
 
 One generation:
     prefill the prompt -> first token (the "bonus": committed, not yet in the target cache)
-    each round: drafter catches up to the committed context (Lazy Catch-up, KV-only)
+    each round: the router picks a drafter and k from the last round's signals
+                that drafter catches up to the committed context (Lazy Catch-up, KV-only);
+                the others keep lagging until they are picked
                 drafter proposes k tokens
                 target verifies [bonus, d1..dk] in one forward at positions n..n+k
                 accept a prefix (greedy or rejection sampling) and one more target token
@@ -19,9 +21,11 @@ import torch
 
 from .drafters.base import Context, Draft, Drafter
 from .errors import UserError
-from .graphs import kv_bucket
+from .graphs import DRAFT_BUCKETS, kv_bucket
 from .models.transformer import Transformer
-from .profiling import PhaseClock
+from .profiling import PhaseClock, nvtx_range
+from .router import FixedRouter, LatencyTable, Router, Signals, observe_draft, target_confidence
+from .router.signals import DrafterState
 from .verify import Sampling, greedy_accept, speculative_accept, target_probs
 
 
@@ -32,6 +36,7 @@ class RoundRecord:
     accepted: int   # drafts accepted
     committed: int  # tokens committed this round (accepted + the target's own token), before stop truncation
     times: dict[str, float]
+    catchup_tokens: int = 0  # positions the drafter consumed before drafting (its lag)
 
 
 @dataclass
@@ -52,22 +57,97 @@ class Generation:
         """Tokens committed per verify round (accepted drafts + the target's token): the papers' tau."""
         return sum(r.committed for r in self.rounds) / len(self.rounds) if self.rounds else 0.0
 
+    def routing_stats(self) -> dict:
+        """Per drafter: share of rounds and tokens per round; switches between drafters;
+        catch-up tokens; switching overhead = catch-up time / round time."""
+        by: dict[str, list[RoundRecord]] = {}
+        for r in self.rounds:
+            by.setdefault(r.drafter, []).append(r)
+        drafting = [r.drafter for r in self.rounds if r.drafter != "none"]
+        round_time = sum(sum(r.times.values()) for r in self.rounds)
+        catchup_time = sum(r.times.get("catchup", 0.0) for r in self.rounds)
+        return {
+            "share": {d: round(len(v) / len(self.rounds), 4) for d, v in by.items()},
+            "tokens_per_round": {d: round(sum(r.committed for r in v) / len(v), 3) for d, v in by.items()},
+            "switches": sum(a != b for a, b in zip(drafting, drafting[1:])),
+            "catchup_tokens": sum(r.catchup_tokens for r in self.rounds),
+            "switching_overhead": round(catchup_time / round_time, 4) if round_time else 0.0,
+        }
+
 
 class Engine:
-    def __init__(self, target: Transformer, eos_ids: tuple[int, ...] = (), drafter: Drafter | None = None,
-                 k: int = 4, max_len: int | None = None, profile_sync: bool = False):
-        self.target, self.eos_ids, self.drafter, self.k = target, frozenset(eos_ids), drafter, k
+    """`drafter`: None (plain decoding), one drafter (drafts k every round), or a list of
+    drafters sharing this target and its feature buffer, with a `router` choosing per round."""
+
+    def __init__(self, target: Transformer, eos_ids: tuple[int, ...] = (),
+                 drafter: Drafter | list[Drafter] | None = None, k: int = 4, max_len: int | None = None,
+                 profile_sync: bool = False, router: Router | None = None):
+        drafters = list(drafter) if isinstance(drafter, (list, tuple)) else [drafter] if drafter is not None else []
+        if len(drafters) > 1 and router is None:
+            raise ValueError("several drafters need a router")
+        self.target, self.eos_ids, self.drafters, self.k = target, frozenset(eos_ids), drafters, k
+        self.router = router or FixedRouter(0 if drafters else None, k)
+        self.routed = not isinstance(self.router, FixedRouter)  # fixed choices need no signals
         self.max_len = max_len or target.max_len
         if self.max_len > target.max_len:
             raise UserError(f"context {self.max_len} exceeds the target's RoPE table of {target.max_len} positions")
         self.cache = target.new_cache(self.max_len)
-        self.capture = tuple(sorted(set(drafter.feature_layers))) if drafter is not None else ()
+        self.capture = tuple(sorted({layer for d in drafters for layer in d.feature_layers}))
         p = target.lm_head.weight
         self.device = p.device
         self.features = (torch.zeros(self.max_len, len(self.capture), target.config.hidden_size, dtype=p.dtype,
                                      device=p.device) if self.capture else None)
         self.tokens = torch.zeros(self.max_len + 1, dtype=torch.long, device=p.device)
         self.clock = PhaseClock(sync=profile_sync)
+
+    def use_router(self, router: Router) -> None:
+        self.router, self.routed = router, not isinstance(router, FixedRouter)
+
+    @property
+    def k_max(self) -> int:
+        """Longest draft a round may ask for: the fixed k, or the largest bucket when routed."""
+        return max(DRAFT_BUCKETS) if self.routed else self.k
+
+    @torch.inference_mode()
+    def latency_probes(self, context: int = 96):
+        """Callables that run one piece of a round on a dummy context of `context` positions:
+        `verify(k)` (a k+1-token verify) and, per drafter name, `(draft(k), catch_up(lag))`
+        (catch_up is None for a drafter without features). For warm-up and benchmarks."""
+        n = max(2, min(context, self.max_len - 16))
+        ids = [(7 * i + 3) % self.target.config.vocab_size for i in range(n + 1)]
+        ctx = Context(list(ids), self.tokens, self.features, self.capture)
+        self.tokens[:n + 1] = torch.tensor(ids, device=self.device)
+        _, feats = self.target_forward(self.tokens[:n], 0)
+        self.commit(ctx, 0, n, feats, [])
+
+        @torch.inference_mode()
+        def verify(k):
+            self.target_forward(self.tokens[n:n + 1 + k], n)
+            self.cache.length = n
+
+        def pieces(drafter):
+            drafter.reset(self.max_len)
+            drafter.catch_up(ctx, n)
+
+            @torch.inference_mode()
+            def draft(k):
+                drafter.draft(ctx, k, Sampling())
+
+            @torch.inference_mode()
+            def catch_up(lag):
+                drafter.frontier = n - min(lag, n)
+                drafter.catch_up(ctx, n)
+            return draft, (catch_up if drafter.feature_layers else None)
+
+        return verify, {d.name: pieces(d) for d in self.drafters}
+
+    def measure_latency(self, context: int = 96, repeats: int = 3) -> LatencyTable:
+        """Warm-up: time the target's verify of k+1 tokens and each drafter's draft of k and
+        catch-up over each lag bucket, on a dummy context on this machine."""
+        verify, drafters = self.latency_probes(context)
+        table = LatencyTable.measure(verify, drafters, repeats)
+        self.cache.length = 0
+        return table
 
     def pick(self, logits: torch.Tensor, sampling: Sampling, generator) -> int:
         if sampling.greedy:
@@ -84,6 +164,10 @@ class Engine:
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
                  on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
+        with nvtx_range("generate"):  # the capture range of profiling/nsys.sh
+            return self._generate(prompt, max_new_tokens, sampling, on_tokens)
+
+    def _generate(self, prompt, max_new_tokens, sampling, on_tokens) -> Generation:
         P = len(prompt)
         if P == 0:
             raise UserError("the prompt is empty")
@@ -99,11 +183,15 @@ class Engine:
         t0 = time.perf_counter()
         ctx = Context(ids=list(prompt), tokens=self.tokens, features=self.features, capture=self.capture)
         self.tokens[:P] = torch.tensor(prompt, device=self.device)
-        if self.drafter is not None:
-            self.drafter.reset(self.max_len)
+        for drafter in self.drafters:
+            drafter.reset(self.max_len)
+        self.signals = Signals(drafters=[DrafterState() for _ in self.drafters])
 
         hidden, feats = self.target_forward(self.tokens[:P], 0)
-        self.commit(ctx, 0, P, feats, [self.pick(self.target.logits(hidden[-1]), sampling, generator)])
+        logits = self.target.logits(hidden[-1])
+        if self.routed:
+            self.signals.top1, self.signals.entropy = target_confidence(logits)
+        self.commit(ctx, 0, P, feats, [self.pick(logits, sampling, generator)])
         out = [ctx.ids[-1]]
         ttft = time.perf_counter() - t0
         if on_tokens:
@@ -111,7 +199,7 @@ class Engine:
         rounds: list[RoundRecord] = []
         stop = self.stop_reason(out, max_new_tokens, ctx.n)
         while stop is None:
-            record = self.round(ctx, min(self.k, max_new_tokens - len(out) - 1, self.max_len - ctx.n - 1),
+            record = self.round(ctx, min(self.k_max, max_new_tokens - len(out) - 1, self.max_len - ctx.n - 1),
                                 sampling, generator)
             rounds.append(record)
             new = ctx.ids[len(ctx.ids) - record.committed:]
@@ -134,12 +222,28 @@ class Engine:
             return "context"
         return None
 
-    def round(self, ctx: Context, k: int, sampling: Sampling, generator) -> RoundRecord:
+    def route(self, ctx: Context, k_max: int):
+        """The router's choice for this round, from the signals of the last one."""
+        signals, n = self.signals, ctx.n
+        if self.routed:
+            for drafter, state in zip(self.drafters, signals.drafters):
+                state.lag = n - drafter.frontier
+                if drafter.name == "ngram":
+                    signals.ngram_match = len(drafter.lookup(ctx.ids, k_max)) if k_max > 0 else 0
+        choice = self.router.choose(signals, k_max)
+        k = min(choice.k, k_max)
+        return (choice.drafter, k) if choice.drafter is not None and k > 0 else (None, 0)
+
+    def round(self, ctx: Context, k_max: int, sampling: Sampling, generator) -> RoundRecord:
         times = self.clock.start_round()
-        drafter, n = self.drafter, ctx.n
+        n = ctx.n
+        with self.clock.phase("route"):
+            index, k = self.route(ctx, k_max) if self.drafters else (None, 0)
+        drafter = self.drafters[index] if index is not None else None
         name = drafter.name if drafter is not None else "none"
-        draft = Draft(self.tokens[:0])
-        if drafter is not None and k > 0:
+        draft, lag = Draft(self.tokens[:0]), 0
+        if drafter is not None:
+            lag = n - drafter.frontier
             with self.clock.phase("catchup", f"catchup:{name}"):
                 drafter.catch_up(ctx, n)
             with self.clock.phase("draft", f"draft:{name}"):
@@ -157,7 +261,15 @@ class Engine:
         with self.clock.phase("commit"):
             new = draft.tokens[:a].tolist() + [token]
             self.commit(ctx, n, a + 1, feats, new)
-        return RoundRecord(name, kd, a, len(new), times)
+        if self.routed:
+            with self.clock.phase("route"):  # signals for the next round's choice
+                self.signals.top1, self.signals.entropy = target_confidence(logits[a])
+                if drafter is not None:
+                    conf = draft.confidence
+                    observe_draft(self.signals.drafters[index], kd, a,
+                                  float(conf[0]) if conf is not None and conf.numel() else None)
+        self.clock.end_round()
+        return RoundRecord(name, kd, a, len(new), times, lag)
 
     def commit(self, ctx: Context, n: int, rows: int, feats, new: list[int]) -> None:
         """The first `rows` verified positions (n..) become context; `new` tokens follow."""

@@ -234,11 +234,18 @@ class MixedDrafter:
     def frontier(self):
         return self.inner.frontier
 
+    @frontier.setter
+    def frontier(self, value):
+        self.inner.frontier = value
+
     def reset(self, max_len):
         self.inner.reset(max_len)
 
     def catch_up(self, ctx, end):
         self.inner.catch_up(ctx, end)
+
+    def lookup(self, ids, k):  # the n-gram drafter's match query, used by routers
+        return self.inner.lookup(ids, k)
 
     def draft(self, ctx, k, sampling, generator=None):
         d = self.inner.draft(ctx, k, sampling, generator)

@@ -11,7 +11,7 @@ def decode(*args, stdin=None):
                           text=True, timeout=300)
 
 
-@pytest.mark.parametrize("drafter", ["none", "ngram"])
+@pytest.mark.parametrize("drafter", ["none", "ngram", "ar", "block", "hybrid"])
 def test_json_output(drafter):
     run = decode("--json", "--drafter", drafter, "--max-new-tokens", "12", "What is the capital of France?")
     assert run.returncode == 0, run.stderr
@@ -22,6 +22,9 @@ def test_json_output(drafter):
     assert out["new_tokens"] == len(out["token_ids"]) <= 12
     assert "Paris" in out["text"]
     assert out["drafter"] == drafter and out["rounds"] >= 1 and out["mean_accepted"] >= 1.0
+    if drafter == "hybrid":
+        for key in ("router", "share", "tokens_per_round", "switches", "catchup_tokens", "switching_overhead"):
+            assert key in out, key
 
 
 def test_stream_from_stdin_with_stats():
@@ -43,7 +46,10 @@ def test_sampling_is_seeded():
     (("--temperature", "-1", "x"), "--temperature"),
     (("--max-new-tokens", "0", "x"), "--max-new-tokens"),
     (("--drafter", "magic", "x"), "unknown drafter"),
-    (("--drafter", "ar", "x"), "--draft"),
+    (("--drafter", "ar", "--draft", "/nonexistent/eagle3", "x"), "does not exist"),
+    (("--drafter", "hybrid", "--router", "magic", "x"), "unknown router"),
+    (("--drafter", "hybrid", "--router-dir", "/nonexistent/router", "x"), "no entropy.json"),
+    (("--lam", "-1", "x"), "--lam"),
     (("--target", "/nonexistent/ckpt", "x"), "no config.json"),
     pytest.param(("--device", "cuda", "x"), "CUDA", marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is present")),
     (("--dtype", "int3", "x"), "dtype"),
@@ -56,3 +62,26 @@ def test_user_errors_are_one_line(args, message):
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_bench_quick_runs_every_drafter_and_writes_results(tmp_path):
+    from hybrid_sd import bench
+    methods = ["plain", "ngram", "ar@3", "block"]
+    assert bench.main(["--quick", "--methods", ",".join(methods), "--max-new-tokens", "12", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(result["tokens_per_s"]) == sorted(methods)
+    assert result["ratio_vs_plain"]["plain"] == 1.0
+    assert all(result["mean_accepted"][m] >= 1.0 for m in methods[1:])
+    assert "| ar@3 |" in (tmp_path / "results.md").read_text()
+
+
+def test_bench_rejects_an_unknown_method(tmp_path, capsys):
+    from hybrid_sd import bench
+    assert bench.main(["--methods", "plain,eagle", "--out", str(tmp_path)]) == 2
+    assert "unknown method" in capsys.readouterr().err
+
+
+def test_profile_prints_a_phase_table():
+    run = decode("--profile", "--max-new-tokens", "12", "Count from one to ten.")
+    assert run.returncode == 0, run.stderr
+    assert "ms per round" in run.stderr and "| verify |" in run.stderr and "| draft |" in run.stderr

@@ -1,6 +1,5 @@
 """Greedy speculative decoding returns exactly the target's own greedy output, on every drafter."""
 import pytest
-import torch
 
 from helpers import (MixedDrafter, OracleDrafter, plain_greedy, random_prompts, write_dflash_checkpoint,
                      write_eagle3_checkpoint)
@@ -35,7 +34,7 @@ def check_lossless(target, drafter, k, prompts=PROMPTS, max_new=MAX_NEW, max_len
     for i, prompt in enumerate(prompts):
         expected = plain_greedy(target, eos, prompt, max_new, max_len)
         if mix:
-            engine.drafter = MixedDrafter(drafter, prompt + expected, seed=i)
+            engine.drafters = [MixedDrafter(drafter, prompt + expected, seed=i)]
         gen = engine.generate(prompt, max_new)
         assert gen.token_ids == expected, (f"drafter {drafter.name}, k={k}, prompt #{i} {prompt}: "
                                            f"{first_divergence(gen.token_ids, expected)}")

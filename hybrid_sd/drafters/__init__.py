@@ -5,19 +5,18 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..models.packed_linear import pack_linears
+from ..weights import shipped
 from .ar import ARDrafter
 from .base import Context, Draft, Drafter
 from .block import BlockDrafter
 from .ngram import NgramDrafter
 
 KINDS = ("none", "ngram", "ar", "block")
-# Drafters trained by this project for the embedded default target, shipped as package data.
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "weights" / "smollm2-135m-instruct"
 
 
 def shipped_drafter(kind: str) -> Path | None:
-    path = SHIPPED_DIR / kind
-    return path if (path / "config.json").is_file() else None
+    """The drafter this project trained and ships for the embedded default target."""
+    return shipped(kind)
 
 
 def load_drafter(kind: str, path: str | Path | None, target, ngram_max: int = 4,

@@ -11,8 +11,6 @@ attention output, MLP or logits for those rows).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 from transformers import LlamaConfig

@@ -1,5 +1,5 @@
 """Mean accepted length per category and drafter on held-out prompts:
-`python -m hybrid_sd.eval.acceptance [--drafters ar,block,ngram] [--k 2,4,6]`.
+`python -m hybrid_sd.eval.acceptance [--drafters ar,block,ngram,hybrid] [--k 2,4,6]`.
 
 Greedy decoding of each held-out prompt with each (drafter, k), side by side with plain
 decoding of the same prompt; every output is checked equal to plain decoding. Reports tau
@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ..decode import Parser
-from ..errors import UserError
+from ..errors import exit_code
 
 
 @dataclass
@@ -80,20 +80,17 @@ def main(argv=None) -> int:
     p.add_argument("--drafters", default="ar,block,ngram")
     p.add_argument("--ar", default=None, help="AR drafter directory (default: shipped)")
     p.add_argument("--block", default=None, help="block drafter directory (default: shipped)")
+    p.add_argument("--lam", type=float, default=1.0, help="hybrid: the routers' latency weight")
+    p.add_argument("--router-dir", default=None, help="hybrid: router directory (default: shipped)")
     p.add_argument("--k", default="2,4,6", help="draft lengths (block drafters also run at block_size-1)")
     p.add_argument("--per-category", type=int, default=6)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--out", default=None, help="write results.json and results.md here")
-    args = p.parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(run, p.parse_args(argv))
 
 
 def run(args) -> dict:
+    from ..decode import build_hybrid
     from ..drafters import load_drafter
     from ..engine import Engine
     from ..models.loading import load_target
@@ -107,6 +104,11 @@ def run(args) -> dict:
     ks = [int(k) for k in args.k.split(",") if k]
     runs = {}
     for kind in [d for d in args.drafters.split(",") if d]:
+        if kind == "hybrid":  # both routers over the three drafters, k chosen per round
+            for router in ("entropy", "learned"):
+                runs[f"hybrid-{router}"] = build_hybrid(target, eos, router, args.lam, args.router_dir, args.ar,
+                                                        args.block, max_len=2048)
+            continue
         drafter = load_drafter(kind, getattr(args, kind, None), target, embedded_default=True)
         grid = sorted(set(ks + ([drafter.block_size - 1] if kind == "block" else [])))
         for k in grid:

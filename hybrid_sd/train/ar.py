@@ -25,7 +25,7 @@ from transformers import LlamaConfig
 
 from ..decode import Parser
 from ..drafters.ar import ARDrafter, default_aux_layers
-from ..errors import UserError
+from ..errors import exit_code
 from ..models.transformer import apply_rope, rope_parameters
 from .common import Sequence, cosine_lr, frequent_tokens, load_sequences, target_features
 
@@ -197,23 +197,17 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None, help="data directory from hybrid_sd.train.data (default: user cache)")
     p.add_argument("--target", default=None, help="target checkpoint directory (default: embedded SmolLM2)")
     p.add_argument("--out", default=DEFAULT_OUT)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=6e-4)
-    p.add_argument("--ttt-steps", type=int, default=5)
-    p.add_argument("--draft-vocab", type=int, default=4096)
+    p.add_argument("--ttt-steps", type=int, default=4)
+    p.add_argument("--draft-vocab", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=None, help="MLP width (default: the target's)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop early after this long")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-per-category", type=int, default=2,
                    help="held-out prompts per category to measure tokens per round on after training (0: skip)")
-    args = p.parse_args(argv)
-    try:
-        train(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(train, p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -23,14 +23,15 @@ from transformers import Qwen3Config
 
 from ..decode import Parser
 from ..drafters.block import BlockDrafter, default_target_layer_ids
-from ..errors import UserError
+from ..errors import UserError, exit_code
 from ..models.transformer import apply_rope, rope_parameters
 from .common import cosine_lr, frequent_tokens, load_sequences, target_features
 
 DEFAULT_OUT = "block-drafter"
 
 
-def new_drafter(target, n_layers: int, block_size: int, mask_token_id: int) -> BlockDrafter:
+def new_drafter(target, n_layers: int, block_size: int, mask_token_id: int,
+                layer_ids: list[int] | None = None) -> BlockDrafter:
     tc = target.config
     config = Qwen3Config(
         hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size, num_hidden_layers=n_layers,
@@ -38,7 +39,9 @@ def new_drafter(target, n_layers: int, block_size: int, mask_token_id: int) -> B
         head_dim=target.head_dim, rms_norm_eps=tc.rms_norm_eps, vocab_size=tc.vocab_size,
         max_position_embeddings=tc.max_position_embeddings, rope_theta=rope_parameters(tc).get("rope_theta", 1e6),
         tie_word_embeddings=False)
-    ids = default_target_layer_ids(tc.num_hidden_layers, n_layers)
+    ids = layer_ids or default_target_layer_ids(tc.num_hidden_layers, n_layers)
+    if len(ids) != n_layers or not all(0 <= i < tc.num_hidden_layers for i in ids):
+        raise UserError(f"--target-layer-ids {ids}: need {n_layers} ids in [0, {tc.num_hidden_layers})")
     drafter = BlockDrafter(config, target, ids, mask_token_id, block_size)
     with torch.no_grad():
         torch.nn.init.normal_(drafter.fc.weight, std=0.02)
@@ -113,7 +116,8 @@ def train(args) -> Path:
         if mask_id is None or mask_id == tokenizer.unk_token_id:
             raise UserError(f"mask token {args.mask_token!r} is not in the tokenizer; pass --mask-token-id")
     seqs = load_sequences(data_dir, "train")
-    drafter = new_drafter(target, args.layers, args.block_size, mask_id)
+    layer_ids = [int(x) for x in args.target_layer_ids.split(",")] if args.target_layer_ids else None
+    drafter = new_drafter(target, args.layers, args.block_size, mask_id, layer_ids)
     layers = drafter.feature_layers
     feats = target_features(target, seqs, layers, data_dir / "features")
     vocab_ids = frequent_tokens(seqs, args.loss_vocab)
@@ -179,10 +183,12 @@ def main(argv=None) -> int:
     p.add_argument("--target", default=None, help="target checkpoint directory (default: embedded SmolLM2)")
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--target-layer-ids", default=None,
+                   help="target layer outputs to read, DFlash numbering, e.g. 1,14,26 (default: evenly spaced)")
     p.add_argument("--block-size", type=int, default=8)
-    p.add_argument("--anchors", type=int, default=48, help="anchors per sequence per step")
+    p.add_argument("--anchors", type=int, default=32, help="anchors per sequence per step")
     p.add_argument("--gamma", type=float, default=4.0, help="loss weight decay over block slots (4 for block 8)")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--loss-vocab", type=int, default=4096)
@@ -192,13 +198,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-per-category", type=int, default=2,
                    help="held-out prompts per category to measure tokens per round on after training (0: skip)")
-    args = p.parse_args(argv)
-    try:
-        train(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(train, p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ used for training.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -25,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from ..decode import Parser, encode_prompt
-from ..errors import UserError
+from ..errors import UserError, exit_code
 from .prompts import CATEGORIES, code_prompts, humaneval_prompts, math_prompts, structured_prompts
 
 
@@ -154,18 +153,12 @@ def main(argv=None) -> int:
     p = Parser(prog="python -m hybrid_sd.train.data", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="data directory (default: the user cache)")
     p.add_argument("--target", default=None, help="target checkpoint directory (default: embedded SmolLM2)")
-    p.add_argument("--per-category", type=int, default=200, help="training prompts per category")
+    p.add_argument("--per-category", type=int, default=512, help="training prompts per category")
     p.add_argument("--heldout", type=int, default=16, help="held-out prompts per category")
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    try:
-        build(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(build, p.parse_args(argv))
 
 
 def build(args) -> Path:

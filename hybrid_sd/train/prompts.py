@@ -122,3 +122,22 @@ def structured_prompts(rng: random.Random, n: int) -> list[str]:
         what, fields = rng.choice(RECORDS)
         return f"Write a JSON schema for a {what} with the fields {', '.join(fields)}."
     return [one() for _ in range(n)]
+
+
+TOPICS = ["photosynthesis", "compound interest", "the water cycle", "machine learning", "black holes", "inflation",
+          "vaccines", "plate tectonics", "the French Revolution", "recursion", "climate change", "meditation",
+          "the stock market", "blockchains", "the immune system", "renewable energy", "jazz", "the Roman Empire",
+          "sleep", "volcanoes", "public speaking", "gardening", "time management", "electric cars"]
+ACTIVITIES = ["learning a new language", "staying focused", "running a first marathon", "saving money",
+              "cooking for a family", "writing a cover letter", "moving to a new city", "starting a podcast"]
+
+
+def chat_prompts(rng: random.Random, n: int) -> list[str]:
+    """Templated open questions; the router traces use them as chat prompts that no drafter
+    saw (the drafter data's chat questions are written by the target itself)."""
+    def one() -> str:
+        topic, activity = rng.choice(TOPICS), rng.choice(ACTIVITIES)
+        return rng.choice([f"Explain {topic} to a beginner.", f"What are three interesting facts about {topic}?",
+                           f"Give me some tips for {activity}.", f"Why does {topic} matter?",
+                           f"What are the pros and cons of {activity}?", f"Write a short paragraph about {topic}."])
+    return [one() for _ in range(n)]

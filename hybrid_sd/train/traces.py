@@ -1,0 +1,149 @@
+"""Router traces: every drafter scored at every position against the target's own output:
+`python -m hybrid_sd.train.traces [--per-category N]`.
+
+Prompts are new (templated with seeds the drafter data never used; chat as templated open
+questions, while the drafter data's chat questions are the target's own), none seen in
+training or held out, and answered greedily by the target. Then,
+per answer position n (the bonus position of a round), each drafter catches up to n, drafts
+`--k-max` tokens and is scored by how many of them the target would accept. A row holds the
+signals a router sees at that point (the target's confidence at n, each drafter's last
+confidence and running acceptance, the n-gram match length) and every drafter's accepted
+count; `python -m hybrid_sd.train.router` fits the routers from it.
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..decode import Parser, encode_prompt
+from ..errors import exit_code
+from ..router.signals import ACCEPTANCE_EMA
+from ..verify import Sampling
+from .prompts import chat_prompts, code_prompts, math_prompts, structured_prompts
+
+TRACE_SEED = 7000  # far from the seeds of the drafter data and its held-out split
+
+
+def answered_prompts(target_dir: Path, data_dir: Path, per_category: int, max_new: int, batch: int) -> list[dict]:
+    """Prompts of every category with the target's greedy answers, cached in data_dir/traces-prompts.jsonl."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..models.loading import eos_ids
+    from ..models.packed_linear import pack_linears
+    from .data import batched_generate, write_jsonl_atomic
+
+    cache = data_dir / "traces-prompts.jsonl"
+    if cache.is_file():
+        rows = [json.loads(line) for line in cache.read_text().splitlines() if line]
+        if len(rows) == 4 * per_category:
+            return rows
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    model = pack_linears(AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval())
+    eos = eos_ids(target_dir, model.config)
+    texts = [("code", p) for p in code_prompts(random.Random(TRACE_SEED + 1), per_category)]
+    texts += [("math", p) for p in math_prompts(random.Random(TRACE_SEED + 2), per_category)]
+    texts += [("structured", p) for p in structured_prompts(random.Random(TRACE_SEED + 3), per_category)]
+    texts += [("chat", p) for p in chat_prompts(random.Random(TRACE_SEED + 4), per_category)]
+    rows = []
+    for s in tqdm(range(0, len(texts), batch), desc="answering", unit="batch"):
+        chunk = texts[s:s + batch]
+        ids = [encode_prompt(tokenizer, t, chat=True) for _, t in chunk]
+        for (cat, text), p, a in zip(chunk, ids, batched_generate(model, tokenizer, ids, max_new, eos)):
+            rows.append({"category": cat, "prompt": text, "prompt_ids": p, "response_ids": a})
+    write_jsonl_atomic(cache, rows)
+    return rows
+
+
+@torch.inference_mode()
+def score_sequence(target, drafters, ids: list[int], response_start: int, k_max: int, seq: int,
+                   rng: random.Random) -> list[dict]:
+    """One row per answer position n: signals at n and each drafter's accepted count there."""
+    from ..drafters.base import Context
+    from ..router.signals import target_confidence
+
+    capture = tuple(sorted({layer for d in drafters for layer in d.feature_layers}))
+    T = len(ids)
+    tokens = torch.tensor(ids)
+    hidden, feats = target(tokens[None], torch.arange(T), capture=capture)
+    logits = target.logits(hidden[0])
+    greedy = logits.argmax(-1)
+    features = feats[0].view(T, len(capture), -1) if capture else None
+    buffer = torch.zeros(T + k_max + 1, dtype=torch.long)
+    buffer[:T] = tokens
+    for d in drafters:
+        d.reset(T + k_max + 8)
+    state = [{"confidence": 0.5, "acceptance": 0.5} for _ in drafters]
+    rows = []
+    for n in range(max(1, response_start), T - 1):
+        ctx = Context(ids[:n + 1], buffer, features, capture)
+        top1, entropy = target_confidence(logits[n - 1])
+        row = {"seq": seq, "n": n, "top1": round(top1, 4), "entropy": round(entropy, 4), "ngram_match": 0,
+               "drafters": [dict(s, lag=rng.randrange(0, 65)) for s in state], "accepted": []}
+        for d, s in zip(drafters, state):
+            d.catch_up(ctx, n)
+            draft = d.draft(ctx, k_max, Sampling())
+            k = draft.tokens.numel()
+            if d.name == "ngram":
+                row["ngram_match"] = k
+            if k == 0:
+                row["accepted"].append(None)
+                continue
+            a = 0  # accepted while the draft is the target's choice on this very answer
+            while a < k and n + a < T - 1 and int(draft.tokens[a]) == int(greedy[n + a]) == ids[n + 1 + a]:
+                a += 1
+            row["accepted"].append(a)
+            s["acceptance"] = round((1 - ACCEPTANCE_EMA) * s["acceptance"] + ACCEPTANCE_EMA * a / k, 4)
+            if draft.confidence is not None and draft.confidence.numel():
+                s["confidence"] = round(float(draft.confidence[0]), 4)
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = Parser(prog="python -m hybrid_sd.train.traces", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=None, help="data directory (default: the user cache)")
+    p.add_argument("--ar", default=None, help="AR drafter directory (default: shipped)")
+    p.add_argument("--block", default=None, help="block drafter directory (default: shipped)")
+    p.add_argument("--per-category", type=int, default=12)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--k-max", type=int, default=7)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--out", default=None, help="traces file (default: DATA/traces.jsonl)")
+    return exit_code(run, p.parse_args(argv))
+
+
+def run(args) -> Path:
+    from ..drafters import load_drafter
+    from ..models.embedded import default_target_dir
+    from ..models.loading import load_target
+    from ..models.packed_linear import pack_linears
+    from .data import default_data_dir, write_jsonl_atomic
+
+    data_dir = Path(args.data) if args.data else default_data_dir()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    prompts = answered_prompts(default_target_dir(), data_dir, args.per_category, args.max_new_tokens, args.batch)
+    target, _, _ = load_target(None, max_len=2048, load_tokenizer=False)
+    pack_linears(target)
+    drafters = [load_drafter("ar", args.ar, target, embedded_default=True),
+                load_drafter("block", args.block, target, embedded_default=True),
+                load_drafter("ngram", None, target)]
+    rng = random.Random(0)
+    rows = []
+    for seq, r in enumerate(tqdm(prompts, desc="scoring drafters", unit="seq")):
+        for row in score_sequence(target, drafters, r["prompt_ids"] + r["response_ids"], len(r["prompt_ids"]),
+                                  args.k_max, seq, rng):
+            rows.append({"category": r["category"], **row})
+    out = Path(args.out) if args.out else data_dir / "traces.jsonl"
+    header = {"names": [d.name for d in drafters], "k_max": args.k_max}
+    write_jsonl_atomic(out, [header] + rows)
+    print(f"{len(rows)} positions scored -> {out}")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
