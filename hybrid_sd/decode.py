@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
+from pathlib import Path
 
 from .errors import UserError
 
@@ -23,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--drafter", default="ngram", help="none | ngram | ar | block | hybrid (default: ngram)")
+    p.add_argument("--drafter", default=None,
+                   help="none | ngram | ar | block | hybrid (default: hybrid on the embedded target, ngram otherwise)")
     p.add_argument("--draft", help="drafter checkpoint directory (for --drafter ar/block)")
     p.add_argument("--router", default="entropy", help="hybrid: entropy (calibrated rule) | learned (MLP)")
     p.add_argument("--lam", type=float, default=1.0,
@@ -116,6 +119,9 @@ def run(args) -> int:
     if args.max_context > target.max_len:
         raise UserError(f"--max-context {args.max_context} exceeds the model's {target.max_len} positions")
     pack_linears(target)
+    if args.drafter is None:  # hybrid beats every single drafter on the embedded default (docs/performance.md)
+        from .weights import shipped
+        args.drafter = "hybrid" if args.target is None and shipped("router") is not None else "ngram"
     if args.drafter == "hybrid":
         engine = build_hybrid(target, eos, args.router, args.lam, args.router_dir, args.ar_draft, args.block_draft,
                               args.ngram_max, args.max_context, embedded=args.target is None,
@@ -167,6 +173,40 @@ def run(args) -> int:
     return 0
 
 
+def cached_latency(engine, target, drafter_paths):
+    """The latency table of this machine and configuration: measured once, then read back, so
+    that routing (and so a seeded sampled output) does not change with timing noise between
+    runs. Delete ~/.cache/hybrid_sd/latency/ to measure again."""
+    import hashlib
+    import tempfile
+
+    import torch
+
+    from .models.embedded import cache_root
+    from .router import LatencyTable
+    from .weights import shipped
+
+    paths = [Path(p) if p else shipped(k) for p, k in zip(drafter_paths, ("ar", "block"))]
+    stamp = [(str(p), (p / "model.safetensors").stat().st_mtime_ns if p and (p / "model.safetensors").is_file() else 0)
+             for p in paths]
+    w = target.lm_head.weight
+    key = json.dumps([target.config.to_json_string(), stamp, str(w.device), str(w.dtype), torch.get_num_threads(),
+                      engine.max_len, platform.processor() or platform.machine()])
+    path = cache_root() / "latency" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
+    if path.is_file():
+        try:
+            return LatencyTable.from_dict(json.loads(path.read_text()))
+        except (ValueError, KeyError):
+            pass  # unreadable: measure again
+    table = engine.measure_latency(repeats=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(table.to_dict(), f)
+    os.replace(tmp, path)
+    return table
+
+
 def build_hybrid(target, eos, router: str = "entropy", lam: float = 1.0, router_dir=None, ar=None, block=None,
                  ngram_max: int = 4, max_len: int | None = None, embedded: bool = True,
                  profile_sync: bool = False):
@@ -180,7 +220,7 @@ def build_hybrid(target, eos, router: str = "entropy", lam: float = 1.0, router_
                 load_drafter("block", block, target, embedded_default=embedded),
                 load_drafter("ngram", None, target, ngram_max)]
     engine = Engine(target, eos, drafters, max_len=max_len, router=FixedRouter(0, 1), profile_sync=profile_sync)
-    latency = engine.measure_latency(repeats=2)
+    latency = cached_latency(engine, target, [ar, block])
     engine.use_router(load_router(router, router_dir, latency, [d.name for d in drafters], lam))
     return engine
 
