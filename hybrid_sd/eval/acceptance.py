@@ -28,6 +28,8 @@ class Tally:
     committed: int = 0   # tokens committed by verify rounds
     rounds: int = 0
     seconds: float = 0.0
+    round_time: float = 0.0    # summed phase times of all rounds
+    catchup_time: float = 0.0  # of which catching drafters up
 
     def add(self, engine, ids, max_new):
         t0 = time.perf_counter()
@@ -36,11 +38,14 @@ class Tally:
         self.tokens += len(gen.token_ids)
         self.committed += sum(r.committed for r in gen.rounds)
         self.rounds += len(gen.rounds)
+        self.round_time += sum(sum(r.times.values()) for r in gen.rounds)
+        self.catchup_time += sum(r.times.get("catchup", 0.0) for r in gen.rounds)
         return gen
 
     def __add__(self, other: "Tally") -> "Tally":
         return Tally(self.tokens + other.tokens, self.committed + other.committed, self.rounds + other.rounds,
-                     self.seconds + other.seconds)
+                     self.seconds + other.seconds, self.round_time + other.round_time,
+                     self.catchup_time + other.catchup_time)
 
     @property
     def tokens_per_s(self) -> float:
@@ -138,12 +143,17 @@ def run(args) -> dict:
             mine = sum((tally[name][c] for c in pick), Tally())
             base = sum((tally["plain"][c] for c in pick), Tally())
             entry[cat] = {"tau": round(mine.committed / mine.rounds, 3),
-                          "speedup": round(mine.tokens_per_s / base.tokens_per_s, 3)}
+                          "speedup": round(mine.tokens_per_s / base.tokens_per_s, 3),
+                          "switching_overhead": round(mine.catchup_time / mine.round_time, 4) if mine.round_time else 0}
         result["methods"][name] = entry
     lines = ["| drafter@k | " + " | ".join(cats + ["mix"]) + " |", "|---" * (len(cats) + 2) + "|"]
     for name, entry in result["methods"].items():
         cells = [f"{entry[c]['tau']:.2f} ({entry[c]['speedup']:.2f}x)" for c in cats + ["mix"]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    hybrid = [n for n in result["methods"] if n.startswith("hybrid")]
+    if hybrid:  # catch-up time / round time, over every round of every prompt
+        lines += ["", "switching overhead (catch-up time / round time): " + ", ".join(
+            f"{n} {result['methods'][n]['mix']['switching_overhead']:.1%}" for n in hybrid)]
     table = "\n".join(lines)
     print("tau = tokens per round (speed-up vs plain decoding, same prompts, same run)\n" + table)
     if args.out:
