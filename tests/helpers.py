@@ -268,3 +268,15 @@ def write_selfdistilled_data(path: Path, target, n_train: int = 12, n_heldout: i
         (path / split).mkdir(parents=True, exist_ok=True)
         (path / split / "mix-000.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def context_for(target, ids: list[int], layers, max_len=128):
+    """Committed context ids[0..n] with the target's features of positions 0..n-1."""
+    from hybrid_sd.drafters.base import Context
+    capture = tuple(sorted(set(layers)))
+    _, feats = target(torch.tensor([ids[:-1]]), torch.arange(len(ids) - 1), capture=capture)
+    features = torch.zeros(max_len, len(capture), target.config.hidden_size)
+    features[:len(ids) - 1] = feats[0].view(len(ids) - 1, len(capture), -1)
+    tokens = torch.zeros(max_len + 1, dtype=torch.long)
+    tokens[:len(ids)] = torch.tensor(ids)
+    return Context(list(ids), tokens, features, capture)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import tiny_config, tiny_target, write_dflash_checkpoint, write_eagle3_checkpoint
+from helpers import context_for, tiny_config, tiny_target, write_dflash_checkpoint, write_eagle3_checkpoint
 from hybrid_sd.drafters import ARDrafter, BlockDrafter, NgramDrafter
 from hybrid_sd.drafters.base import Context
 from hybrid_sd.drafters.block import default_target_layer_ids
@@ -16,17 +16,6 @@ from hybrid_sd.models.transformer import apply_rope
 from hybrid_sd.verify import Sampling
 
 GREEDY = Sampling()
-
-
-def context_for(target, ids: list[int], layers, max_len=128) -> Context:
-    """Committed context ids[0..n] with the target's features of positions 0..n-1."""
-    capture = tuple(sorted(set(layers)))
-    _, feats = target(torch.tensor([ids[:-1]]), torch.arange(len(ids) - 1), capture=capture)
-    features = torch.zeros(max_len, len(capture), target.config.hidden_size)
-    features[:len(ids) - 1] = feats[0].view(len(ids) - 1, len(capture), -1)
-    tokens = torch.zeros(max_len + 1, dtype=torch.long)
-    tokens[:len(ids)] = torch.tensor(ids)
-    return Context(list(ids), tokens, features, capture)
 
 
 def sequence(n, seed=0, vocab=96):

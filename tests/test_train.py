@@ -5,9 +5,8 @@ import json
 import pytest
 import torch
 
-from helpers import save_hf_checkpoint, tiny_config, write_selfdistilled_data
+from helpers import context_for, save_hf_checkpoint, tiny_config, write_selfdistilled_data
 from hybrid_sd.drafters import ARDrafter, BlockDrafter
-from hybrid_sd.drafters.base import Context
 from hybrid_sd.models.loading import load_target
 from hybrid_sd.train import ar as train_ar
 from hybrid_sd.train import block as train_block
@@ -22,16 +21,6 @@ def setup(tmp_path_factory):
     return tmp, path, target
 
 
-def context(target, ids, layers, max_len=64):
-    capture = tuple(sorted(set(layers)))
-    _, f = target(torch.tensor([ids[:-1]]), torch.arange(len(ids) - 1), capture=capture)
-    feats = torch.zeros(max_len, len(capture), target.config.hidden_size)
-    feats[:len(ids) - 1] = f[0].view(len(ids) - 1, len(capture), -1)
-    tokens = torch.zeros(max_len + 1, dtype=torch.long)
-    tokens[:len(ids)] = torch.tensor(ids)
-    return Context(list(ids), tokens, feats, capture)
-
-
 def test_ttt_forward_equals_drafting(setup):
     """Step j of the training-time test at row t = drafting step j after context ending at t."""
     _, _, target = setup
@@ -43,7 +32,7 @@ def test_ttt_forward_equals_drafting(setup):
     steps = 4
     ttt = [drafter.lm_head(h[0]) for _, h in train_ar.ttt_forward(drafter, target.model.embed_tokens, f, seq[None], steps)]
     for t in (0, 6, 11):
-        ctx = context(target, seq[:t + 2].tolist(), drafter.feature_layers)  # n = t + 1
+        ctx = context_for(target, seq[:t + 2].tolist(), drafter.feature_layers)  # n = t + 1
         drafter.reset(64)
         drafter.catch_up(ctx, ctx.n)
         g = drafter.fuse(ctx.feature_rows(drafter.feature_layers, t, t + 1))
@@ -62,7 +51,7 @@ def test_block_training_forward_equals_drafting(setup):
     anchors = torch.tensor([3, 10, 17])
     trained = train_block.block_forward(drafter, f[0], seq, anchors)
     for i, a in enumerate(anchors.tolist()):
-        ctx = context(target, seq[:a + 1].tolist(), drafter.feature_layers)  # bonus x_a at n = a
+        ctx = context_for(target, seq[:a + 1].tolist(), drafter.feature_layers)  # bonus x_a at n = a
         drafter.reset(64)
         drafter.catch_up(ctx, ctx.n)
         torch.testing.assert_close(drafter.block_hidden(ctx), trained[i], rtol=1e-4, atol=1e-4)

@@ -20,14 +20,24 @@ class NgramDrafter:
             raise ValueError(f"need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
         self.max_n, self.min_n, self.device = max_n, min_n, device
         self.frontier = 0
+        self.last = None  # (len(ids), last id, k, continuation): a router's query, reused by draft
 
     def reset(self, max_len: int) -> None:
-        self.frontier = 0
+        self.frontier, self.last = 0, None
 
     def catch_up(self, ctx: Context, end: int) -> None:
         self.frontier = end  # nothing to compute: the committed ids are the whole state
 
     def lookup(self, ids: list[int], k: int) -> list[int]:
+        """Up to k tokens; a shorter k's answer is a prefix (the match does not depend on k), so
+        the draft after a router's query of the same context costs no second scan."""
+        if self.last is not None and self.last[:2] == (len(ids), ids[-1] if ids else None) and self.last[2] >= k:
+            return self.last[3][:k]
+        found = self.scan(ids, k)
+        self.last = (len(ids), ids[-1] if ids else None, k, found)
+        return found
+
+    def scan(self, ids: list[int], k: int) -> list[int]:
         for n in range(min(self.max_n, len(ids) - 1), self.min_n - 1, -1):
             pattern = ids[-n:]
             # scan right to left for the most recent earlier occurrence

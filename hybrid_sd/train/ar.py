@@ -12,7 +12,6 @@ target's rows, the MLP from the target's last layer.
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -27,7 +26,7 @@ from ..decode import Parser
 from ..drafters.ar import ARDrafter, default_aux_layers
 from ..errors import exit_code
 from ..models.transformer import apply_rope, rope_parameters
-from .common import Sequence, cosine_lr, frequent_tokens, load_sequences, target_features
+from .common import finish_training, Sequence, cosine_lr, frequent_tokens, load_sequences, target_features
 
 DEFAULT_OUT = "ar-drafter"
 
@@ -178,18 +177,7 @@ def train(args) -> Path:
         if args.max_minutes and time.time() - t0 > args.max_minutes * 60:
             break
     bar.close()
-    drafter.eval()
-    out = Path(args.out)
-    drafter.save_pretrained(out, dtype=torch.float16)
-    record = {"args": vars(args), "log": log}
-    if args.eval_per_category:
-        from ..eval.acceptance import heldout_tau
-        k = 6
-        tau = heldout_tau(target, eos, drafter, k, data_dir, args.eval_per_category)
-        record["heldout_tau"] = {"k": k, **tau}
-        print(f"held-out tokens per round at k={k}: " + ", ".join(f"{c} {t:.2f}" for c, t in tau.items()))
-    (out / "training_log.json").write_text(json.dumps(record, indent=1) + "\n")
-    return out
+    return finish_training(drafter, args, log, target, eos, data_dir, k=6)
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,6 @@ inference. Draft layers start from evenly spaced target layers (same shapes; q/k
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -25,7 +24,7 @@ from ..decode import Parser
 from ..drafters.block import BlockDrafter, default_target_layer_ids
 from ..errors import UserError, exit_code
 from ..models.transformer import apply_rope, rope_parameters
-from .common import cosine_lr, frequent_tokens, load_sequences, target_features
+from .common import finish_training, cosine_lr, frequent_tokens, load_sequences, target_features
 
 DEFAULT_OUT = "block-drafter"
 
@@ -163,18 +162,7 @@ def train(args) -> Path:
         if out_of_time:
             break
     bar.close()
-    drafter.eval()
-    out = Path(args.out)
-    drafter.save_pretrained(out, dtype=torch.float16)
-    record = {"args": vars(args), "log": log}
-    if args.eval_per_category:
-        from ..eval.acceptance import heldout_tau
-        k = drafter.block_size - 1
-        tau = heldout_tau(target, eos, drafter, k, data_dir, args.eval_per_category)
-        record["heldout_tau"] = {"k": k, **tau}
-        print(f"held-out tokens per round at k={k}: " + ", ".join(f"{c} {t:.2f}" for c, t in tau.items()))
-    (out / "training_log.json").write_text(json.dumps(record, indent=1) + "\n")
-    return out
+    return finish_training(drafter, args, log, target, eos, data_dir, k=drafter.block_size - 1)
 
 
 def main(argv=None) -> int:

@@ -103,3 +103,21 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def finish_training(drafter, args, log: list[dict], target, eos, data_dir: Path, k: int) -> Path:
+    """Save the drafter (fp16, published format) and its training log; with
+    `--eval-per-category`, measure held-out tokens per round at draft length k into the log."""
+    import json
+
+    drafter.eval()
+    out = Path(args.out)
+    drafter.save_pretrained(out, dtype=torch.float16)
+    record = {"args": vars(args), "log": log}
+    if args.eval_per_category:
+        from ..eval.acceptance import heldout_tau
+        tau = heldout_tau(target, eos, drafter, k, data_dir, args.eval_per_category)
+        record["heldout_tau"] = {"k": k, **tau}
+        print(f"held-out tokens per round at k={k}: " + ", ".join(f"{c} {t:.2f}" for c, t in tau.items()))
+    (out / "training_log.json").write_text(json.dumps(record, indent=1) + "\n")
+    return out
