@@ -42,6 +42,17 @@ def test_verify(benchmark, probes, k):
     benchmark.pedantic(verify, args=(k,), **ROUNDS)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_verify_graphs_mode(benchmark, smollm2, mode):
+    """A 7-token verify (k=6) per --graphs mode, side by side; compile pays ~1-2 min once."""
+    target, _, eos = smollm2
+    engine = Engine(target, eos, None, max_len=1024, graphs=mode, kv_block=64)  # same spans in both modes
+    verify, _ = engine.latency_probes(96)
+    verify(6)  # compiles (or warms up) the (7 tokens, 128-position span) step once
+    benchmark.pedantic(verify, args=(6,), rounds=10, iterations=1, warmup_rounds=2)
+
+
 @pytest.mark.parametrize("name, k", [("ar", 1), ("ar", 6), ("block", 7), ("ngram", 7)])
 def test_draft(benchmark, probes, name, k):
     _, drafters = probes

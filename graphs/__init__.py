@@ -1,4 +1,6 @@
-"""Shape bucketing (and, on CUDA, graph capture and replay) for the engine's step functions."""
-from .buckets import CATCHUP_BUCKETS, DRAFT_BUCKETS, KV_BLOCK, kv_bucket
+"""Shape bucketing and the bucketed step runner (CUDA graph replay, torch.compile or eager)."""
+from .bucketed import MODES, BucketedGraphs, resolve_mode
+from .buckets import CATCHUP_BUCKETS, DRAFT_BUCKETS, GRAPH_KV_BLOCK, KV_BLOCK, kv_bucket, kv_buckets
 
-__all__ = ["CATCHUP_BUCKETS", "DRAFT_BUCKETS", "KV_BLOCK", "kv_bucket"]
+__all__ = ["BucketedGraphs", "CATCHUP_BUCKETS", "DRAFT_BUCKETS", "GRAPH_KV_BLOCK", "KV_BLOCK", "MODES", "kv_bucket",
+           "kv_buckets", "resolve_mode"]

@@ -6,10 +6,16 @@ masked by position, so it never changes a result.
 from __future__ import annotations
 
 KV_BLOCK = 64  # attention spans are rounded up to a multiple of this many positions
+GRAPH_KV_BLOCK = 256  # coarser when every (tokens, span) pair is a captured graph: fewer graphs
 DRAFT_BUCKETS = (1, 2, 3, 4, 5, 6, 7)  # draft lengths a router may choose (verify shapes k + 1)
 CATCHUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # catch-up lengths with a measured cost (longer: linear)
 
 
-def kv_bucket(length: int, max_len: int) -> int:
-    """Smallest multiple of KV_BLOCK covering `length` positions, capped at the cache size."""
-    return min(max_len, -(-length // KV_BLOCK) * KV_BLOCK)
+def kv_bucket(length: int, max_len: int, block: int = KV_BLOCK) -> int:
+    """Smallest multiple of `block` covering `length` positions, capped at the cache size."""
+    return min(max_len, -(-length // block) * block)
+
+
+def kv_buckets(max_len: int, block: int = KV_BLOCK) -> list[int]:
+    """Every span kv_bucket can return for a cache of max_len positions."""
+    return sorted({kv_bucket(n, max_len, block) for n in range(1, max_len + 1, block)} | {max_len})

@@ -1,9 +1,11 @@
 """Side-by-side decode benchmark: `python -m hybrid_sd.bench [--quick] [--out DIR]`.
 
-Every method decodes the same prompts with the same budget, interleaved prompt by prompt so
-that machine noise hits all methods alike; each greedy output is checked equal to plain
-decoding (a mismatch fails the run). Reports tokens/s per method (total new tokens / total
-wall time, prefill included) and each method's ratio to plain decoding of this engine.
+Every method decodes the same held-out prompts of each category (hybrid_sd/eval/workloads.py)
+with the same budget, greedy; runs are interleaved prompt by prompt (the method order
+rotating) so that machine noise hits all methods alike, and every output is checked equal to
+plain decoding of this engine (a mismatch fails the run). Per (method, prompt) the median wall
+time over the passes is kept; a category's speed-up is plain's summed time over the method's
+(the tokens are the same). Writes results.json, results.md and PNG plots to --out.
 """
 from __future__ import annotations
 
@@ -12,145 +14,216 @@ import platform
 import statistics
 import sys
 import time
+from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .decode import Parser, encode_prompt
+from .decode import Parser
 from .errors import UserError, exit_code
+from .profiling import PHASES
 
-PROMPTS = {
-    "code": [
-        "Write a Python function that returns the n-th Fibonacci number.",
-        "Write a Python function that checks whether a string is a palindrome.",
-        "Write a JavaScript function that removes duplicates from an array.",
-    ],
-    "math": [
-        "A shop sells pens at 3 dollars each. How much do 7 pens cost? Explain step by step.",
-        "What is 15% of 240? Show your work.",
-        "If a train travels 60 miles per hour for 2.5 hours, how far does it go?",
-    ],
-    "structured": [
-        "Return a JSON object with fields name, age and city for a person named Maria, 34, from Lisbon.",
-        "Write a JSON array of three books, each with title, author and year.",
-        "Produce a YAML config with keys host, port and debug for a local web server.",
-    ],
-    "chat": [
-        "What are three tips for staying focused while studying?",
-        "Explain why the sky is blue.",
-        "Describe a good morning routine.",
-    ],
-}
-METHODS = ("hf", "plain", "ngram", "ar", "block", "hybrid", "hybrid-learned")
+METHODS = ("plain", "hf", "hf-lookup", "ngram", "ar", "block", "hybrid", "hybrid-learned")
+LABELS = {"plain": "plain (this engine)", "hf": "transformers generate", "hf-lookup": "transformers prompt lookup",
+          "ngram": "n-gram", "ar": "AR drafter", "block": "block drafter", "hybrid": "hybrid, entropy router",
+          "hybrid-learned": "hybrid, learned router"}
 DEFAULT_K = {"ngram": 8, "ar": 6, "block": None}  # None: the block drafter's trained size - 1
-
-
-def run_hf(model, ids, max_new, eos):
-    out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False)
-    return out[0, len(ids):].tolist()
+HF_LOOKUP_TOKENS = 10  # transformers' documented example for prompt_lookup_num_tokens
+PROFILES = {"quick": dict(per_category=1, max_new_tokens=24, repeats=1),
+            "full": dict(per_category=6, max_new_tokens=96, repeats=2)}
 
 
 def main(argv=None) -> int:
-    p = Parser(prog="python -m hybrid_sd.bench", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="one prompt per category, small budget (for CI)")
-    p.add_argument("--out", default="bench-out", help="directory for results.json and results.md")
+    p = Parser(prog="python -m hybrid_sd.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="CI profile: 1 prompt per category, 24 tokens, 1 pass")
+    p.add_argument("--out", default="bench-out", help="directory for results.json, results.md and the plots")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)}; a drafter may name its k, e.g. ar@4")
+    p.add_argument("--per-category", type=int, default=None, help="prompts per category (at most 16)")
     p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None, help="passes over the prompts (median time kept)")
     p.add_argument("--lam", type=float, default=1.0, help="hybrid: the routers' latency weight")
-    p.add_argument("--repeats", type=int, default=None, help="passes over the prompt set (median reported)")
+    p.add_argument("--no-plots", action="store_true", help="write results.json and results.md only")
     return exit_code(run, p.parse_args(argv))
 
 
-def run(args) -> int:
-    from transformers import AutoModelForCausalLM
+def parse_methods(text: str) -> list[str]:
+    methods = [m for m in text.split(",") if m]
+    bad = [m for m in methods if m.split("@")[0] not in METHODS
+           or ("@" in m and (m.split("@")[0] not in DEFAULT_K or not m.split("@")[1].isdigit()))]
+    if bad or not methods:
+        raise UserError(f"unknown method(s) {bad} (choose from {', '.join(METHODS)}; "
+                        "ngram, ar and block optionally @k)")
+    if "plain" not in methods:
+        methods.insert(0, "plain")  # the reference every output is checked against
+    return list(dict.fromkeys(methods))
 
-    from .decode import build_hybrid
-    from .drafters import load_drafter
-    from .engine import Engine
-    from .models.embedded import default_target_dir
-    from .models.loading import load_target
-    from .models.packed_linear import pack_linears
 
-    methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in methods if m.split("@")[0] not in METHODS or ("@" in m and not m.split("@")[1].isdigit())]
-    if bad:
-        raise UserError(f"unknown method(s) {bad} (choose from {', '.join(METHODS)}, drafters optionally @k)")
-    max_new = args.max_new_tokens or (32 if args.quick else 128)
-    repeats = args.repeats or (1 if args.quick else 3)
-    prompts = [(cat, text) for cat, texts in PROMPTS.items() for text in (texts[:1] if args.quick else texts)]
+class Methods:
+    """Builds each method once and decodes with it: (tokens, seconds, Generation or None)."""
 
-    target, tokenizer, eos = load_target(None, max_len=2048)
-    pack_linears(target)
-    hf = AutoModelForCausalLM.from_pretrained(default_target_dir(), dtype=torch.float32).eval() if "hf" in methods else None
-    engines = {}
-    for m in methods:
-        kind, _, k = m.partition("@")
-        if kind == "hf":
-            continue
-        if kind.startswith("hybrid"):
-            engines[m] = build_hybrid(target, eos, "learned" if kind == "hybrid-learned" else "entropy", args.lam,
-                                      max_len=2048)
-            continue
-        drafter = load_drafter("none" if kind == "plain" else kind, None, target, embedded_default=True)
-        k = int(k) if k else DEFAULT_K.get(kind) or (drafter.block_size - 1 if drafter is not None else 1)
-        engines[m] = Engine(target, eos, drafter, k=k, max_len=2048)
+    def __init__(self, names: list[str], lam: float):
+        from .decode import build_hybrid
+        from .drafters import load_drafter
+        from .engine import Engine
+        from .models.loading import load_target
+        from .models.packed_linear import pack_linears
 
-    def decode(method, ids):
-        if method == "hf":
-            return run_hf(hf, ids, max_new, eos), None
-        gen = engines[method].generate(ids, max_new)
-        return gen.token_ids, gen
+        self.target, self.tokenizer, eos = load_target(None, max_len=2048)
+        pack_linears(self.target)
+        self.eos = eos
+        self.hf = self.hf_model() if any(m.startswith("hf") for m in names) else None
+        self.engines = {}
+        for name in names:
+            kind, _, k = name.partition("@")
+            if kind.startswith("hf"):
+                continue
+            if kind.startswith("hybrid"):
+                router = "learned" if kind == "hybrid-learned" else "entropy"
+                self.engines[name] = build_hybrid(self.target, eos, router, lam, max_len=2048)
+                continue
+            drafter = load_drafter("none" if kind == "plain" else kind, None, self.target, embedded_default=True)
+            k = int(k) if k else DEFAULT_K.get(kind) or (drafter.block_size - 1 if drafter is not None else 1)
+            self.engines[name] = Engine(self.target, eos, drafter, k=k, max_len=2048)
 
-    encoded = [(cat, encode_prompt(tokenizer, text, chat=True)) for cat, text in prompts]
+    @staticmethod
+    def hf_model():
+        from transformers import AutoModelForCausalLM
+
+        from .models.embedded import default_target_dir
+        return AutoModelForCausalLM.from_pretrained(default_target_dir(), dtype=torch.float32).eval()
+
+    def decode(self, name: str, ids: list[int], max_new: int):
+        t0 = time.perf_counter()
+        if name.startswith("hf"):
+            extra = {"prompt_lookup_num_tokens": HF_LOOKUP_TOKENS} if name == "hf-lookup" else {}
+            out = self.hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                   max_new_tokens=max_new, do_sample=False, eos_token_id=list(self.eos),
+                                   pad_token_id=self.eos[0], **extra)
+            return out[0, len(ids):].tolist(), time.perf_counter() - t0, None
+        gen = self.engines[name].generate(ids, max_new)
+        return gen.token_ids, time.perf_counter() - t0, gen
+
+
+def run(args) -> dict:
+    from .eval.workloads import encode, workloads
+
+    profile = dict(PROFILES["quick" if args.quick else "full"])
+    for key in profile:
+        if getattr(args, key, None) is not None:
+            profile[key] = getattr(args, key)
+    if not 1 <= profile["per_category"] <= 16:
+        raise UserError(f"--per-category must be 1..16 (the held-out code and chat sets hold 16), got {profile['per_category']}")
+    if profile["max_new_tokens"] < 1 or profile["repeats"] < 1:
+        raise UserError("--max-new-tokens and --repeats must be at least 1")
+    names = parse_methods(args.methods)
+    if not args.no_plots:
+        from .eval import plots  # fail before the long part when matplotlib is missing
+        plots.require_matplotlib()
+    methods = Methods(names, args.lam)
+    prompts = [(cat, i, encode(methods.tokenizer, messages))
+               for cat, items in workloads(profile["per_category"]).items() for i, messages in enumerate(items)]
+    max_new, repeats = profile["max_new_tokens"], profile["repeats"]
+
+    times = defaultdict(list)   # (method, prompt index) -> seconds per pass
+    tokens = {}                 # prompt index -> new tokens (the same for every method)
+    gens = {}                   # (method, prompt index) -> Generation of the first pass
     with torch.inference_mode():
-        for method in methods:  # warm-up: first calls pay one-time costs
-            decode(method, encoded[0][1][:8])
-        per_pass = {m: [] for m in methods}
-        taus = {m: [] for m in methods}
-        bar = tqdm(total=repeats * len(encoded) * len(methods), desc="bench", unit="run")
-        for _ in range(repeats):
-            totals = {m: [0, 0.0] for m in methods}
-            for cat, ids in encoded:
-                reference = None
-                for method in methods:
-                    t0 = time.perf_counter()
-                    out, gen = decode(method, ids)
-                    dt = time.perf_counter() - t0
-                    if reference is None:
-                        reference = out
-                    elif out != reference:
-                        raise SystemExit(f"bench: {method} output differs from {methods[0]} on a {cat} prompt")
-                    totals[method][0] += len(out)
-                    totals[method][1] += dt
-                    if gen is not None:
-                        taus[method].append(gen.mean_accepted)
+        for name in names:  # warm-up: first calls pay one-time costs
+            methods.decode(name, prompts[0][2][:16], 4)
+        bar = tqdm(total=repeats * len(prompts) * len(names), desc="bench", unit="run")
+        for rep in range(repeats):
+            for j, (cat, _, ids) in enumerate(prompts):
+                order = names[j % len(names):] + names[:j % len(names)]  # rotate who goes first
+                outputs = {}
+                for name in order:
+                    out, seconds, gen = methods.decode(name, ids, max_new)
+                    outputs[name] = out
+                    times[name, j].append(seconds)
+                    if rep == 0 and gen is not None:
+                        gens[name, j] = gen
                     bar.update()
-            for m in methods:
-                per_pass[m].append(totals[m][0] / totals[m][1])
+                for name, out in outputs.items():
+                    if out != outputs["plain"]:
+                        raise SystemExit(f"bench: {name} output differs from plain decoding on {cat} prompt "
+                                         f"{prompts[j][1]} (at token {first_difference(out, outputs['plain'])})")
+                tokens[j] = len(outputs["plain"])
         bar.close()
-    tps = {m: statistics.median(v) for m, v in per_pass.items()}
-    base = tps.get("plain")
+    result = summarize(names, prompts, times, tokens, gens, profile)
+    write(result, Path(args.out), plots=not args.no_plots)
+    return result
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def summarize(names, prompts, times, tokens, gens, profile) -> dict:
+    cats = list(dict.fromkeys(cat for cat, _, _ in prompts))
+    groups = {cat: [j for j, p in enumerate(prompts) if p[0] == cat] for cat in cats} | {"mix": list(range(len(prompts)))}
+    median = {(m, j): statistics.median(v) for (m, j), v in times.items()}
     result = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "max_new_tokens": max_new, "repeats": repeats, "prompts": len(encoded),
-        "tokens_per_s": {m: round(v, 2) for m, v in tps.items()},
-        "ratio_vs_plain": {m: round(v / base, 3) for m, v in tps.items()} if base else {},
-        "mean_accepted": {m: round(statistics.mean(v), 3) for m, v in taus.items() if v},
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                   f"torch {torch.__version__}",
+        "profile": profile, "methods": names, "categories": cats,
+        "tokens_per_s": {}, "speedup": {}, "tau": {}, "phases_ms_per_round": {}, "routing": {},
     }
-    out = Path(args.out)
+    for m in names:
+        result["tokens_per_s"][m], result["speedup"][m] = {}, {}
+        for g, js in groups.items():
+            seconds = sum(median[m, j] for j in js)
+            result["tokens_per_s"][m][g] = round(sum(tokens[j] for j in js) / seconds, 2)
+            result["speedup"][m][g] = round(sum(median["plain", j] for j in js) / seconds, 3)
+        if (m, 0) not in gens:
+            continue  # transformers' methods: no rounds to look into
+        result["tau"][m], result["phases_ms_per_round"][m] = {}, {}
+        for g, js in groups.items():
+            rounds = [r for j in js for r in gens[m, j].rounds]
+            if not rounds:
+                continue
+            result["tau"][m][g] = round(sum(r.committed for r in rounds) / len(rounds), 3)
+            result["phases_ms_per_round"][m][g] = {
+                ph: round(1e3 * sum(r.times.get(ph, 0.0) for r in rounds) / len(rounds), 3) for ph in PHASES}
+        if m.startswith("hybrid"):  # one generation per category: which drafter, how much accepted
+            result["routing"][m] = {cat: [[r.drafter, r.k, r.accepted, r.committed] for r in gens[m, groups[cat][0]].rounds]
+                                    for cat in cats}
+    return result
+
+
+def markdown(result: dict) -> str:
+    cats = result["categories"] + ["mix"]
+    p = result["profile"]
+    lines = [f"Speed-up over plain decoding of this engine (tokens per round); {p['per_category']} prompts per "
+             f"category, {p['max_new_tokens']} new tokens, median of {p['repeats']} pass(es).", "",
+             "| method | " + " | ".join(cats) + " | mix tokens/s |", "|---" * (len(cats) + 2) + "|"]
+    for m in result["methods"]:
+        cells = []
+        for c in cats:
+            tau = result["tau"].get(m, {}).get(c)
+            cells.append(f"{result['speedup'][m][c]:.2f}x" + (f" ({tau:.2f})" if tau is not None else ""))
+        lines.append(f"| {LABELS.get(m.split('@')[0], m)}{'' if '@' not in m else ' k=' + m.split('@')[1]} | "
+                     + " | ".join(cells) + f" | {result['tokens_per_s'][m]['mix']:.2f} |")
+    lines += ["", "Milliseconds per round by phase (mix):", "",
+              "| method | " + " | ".join(PHASES) + " | total |", "|---" * (len(PHASES) + 2) + "|"]
+    for m, by in result["phases_ms_per_round"].items():
+        ph = by.get("mix", {})
+        lines.append(f"| {m} | " + " | ".join(f"{ph.get(k, 0):.1f}" for k in PHASES) + f" | {sum(ph.values()):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(result: dict, out: Path, plots: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["| method | tokens/s (median of passes) | vs plain | tokens/round |", "|---|---|---|---|"]
-    for m in methods:
-        lines.append(f"| {m} | {tps[m]:.2f} | {result['ratio_vs_plain'].get(m, float('nan')):.2f}x | "
-                     f"{result['mean_accepted'].get(m, '')} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    table = markdown(result)
+    (out / "results.md").write_text(table)
+    print(table)
+    if plots:
+        from .eval.plots import plot_all
+        for path in plot_all(result, out):
+            print(f"wrote {path}")
 
 
 if __name__ == "__main__":

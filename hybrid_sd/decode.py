@@ -17,6 +17,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .graphs import MODES
     p = Parser(prog="python -m hybrid_sd.decode", description=__doc__)
     p.add_argument("prompt", nargs="?", help="the prompt; read from stdin when absent")
     p.add_argument("--target", help="HF checkpoint directory (Llama, Qwen2, Qwen3 dense); default: embedded SmolLM2-135M-Instruct")
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--max-context", type=int, default=4096, help="KV cache length in tokens (prompt + answer)")
+    p.add_argument("--graphs", default="auto", choices=MODES,
+                   help="how each step runs: cuda (captured CUDA graphs), compile (torch.compile), eager; "
+                        "auto = cuda on a CUDA device, eager on the CPU")
     p.add_argument("--stats", action="store_true", help="print a stats line on stderr")
     p.add_argument("--profile", action="store_true",
                    help="print a per-round phase table on stderr (CUDA events on GPU, perf counters on CPU)")
@@ -125,13 +129,19 @@ def run(args) -> int:
     if args.drafter == "hybrid":
         engine = build_hybrid(target, eos, args.router, args.lam, args.router_dir, args.ar_draft, args.block_draft,
                               args.ngram_max, args.max_context, embedded=args.target is None,
-                              profile_sync=args.profile)
+                              profile_sync=args.profile, graphs=args.graphs)
         k = None
     else:
         drafter = load_drafter(args.drafter, args.draft, target, args.ngram_max, embedded_default=args.target is None)
         k = args.k or {"ngram": 8, "ar": 6}.get(args.drafter, getattr(drafter, "block_size", 2) - 1)
         k = k if drafter is not None else 0
-        engine = Engine(target, eos, drafter, k=k, max_len=args.max_context, profile_sync=args.profile)
+        engine = Engine(target, eos, drafter, k=k, max_len=args.max_context, profile_sync=args.profile,
+                        graphs=args.graphs)
+    if engine.graphs_mode == "cuda":  # capture is cheap; compile mode compiles each key when first met
+        with torch.inference_mode():
+            for report in engine.warm_up():
+                print(f"[graphs] {report['name']}: {report['keys']} {report['mode']} buckets in "
+                      f"{report['seconds']:.1f} s, {report['memory_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
     ids = encode_prompt(tokenizer, prompt, chat=not args.no_chat)
     sampling = Sampling(args.temperature, args.top_p, args.seed)
     streamer = None if args.json else Streamer(tokenizer)
@@ -191,7 +201,8 @@ def cached_latency(engine, target, drafter_paths):
              for p in paths]
     w = target.lm_head.weight
     key = json.dumps([target.config.to_json_string(), stamp, str(w.device), str(w.dtype), torch.get_num_threads(),
-                      engine.max_len, platform.processor() or platform.machine()])
+                      engine.max_len, platform.processor() or platform.machine()]
+                     + ([engine.graphs_mode] if engine.graphs_mode != "eager" else []))
     path = cache_root() / "latency" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     if path.is_file():
         try:
@@ -209,9 +220,11 @@ def cached_latency(engine, target, drafter_paths):
 
 def build_hybrid(target, eos, router: str = "entropy", lam: float = 1.0, router_dir=None, ar=None, block=None,
                  ngram_max: int = 4, max_len: int | None = None, embedded: bool = True,
-                 profile_sync: bool = False):
+                 profile_sync: bool = False, graphs: str = "eager"):
     """AR, block and n-gram drafters on one target; the latency table measured now, on this
     machine; then the router (the shipped drafters and router on the embedded default)."""
+    import torch
+
     from .drafters import load_drafter
     from .engine import Engine
     from .router import FixedRouter, load_router
@@ -219,7 +232,11 @@ def build_hybrid(target, eos, router: str = "entropy", lam: float = 1.0, router_
     drafters = [load_drafter("ar", ar, target, embedded_default=embedded),
                 load_drafter("block", block, target, embedded_default=embedded),
                 load_drafter("ngram", None, target, ngram_max)]
-    engine = Engine(target, eos, drafters, max_len=max_len, router=FixedRouter(0, 1), profile_sync=profile_sync)
+    engine = Engine(target, eos, drafters, max_len=max_len, router=FixedRouter(0, 1), profile_sync=profile_sync,
+                    graphs=graphs)
+    if engine.graphs_mode == "cuda":  # the latency table is measured on the steps as they will run
+        with torch.inference_mode():
+            engine.warm_up()
     latency = cached_latency(engine, target, [ar, block])
     engine.use_router(load_router(router, router_dir, latency, [d.name for d in drafters], lam))
     return engine

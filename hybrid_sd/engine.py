@@ -21,7 +21,7 @@ import torch
 
 from .drafters.base import Context, Draft, Drafter
 from .errors import UserError
-from .graphs import DRAFT_BUCKETS, kv_bucket
+from .graphs import DRAFT_BUCKETS, GRAPH_KV_BLOCK, KV_BLOCK, BucketedGraphs, kv_bucket, kv_buckets, resolve_mode
 from .models.transformer import Transformer
 from .profiling import PhaseClock, nvtx_range
 from .router import FixedRouter, LatencyTable, Router, Signals, observe_draft, target_confidence
@@ -81,7 +81,8 @@ class Engine:
 
     def __init__(self, target: Transformer, eos_ids: tuple[int, ...] = (),
                  drafter: Drafter | list[Drafter] | None = None, k: int = 4, max_len: int | None = None,
-                 profile_sync: bool = False, router: Router | None = None):
+                 profile_sync: bool = False, router: Router | None = None, graphs: str = "eager",
+                 kv_block: int | None = None):
         drafters = list(drafter) if isinstance(drafter, (list, tuple)) else [drafter] if drafter is not None else []
         if len(drafters) > 1 and router is None:
             raise ValueError("several drafters need a router")
@@ -99,6 +100,23 @@ class Engine:
                                      device=p.device) if self.capture else None)
         self.tokens = torch.zeros(self.max_len + 1, dtype=torch.long, device=p.device)
         self.clock = PhaseClock(sync=profile_sync)
+        # verify (and each drafter's step) runs through one BucketedGraphs: captured CUDA graphs
+        # keyed by (tokens, attention span), torch.compile, or eager -- the round loop is the same
+        try:
+            self.graphs_mode = resolve_mode(graphs, self.device)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        # attention spans: fine buckets when eager, coarse ones when each is a captured graph
+        self.kv_block = kv_block or (KV_BLOCK if self.graphs_mode == "eager" else GRAPH_KV_BLOCK)
+        self.verify_graphs = BucketedGraphs(self.verify_step, self.graphs_mode, self.device, "verify")
+
+    def reset_drafters(self) -> None:
+        """Empty every drafter's context and point its steps at this engine's graphs mode (a
+        drafter may be shared with engines of other modes)."""
+        for d in self.drafters:
+            if hasattr(d, "use_graphs"):
+                d.use_graphs(self.graphs_mode, self.kv_block, self.device)
+            d.reset(self.max_len)
 
     def use_router(self, router: Router) -> None:
         self.router, self.routed = router, not isinstance(router, FixedRouter)
@@ -122,7 +140,8 @@ class Engine:
 
         @torch.inference_mode()
         def verify(k):
-            self.target_forward(self.tokens[n:n + 1 + k], n)
+            logits, _ = self.verify_forward(self.tokens[n:n + 1 + k], n)
+            logits[:1].argmax()  # read the result, as a round does (waits for the device)
             self.cache.length = n
 
         def pieces(drafter):
@@ -139,6 +158,7 @@ class Engine:
                 drafter.catch_up(ctx, n)
             return draft, (catch_up if drafter.feature_layers else None)
 
+        self.reset_drafters()
         return verify, {d.name: pieces(d) for d in self.drafters}
 
     def measure_latency(self, context: int = 96, repeats: int = 3) -> LatencyTable:
@@ -155,11 +175,40 @@ class Engine:
         return int(torch.multinomial(target_probs(logits, sampling), 1, generator=generator))
 
     def target_forward(self, tokens: torch.Tensor, start: int):
-        """Run the target on tokens at positions start.., writing their K/V; keep features."""
+        """Prefill: the target on tokens at positions start.., writing their K/V; keep features."""
         positions = torch.arange(start, start + tokens.numel(), device=self.device)
-        kv_len = kv_bucket(start + tokens.numel(), self.max_len)
+        kv_len = kv_bucket(start + tokens.numel(), self.max_len, self.kv_block)
         hidden, feats = self.target(tokens[None], positions, self.cache, kv_len, self.capture)
         return hidden[0], (feats[0].view(tokens.numel(), len(self.capture), -1) if feats is not None else None)
+
+    def verify_step(self, key: tuple[int, int], tokens: torch.Tensor, positions: torch.Tensor):
+        """The captured step: T tokens at `positions` attend over the first kv_len cache
+        positions; returns (logits [T, V] float32, features [1, T, C*H] or None)."""
+        _, kv_len = key
+        hidden, feats = self.target(tokens[None], positions, self.cache, kv_len, self.capture)
+        return self.target.logits(hidden[0]), feats
+
+    def verify_forward(self, tokens: torch.Tensor, start: int):
+        """Verify: (logits [T, V], features [T, C, H] or None) through the bucketed graphs."""
+        T = tokens.numel()
+        positions = torch.arange(start, start + T, device=self.device)
+        logits, feats = self.verify_graphs((T, kv_bucket(start + T, self.max_len, self.kv_block)), tokens, positions)
+        return logits, (feats[0].view(T, len(self.capture), -1) if feats is not None else None)
+
+    @torch.inference_mode()
+    def warm_up(self) -> list[dict]:
+        """Run every bucket of every step once -- on CUDA, capture its graph -- so that no
+        generation pays for it; returns per step the keys, seconds and graph memory."""
+        spans = kv_buckets(self.max_len, self.kv_block)
+        examples = {(T, kv): (self.tokens[:T], torch.arange(T, device=self.device))
+                    for T in range(1, self.k_max + 2) for kv in spans if kv >= T}
+        reports = [self.verify_graphs.warm_up(examples)]  # writes scratch K/V at 0..T-1: prefill overwrites it
+        self.reset_drafters()
+        for d in self.drafters:
+            if hasattr(d, "warm_up"):
+                reports.append(d.warm_up(spans))
+        self.cache.length = 0
+        return reports
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
@@ -183,8 +232,7 @@ class Engine:
         t0 = time.perf_counter()
         ctx = Context(ids=list(prompt), tokens=self.tokens, features=self.features, capture=self.capture)
         self.tokens[:P] = torch.tensor(prompt, device=self.device)
-        for drafter in self.drafters:
-            drafter.reset(self.max_len)
+        self.reset_drafters()
         self.signals = Signals(drafters=[DrafterState() for _ in self.drafters])
 
         hidden, feats = self.target_forward(self.tokens[:P], 0)
@@ -251,8 +299,7 @@ class Engine:
         kd = draft.tokens.numel()
         with self.clock.phase("verify"):
             self.tokens[n + 1:n + 1 + kd] = draft.tokens
-            hidden, feats = self.target_forward(self.tokens[n:n + 1 + kd], n)
-            logits = self.target.logits(hidden)
+            logits, feats = self.verify_forward(self.tokens[n:n + 1 + kd], n)
         with self.clock.phase("accept"):
             if sampling.greedy:
                 a, token = greedy_accept(draft.tokens, logits)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels import accept as accept_kernels
 from .kernels import row_argmax
 
 
@@ -39,11 +40,8 @@ def target_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
 
 def greedy_accept(draft: torch.Tensor, logits: torch.Tensor) -> tuple[int, int]:
     """draft [k], logits [k+1, V]: longest prefix where draft equals the target's argmax."""
-    target = row_argmax(logits)
-    k = draft.numel()
-    matches = (draft == target[:k]).int()
-    a = int(matches.cumprod(0).sum()) if k else 0  # the round's one device->host sync
-    return a, int(target[a])
+    a, token = accept_kernels.greedy_accept(draft, row_argmax(logits)).tolist()  # the round's one sync
+    return a, token
 
 
 def speculative_accept(draft: torch.Tensor, draft_probs: torch.Tensor | None, logits: torch.Tensor,
@@ -51,22 +49,10 @@ def speculative_accept(draft: torch.Tensor, draft_probs: torch.Tensor | None, lo
     """Rejection sampling (Leviathan et al. / Chen et al.): the output follows the target exactly.
 
     draft_probs [k, V] is the proposal each draft was sampled from; None means the drafts were
-    chosen deterministically (a one-hot proposal: accept with probability p(d)).
+    chosen deterministically (a one-hot proposal: accept with probability p(d)). Draft i is
+    accepted while u_i < p(d_i) / q(d_i); the token after the accepted ones is drawn from
+    max(p - q, 0) at the first rejection (p itself after the last draft) with one more uniform.
     """
-    p = target_probs(logits, s)  # [k+1, V]
-    k = draft.numel()
-    rows = torch.arange(k, device=draft.device)
-    p_d = p[rows, draft]
-    q_d = draft_probs[rows, draft] if draft_probs is not None else torch.ones_like(p_d)
-    u = torch.rand(k, generator=generator, device=draft.device)
-    accepted = (u * q_d < p_d).int()  # u < p/q without dividing by a zero q
-    a = int(accepted.cumprod(0).sum()) if k else 0
-    if a == k:
-        residual = p[k]
-    else:
-        q = draft_probs[a] if draft_probs is not None else torch.zeros_like(p[a]).scatter_(0, draft[a:a + 1], 1.0)
-        residual = (p[a] - q).clamp_min(0.0)
-        if float(residual.sum()) <= 0.0:  # p == q exactly: any sample from p is right
-            residual = p[a]
-    token = torch.multinomial(residual / residual.sum(), 1, generator=generator)
-    return a, int(token)
+    u = torch.rand(draft.numel() + 1, generator=generator, device=logits.device)
+    a, token = accept_kernels.rejection_accept(draft, target_probs(logits, s), draft_probs, u).tolist()
+    return a, token

@@ -1,4 +1,5 @@
 """Triton kernels for the per-round hot path, each with a plain-PyTorch reference."""
+from . import accept
 from .row_stats import row_stats, row_stats_reference, triton_usable
 
 
@@ -7,4 +8,4 @@ def row_argmax(logits):
     return row_stats(logits)[0] if triton_usable(logits) else logits.argmax(dim=-1)
 
 
-__all__ = ["row_argmax", "row_stats", "row_stats_reference", "triton_usable"]
+__all__ = ["accept", "row_argmax", "row_stats", "row_stats_reference", "triton_usable"]

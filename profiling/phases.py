@@ -11,8 +11,22 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
-import nvtx
 import torch
+
+try:  # the nvtx package: ranges are no-ops unless a profiler is attached
+    import nvtx
+except ImportError:  # e.g. a bare GPU machine: torch's own NVTX bindings, or nothing on the CPU
+    class nvtx:  # noqa: N801 -- stands in for the module
+        @staticmethod
+        def start_range(message: str):
+            if torch.cuda.is_available():
+                torch.cuda.nvtx.range_push(message)
+            return message
+
+        @staticmethod
+        def end_range(_):
+            if torch.cuda.is_available():
+                torch.cuda.nvtx.range_pop()
 
 PHASES = ("route", "catchup", "draft", "verify", "accept", "commit")
 

