@@ -58,7 +58,11 @@ class BucketedGraphs:
         self.compiled = None
         if self.mode == "compile":
             import torch._dynamo as dynamo  # one specialisation per key: allow many
+            import torch._inductor.config as inductor
             dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 256)
+            # weights are constants at inference: lets inductor lower the CPU's oneDNN-packed
+            # linears (it requires their weights to be graph constants)
+            inductor.freezing = True
             self.compiled = torch.compile(step, dynamic=False)
 
     def __call__(self, key: tuple, *inputs: torch.Tensor):

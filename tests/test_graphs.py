@@ -75,3 +75,23 @@ def test_cuda_graph_replay_equals_eager(family, tmp_path):
     assert all(r["mode"] == "cuda" and r["keys"] > 0 for r in reports)
     for prompt in random_prompts(12, seed=13):
         assert graphed.generate(prompt, 24).token_ids == eager.generate(prompt, 24).token_ids
+
+
+def test_gpu_check_dry_run_on_the_cpu(tmp_path):
+    """scripts/gpu-check's own logic, at tiny size on the CPU (eager against eager), so that
+    a lent GPU machine gets a script that runs."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).parent.parent / "scripts" / "gpu_check.py"
+    run = subprocess.run([sys.executable, str(script), "--preset", "tiny", "--device", "cpu", "--graphs", "eager",
+                          "--max-len", "128", "--new-tokens", "8", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu-check.json").read_text())
+    setups = result["results"][0]["setups"]
+    assert set(setups) == {"plain", "ar@6", "block@15", "switching"}
+    assert all(s["graphs_equal_eager"] and s["ms_per_round"]["graphs"] > 0 for s in setups.values())
+    assert setups["switching"]["switching_overhead"] > 0
+    assert "| tiny-qwen3 | switching | True |" in (tmp_path / "gpu-check.md").read_text()

@@ -58,3 +58,17 @@ def test_nsys_export_gives_the_same_table(tmp_path, capsys):
 
 def test_report_without_a_file_is_a_usage_error(tmp_path):
     assert report_main([str(tmp_path / "missing.sqlite")]) == 2
+
+
+def test_stored_benchmark_baseline_covers_the_latency_suite():
+    """README's gate compares against benchmarks/baseline: it must hold every default benchmark."""
+    import json
+    from pathlib import Path
+    files = sorted((Path(__file__).parent.parent / "benchmarks" / "baseline").glob("*/0001_*.json"))
+    assert files, "no stored baseline"
+    stored = {b["name"]: b["stats"]["median"] for b in json.loads(files[0].read_text())["benchmarks"]}
+    expected = ([f"test_verify[{k}]" for k in (0, 3, 7)] + ["test_draft[ar-1]", "test_draft[ar-6]", "test_draft[block-7]",
+                "test_draft[ngram-7]"] + [f"test_catch_up[{d}-{n}]" for d in ("ar", "block") for n in (1, 16)]
+                + [f"test_decode[{m}]" for m in ("plain", "ngram", "ar", "block", "hybrid")])
+    assert sorted(stored) == sorted(expected)
+    assert all(v > 0 for v in stored.values())
