@@ -63,6 +63,16 @@ if triton is not None:
         tl.store(out_ptr + 1, tl.load(argmax_ptr + a))
 
     @triton.jit
+    def _row_a(p_ptr, q_ptr, a, d_a, c, m, q_row, p_stride, q_stride, HAS_Q: tl.constexpr):
+        """Columns c of p[a] and of q[a] (one-hot at the draft d_a when there is no q)."""
+        p_a = tl.load(p_ptr + a * p_stride + c, mask=m, other=0.0)
+        if HAS_Q:
+            q_a = tl.load(q_ptr + a * q_stride + c, mask=m & q_row, other=0.0)
+        else:
+            q_a = tl.where(c == d_a, 1.0, 0.0)
+        return p_a, q_a
+
+    @triton.jit
     def _rejection_accept_kernel(draft_ptr, p_ptr, q_ptr, u_ptr, out_ptr, k, V, p_stride, q_stride,
                                  HAS_Q: tl.constexpr, KBLOCK: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.arange(0, KBLOCK)
@@ -82,11 +92,7 @@ if triton is not None:
         for start in range(0, V, BLOCK):
             c = start + cols
             m = c < V
-            p_a = tl.load(p_ptr + a * p_stride + c, mask=m, other=0.0)
-            if HAS_Q:
-                q_a = tl.load(q_ptr + a * q_stride + c, mask=m & q_row, other=0.0)
-            else:
-                q_a = tl.where(c == d_a, 1.0, 0.0)
+            p_a, q_a = _row_a(p_ptr, q_ptr, a, d_a, c, m, q_row, p_stride, q_stride, HAS_Q)
             total += tl.sum(tl.maximum(p_a - q_a, 0.0), axis=0)
         use_p = total <= 0.0  # p_a == q_a: sample from p_a itself (its mass is 1)
         mass = tl.where(use_p, 1.0, total)
@@ -97,11 +103,7 @@ if triton is not None:
         for start in range(0, V, BLOCK):  # inverse CDF: the first column whose running mass passes u
             c = start + cols
             m = c < V
-            p_a = tl.load(p_ptr + a * p_stride + c, mask=m, other=0.0)
-            if HAS_Q:
-                q_a = tl.load(q_ptr + a * q_stride + c, mask=m & q_row, other=0.0)
-            else:
-                q_a = tl.where(c == d_a, 1.0, 0.0)
+            p_a, q_a = _row_a(p_ptr, q_ptr, a, d_a, c, m, q_row, p_stride, q_stride, HAS_Q)
             r = tl.where(use_p, p_a, tl.maximum(p_a - q_a, 0.0))
             cdf = seen + tl.cumsum(r, axis=0)
             hit = tl.min(tl.where((cdf > target) & m, c, V), axis=0)

@@ -16,10 +16,10 @@ import torch.nn as nn
 from transformers import LlamaConfig
 
 from ..cache import KVCache
-from ..graphs import KV_BLOCK, BucketedGraphs, kv_bucket
+from ..graphs import kv_bucket
 from ..models.transformer import MLP, RMSNorm, apply_rope, attend, rope_inv_freq, rope_tables
 from ..verify import Sampling
-from .base import Context, Draft
+from .base import Context, Draft, GraphedStep
 from .checkpoint import check_fits, load_strict, read_checkpoint, write_checkpoint
 
 ARCHITECTURES = ("LlamaForCausalLM", "LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
@@ -74,7 +74,7 @@ class Eagle3Layer(nn.Module):
         return a, (g_normed if self.norm_before_residual else g)
 
 
-class ARDrafter(nn.Module):
+class ARDrafter(GraphedStep, nn.Module):
     name = "ar"
 
     def __init__(self, config: LlamaConfig, embed: nn.Embedding, target_layers: int, head_dim: int | None = None):
@@ -103,8 +103,7 @@ class ARDrafter(nn.Module):
         self.embed = [embed]  # the target's embedding, held outside this module's state dict
         self.cache: KVCache | None = None
         self.frontier = 0
-        self.graph_sets: dict[tuple, BucketedGraphs] = {}
-        self.use_graphs("eager", KV_BLOCK, "cpu")
+        self.init_graphs()
 
     # ---- checkpoint format -------------------------------------------------------------
     @classmethod
@@ -175,8 +174,7 @@ class ARDrafter(nn.Module):
             inv_freq, scale = rope_inv_freq(self.config, self.head_dim)
             cos, sin = rope_tables(inv_freq, scale, size)
             self.rope_cos, self.rope_sin = cos.to(p.device, p.dtype), sin.to(p.device, p.dtype)
-            for graphs in self.graph_sets.values():  # captured over the old buffers
-                graphs.forget()
+            self.forget_graphs()  # captured over the old buffers
         self.frontier = 0
 
     def fuse(self, features: torch.Tensor) -> torch.Tensor:
@@ -214,14 +212,6 @@ class ARDrafter(nn.Module):
     def graph_step(self, key: tuple[int], g, emb, positions):
         """`step` as a bucketed graph: one row over an attention span of key[0] positions."""
         return self.step(g, emb, positions, key[0])
-
-    def use_graphs(self, mode: str, kv_block: int, device) -> None:
-        """Run each draft step through BucketedGraphs(mode), keyed by attention span; one
-        set per (mode, span block, device), so engines of different modes can share this drafter."""
-        key = (mode, kv_block, str(device))
-        if key not in self.graph_sets:
-            self.graph_sets[key] = BucketedGraphs(self.graph_step, mode, device, "draft:ar")
-        self.kv_block, self.step_graphs = kv_block, self.graph_sets[key]
 
     def warm_up(self, spans: list[int]) -> dict:
         """Every span once (CUDA: captured) on a scratch row; `reset` must have run."""

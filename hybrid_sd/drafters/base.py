@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from ..graphs import BucketedGraphs
 from ..verify import Sampling
 
 
@@ -56,3 +57,25 @@ class Drafter(Protocol):
 
     def draft(self, ctx: Context, k: int, sampling: Sampling, generator: torch.Generator | None) -> Draft:
         """Up to k tokens to follow ctx.ids (may be fewer, or none)."""
+
+
+class GraphedStep:
+    """For a drafter whose device work is one step function `graph_step(key, *tensors)`: runs
+    it through BucketedGraphs, one set per (mode, span block, device), so that engines of
+    different modes can share the drafter. Call `init_graphs()` in __init__ and
+    `forget_graphs()` when the buffers the step closes over are reallocated."""
+
+    def init_graphs(self) -> None:
+        from ..graphs import KV_BLOCK
+        self.graph_sets: dict[tuple, BucketedGraphs] = {}
+        self.use_graphs("eager", KV_BLOCK, "cpu")
+
+    def use_graphs(self, mode: str, kv_block: int, device) -> None:
+        key = (mode, kv_block, str(device))
+        if key not in self.graph_sets:
+            self.graph_sets[key] = BucketedGraphs(self.graph_step, mode, device, f"draft:{self.name}")
+        self.kv_block, self.step_graphs = kv_block, self.graph_sets[key]
+
+    def forget_graphs(self) -> None:
+        for graphs in self.graph_sets.values():
+            graphs.forget()

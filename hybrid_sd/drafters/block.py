@@ -15,10 +15,10 @@ from transformers import Qwen3Config
 
 from ..cache import KVCache
 from ..errors import UserError
-from ..graphs import KV_BLOCK, BucketedGraphs, kv_bucket
+from ..graphs import kv_bucket
 from ..models.transformer import MLP, RMSNorm, apply_rope, attend, rope_inv_freq, rope_tables
 from ..verify import Sampling
-from .base import Context, Draft
+from .base import Context, Draft, GraphedStep
 from .checkpoint import check_fits, load_strict, read_checkpoint, write_checkpoint
 
 
@@ -58,7 +58,7 @@ class BlockLayer(nn.Module):
         self.mlp = MLP(c.hidden_size, c.intermediate_size)
 
 
-class BlockDrafter(nn.Module):
+class BlockDrafter(GraphedStep, nn.Module):
     name = "block"
 
     def __init__(self, config: Qwen3Config, target, target_layer_ids: list[int], mask_token_id: int,
@@ -77,8 +77,7 @@ class BlockDrafter(nn.Module):
         self.num_target_layers = target.config.num_hidden_layers
         self.cache: KVCache | None = None
         self.frontier = 0
-        self.graph_sets: dict[tuple, BucketedGraphs] = {}
-        self.use_graphs("eager", KV_BLOCK, "cpu")
+        self.init_graphs()
 
     # ---- checkpoint format -------------------------------------------------------------
     @classmethod
@@ -135,8 +134,7 @@ class BlockDrafter(nn.Module):
             inv_freq, scale = rope_inv_freq(c, self.head_dim)
             cos, sin = rope_tables(inv_freq, scale, size)
             self.rope_cos, self.rope_sin = cos.to(p.device, p.dtype), sin.to(p.device, p.dtype)
-            for graphs in self.graph_sets.values():  # captured over the old buffers
-                graphs.forget()
+            self.forget_graphs()  # captured over the old buffers
         self.frontier = 0
 
     def catch_up(self, ctx: Context, end: int) -> None:
@@ -159,7 +157,7 @@ class BlockDrafter(nn.Module):
         kv_len = kv_bucket(n + B, self.cache.max_len, self.kv_block)
         return self.step_graphs((kv_len,), ctx.tokens[n:n + 1], positions)
 
-    def block_step(self, key: tuple[int], bonus: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def graph_step(self, key: tuple[int], bonus: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The captured step: the block [bonus, MASK...] at `positions` attends to the first
         key[0] cache positions up to its own last one (context + the whole block)."""
         (kv_len,) = key
@@ -180,14 +178,6 @@ class BlockDrafter(nn.Module):
             x = x + attn.o_proj(y.transpose(1, 2).reshape(B, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
-
-    def use_graphs(self, mode: str, kv_block: int, device) -> None:
-        """Run the block forward through BucketedGraphs(mode), keyed by attention span; one
-        set per (mode, span block, device), so engines of different modes can share this drafter."""
-        key = (mode, kv_block, str(device))
-        if key not in self.graph_sets:
-            self.graph_sets[key] = BucketedGraphs(self.block_step, mode, device, "draft:block")
-        self.kv_block, self.step_graphs = kv_block, self.graph_sets[key]
 
     def warm_up(self, spans: list[int]) -> dict:
         """Every span once (CUDA: captured) on a scratch block; `reset` must have run."""

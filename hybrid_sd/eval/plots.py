@@ -33,25 +33,28 @@ def grouped_bars(ax, groups: list[str], series: dict[str, list[float]]):
     ax.set_xticks(range(len(groups)), groups)
 
 
-def plot_speedup(result: dict, plt):
+def category_bars(result: dict, table: dict, methods: list[str], ylabel: str, title: str, plt):
+    """One group of bars per category (and the mix), one bar per method."""
     cats = result["categories"] + ["mix"]
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    grouped_bars(ax, cats, {m: [result["speedup"][m][c] for c in cats] for m in result["methods"]})
+    grouped_bars(ax, cats, {m: [table[m].get(c, 0.0) for c in cats] for m in methods})
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(ncol=len(methods), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.07))
+    return fig, ax
+
+
+def plot_speedup(result: dict, plt):
+    fig, ax = category_bars(result, result["speedup"], result["methods"], "speed-up over plain decoding",
+                            "Decode speed-up per category (same prompts, greedy, outputs checked equal)", plt)
     ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_ylabel("speed-up over plain decoding")
-    ax.set_title("Decode speed-up per category (same prompts, greedy, outputs checked equal)")
-    ax.legend(ncol=8, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.07))
     return fig
 
 
 def plot_accepted(result: dict, plt):
-    cats = result["categories"] + ["mix"]
     methods = [m for m in result["tau"] if m != "plain"]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    grouped_bars(ax, cats, {m: [result["tau"][m].get(c, 0.0) for c in cats] for m in methods})
-    ax.set_ylabel("tokens per round (accepted + 1)")
-    ax.set_title("Mean accepted length per category")
-    ax.legend(ncol=6, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.07))
+    fig, _ = category_bars(result, result["tau"], methods, "tokens per round (accepted + 1)",
+                           "Mean accepted length per category", plt)
     return fig
 
 
