@@ -206,7 +206,7 @@ class Engine:
         self.reset_drafters()
         for d in self.drafters:
             if hasattr(d, "warm_up"):
-                reports.append(d.warm_up(spans))
+                reports += [d.warm_up(spans), d.warm_up_catchup()]
         self.cache.length = 0
         return reports
 

@@ -49,10 +49,37 @@ def switching_engine(target, tmp_path, **kwargs):
 def test_warm_up_visits_every_bucket_and_leaves_no_trace(target, tmp_path):
     engine = switching_engine(target, tmp_path, kv_block=128)
     reports = engine.warm_up()
-    assert [r["name"] for r in reports] == ["verify", "draft:ar", "draft:block"]
+    assert [r["name"] for r in reports] == ["verify", "draft:ar", "catchup:ar", "draft:block", "catchup:block"]
     assert reports[0]["keys"] == 8 * len(kv_buckets(256, 128))  # verify of 1..8 tokens per span
     for prompt in random_prompts(6, seed=11):
         assert engine.generate(prompt, 20).token_ids == plain_greedy(target, (), prompt, 20, max_len=256)
+
+
+@pytest.mark.parametrize("kind", ["ar", "block"])
+def test_padded_catch_up_writes_the_same_cache(target, tmp_path, kind):
+    """Graph modes pad each catch-up chunk to its bucket by repeating the last row (and cut
+    lags over the largest bucket into chunks): the drafter's cache must come out the same."""
+    from helpers import context_for
+    drafter = make_drafter(kind, target, tmp_path)
+    ids = torch.randint(3, target.config.vocab_size, (150,), generator=torch.Generator().manual_seed(14)).tolist()
+    ctx = context_for(target, ids, drafter.feature_layers, max_len=256)
+    caches = []
+    for pad in (False, True):
+        drafter.pad_catchup = pad
+        drafter.reset(256)
+        drafter.catch_up(ctx, 37)   # one chunk, padded 37 -> 64
+        drafter.catch_up(ctx, 140)  # 103 rows: 64 + 39 (padded to 64)
+        assert drafter.frontier == 140
+        caches.append((drafter.cache.k[:, :, :, :140].clone(), drafter.cache.v[:, :, :, :140].clone()))
+    torch.testing.assert_close(caches[0], caches[1], rtol=1e-5, atol=1e-6)
+
+
+def test_padded_catch_up_stays_lossless_under_switching(target, tmp_path):
+    engine = switching_engine(target, tmp_path)
+    for d in engine.drafters[:2]:
+        d.pad_catchup = True
+    for prompt in random_prompts(10, seed=15):
+        assert engine.generate(prompt, 24).token_ids == plain_greedy(target, (), prompt, 24, max_len=256)
 
 
 @pytest.mark.slow

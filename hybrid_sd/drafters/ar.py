@@ -186,18 +186,12 @@ class ARDrafter(GraphedStep, nn.Module):
             features = self.input_norm(features)
         return self.fc(features)
 
-    def catch_up(self, ctx: Context, end: int) -> None:
-        """KV-only prefill of rows [frontier, end): norms, k/v projections and RoPE only."""
-        start = self.frontier
-        if end <= start:
-            return
-        g = self.fuse(ctx.feature_rows(self.feature_layers, start, end))
-        emb = self.embed[0](ctx.tokens[start + 1:end + 1])
-        a, _ = self.midlayer.row_input(g, emb)
-        positions = torch.arange(start, end, device=g.device)
+    def catchup_step(self, key: tuple[int], features, next_tokens, positions) -> None:
+        """KV-only rows (GraphedStep.catch_up): norms, k/v projections and RoPE only; row t pairs
+        the target's features at t with the token at t + 1."""
+        a, _ = self.midlayer.row_input(self.fuse(features), self.embed[0](next_tokens))
         k, v = self.midlayer.self_attn.kv(a, self.rope_cos[positions], self.rope_sin[positions])
         self.cache.write(0, positions, k, v)
-        self.frontier = end
 
     def step(self, g, emb, positions, kv_len):
         """Full computation of rows (g, emb) at `positions`: new hidden g and draft-vocab logits."""

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from ..graphs import BucketedGraphs
+from ..graphs import CATCHUP_BUCKETS, KV_BLOCK, BucketedGraphs
 from ..verify import Sampling
 
 
@@ -27,6 +27,11 @@ class Context:
     def n(self) -> int:
         """Position of the bonus token, = number of positions with target K/V and features."""
         return len(self.ids) - 1
+
+    def feature_rows_at(self, layers: tuple[int, ...], positions: torch.Tensor) -> torch.Tensor:
+        """Features of the given positions for `layers`, concatenated in their order: [T, L*H]."""
+        cols = [self.capture.index(layer) for layer in layers]
+        return self.features[positions][:, cols].flatten(1)
 
     def feature_rows(self, layers: tuple[int, ...], start: int, end: int) -> torch.Tensor:
         """Features of positions [start, end) for `layers`, concatenated in their order: [T, L*H]."""
@@ -60,22 +65,52 @@ class Drafter(Protocol):
 
 
 class GraphedStep:
-    """For a drafter whose device work is one step function `graph_step(key, *tensors)`: runs
-    it through BucketedGraphs, one set per (mode, span block, device), so that engines of
+    """For a drafter whose device work is two step functions, `graph_step(key, ...)` (a draft
+    step) and `catchup_step(key, features, next_tokens, positions)` (KV-only rows): runs them
+    through BucketedGraphs, one pair per (mode, span block, device), so that engines of
     different modes can share the drafter. Call `init_graphs()` in __init__ and
-    `forget_graphs()` when the buffers the step closes over are reallocated."""
+    `forget_graphs()` when the buffers the steps close over are reallocated."""
 
     def init_graphs(self) -> None:
-        from ..graphs import KV_BLOCK
-        self.graph_sets: dict[tuple, BucketedGraphs] = {}
+        self.graph_sets: dict[tuple, tuple[BucketedGraphs, BucketedGraphs]] = {}
+        self.pad_catchup: bool | None = None  # None: pad catch-up chunks to a bucket iff the steps are graphs
         self.use_graphs("eager", KV_BLOCK, "cpu")
 
     def use_graphs(self, mode: str, kv_block: int, device) -> None:
         key = (mode, kv_block, str(device))
         if key not in self.graph_sets:
-            self.graph_sets[key] = BucketedGraphs(self.graph_step, mode, device, f"draft:{self.name}")
-        self.kv_block, self.step_graphs = kv_block, self.graph_sets[key]
+            self.graph_sets[key] = (BucketedGraphs(self.graph_step, mode, device, f"draft:{self.name}"),
+                                    BucketedGraphs(self.catchup_step, mode, device, f"catchup:{self.name}"))
+        self.kv_block = kv_block
+        self.step_graphs, self.catchup_graphs = self.graph_sets[key]
 
     def forget_graphs(self) -> None:
-        for graphs in self.graph_sets.values():
-            graphs.forget()
+        for pair in self.graph_sets.values():
+            for graphs in pair:
+                graphs.forget()
+
+    def catch_up(self, ctx: Context, end: int) -> None:
+        """KV-only pass over context positions [frontier, end). When the steps are graphs: in
+        chunks of at most the largest catch-up bucket, each padded to its bucket by repeating
+        the chunk's last row -- one position written again with the same K/V, so the padding
+        never changes the cache."""
+        start = self.frontier
+        pad = self.pad_catchup if self.pad_catchup is not None else self.catchup_graphs.mode != "eager"
+        while start < end:
+            n = min(end - start, CATCHUP_BUCKETS[-1]) if pad else end - start
+            rows = next(b for b in CATCHUP_BUCKETS if b >= n) if pad else n
+            positions = torch.arange(start, start + rows, device=ctx.tokens.device).clamp_max(start + n - 1)
+            self.catchup_graphs((rows,), ctx.feature_rows_at(self.feature_layers, positions), ctx.tokens[positions + 1],
+                                positions)
+            start += n
+        self.frontier = max(self.frontier, end)
+
+    def warm_up_catchup(self) -> dict:
+        """Every catch-up bucket once (CUDA: captured) on scratch rows; `reset` must have run."""
+        p = self.fc.weight
+        examples = {}
+        for rows in CATCHUP_BUCKETS:
+            positions = torch.arange(rows, device=p.device)
+            examples[(rows,)] = (torch.zeros(rows, self.fc.in_features, dtype=p.dtype, device=p.device),
+                                 torch.zeros(rows, dtype=torch.long, device=p.device), positions)
+        return self.catchup_graphs.warm_up(examples)

@@ -137,18 +137,14 @@ class BlockDrafter(GraphedStep, nn.Module):
             self.forget_graphs()  # captured over the old buffers
         self.frontier = 0
 
-    def catch_up(self, ctx: Context, end: int) -> None:
-        """KV-only prefill of context positions [frontier, end) in every draft layer."""
-        start = self.frontier
-        if end <= start:
-            return
-        c = self.hidden_norm(self.fc(ctx.feature_rows(self.feature_layers, start, end)))
-        positions = torch.arange(start, end, device=c.device)
+    def catchup_step(self, key: tuple[int], features, next_tokens, positions) -> None:
+        """KV-only context rows (GraphedStep.catch_up) in every draft layer; the block drafter
+        reads features only (next_tokens is unused)."""
+        c = self.hidden_norm(self.fc(features))
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         for i, layer in enumerate(self.layers):
             k, v = layer.self_attn.kv(c, cos, sin)
             self.cache.write(i, positions, k, v)
-        self.frontier = end
 
     def block_hidden(self, ctx: Context) -> torch.Tensor:
         """One forward of [bonus, MASK...] after the cached context: norm(h) [block, H]."""
