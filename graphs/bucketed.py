@@ -54,7 +54,6 @@ class BucketedGraphs:
         self.mode = resolve_mode(mode, device)
         self.device = torch.device(device)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], object]] = {}
-        self.capture_s: dict[tuple, float] = {}
         self.compiled = None
         if self.mode == "compile":
             import torch._dynamo as dynamo  # one specialisation per key: allow many
@@ -83,11 +82,9 @@ class BucketedGraphs:
     def forget(self) -> None:
         """Drop every captured graph (the buffers a step closes over were reallocated)."""
         self.graphs.clear()
-        self.capture_s.clear()
 
     def capture(self, key: tuple, inputs) -> tuple:
         """Warm up on a side stream (kernels pick their algorithms), then capture one graph."""
-        t0 = time.perf_counter()
         static_inputs = [x.clone() for x in inputs]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -100,7 +97,6 @@ class BucketedGraphs:
             outputs = self.step(key, *static_inputs)
         torch.cuda.synchronize(self.device)
         self.graphs[key] = (graph, static_inputs, outputs)
-        self.capture_s[key] = time.perf_counter() - t0
         return self.graphs[key]
 
     def warm_up(self, examples: dict[tuple, tuple[torch.Tensor, ...]]) -> dict:

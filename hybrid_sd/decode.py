@@ -223,8 +223,6 @@ def build_hybrid(target, eos, router: str = "entropy", lam: float = 1.0, router_
                  profile_sync: bool = False, graphs: str = "eager"):
     """AR, block and n-gram drafters on one target; the latency table measured now, on this
     machine; then the router (the shipped drafters and router on the embedded default)."""
-    import torch
-
     from .drafters import load_drafter
     from .engine import Engine
     from .router import FixedRouter, load_router
@@ -232,11 +230,9 @@ def build_hybrid(target, eos, router: str = "entropy", lam: float = 1.0, router_
     drafters = [load_drafter("ar", ar, target, embedded_default=embedded),
                 load_drafter("block", block, target, embedded_default=embedded),
                 load_drafter("ngram", None, target, ngram_max)]
+    # the latency probes run each step once before timing it: on CUDA that call captures its graph
     engine = Engine(target, eos, drafters, max_len=max_len, router=FixedRouter(0, 1), profile_sync=profile_sync,
                     graphs=graphs)
-    if engine.graphs_mode == "cuda":  # the latency table is measured on the steps as they will run
-        with torch.inference_mode():
-            engine.warm_up()
     latency = cached_latency(engine, target, [ar, block])
     engine.use_router(load_router(router, router_dir, latency, [d.name for d in drafters], lam))
     return engine

@@ -37,12 +37,14 @@ def rejection_accept_reference(draft: torch.Tensor, p: torch.Tensor, q: torch.Te
     q_d = q[rows, draft] if q is not None else torch.ones_like(p_d)
     a = (u[:k] * q_d < p_d).long().cumprod(0).sum()
     p_a = p[a]
-    if q is not None:
-        q_a = torch.cat([q, torch.zeros(1, V, dtype=q.dtype, device=q.device)])[a]
-    else:
-        one_hot = torch.zeros(k + 1, V, dtype=p.dtype, device=p.device)
-        one_hot[rows, draft] = 1.0
-        q_a = one_hot[a]
+    if k == 0:
+        q_a = torch.zeros_like(p_a)
+    else:  # row a of q, or of the one-hot drafts; zero after the last draft (a == k)
+        row, inside = a.clamp_max(k - 1), (a < k).to(p.dtype)
+        if q is not None:
+            q_a = q[row] * inside
+        else:
+            q_a = torch.zeros_like(p_a).index_fill_(0, draft[row].view(1), 1.0) * inside
     residual = (p_a - q_a).clamp_min(0.0)
     total = residual.sum()
     residual = torch.where(total > 0, residual, p_a)

@@ -30,7 +30,7 @@ from hybrid_sd.drafters.block import BlockDrafter
 from hybrid_sd.engine import Engine
 from hybrid_sd.models.transformer import Transformer
 from hybrid_sd.profiling import phase_table
-from hybrid_sd.router import AlternatingRouter, FixedRouter
+from hybrid_sd.router import AlternatingRouter
 
 LLAMA_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
@@ -97,8 +97,7 @@ def engine(target, drafters, setup: str, mode: str, max_len: int, kv_block: int 
                       kv_block=kv_block, profile_sync=sync)
     name, k = setup.split("@")
     d = drafters[["ar", "block"].index(name)]
-    return Engine(target, (), d, k=int(k), max_len=max_len, graphs=mode, kv_block=kv_block, profile_sync=sync,
-                  router=FixedRouter(0, int(k)))
+    return Engine(target, (), d, k=int(k), max_len=max_len, graphs=mode, kv_block=kv_block, profile_sync=sync)
 
 
 def sync(device):
