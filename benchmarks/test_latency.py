@@ -1,11 +1,17 @@
-"""Latency benchmarks on the embedded default target (pytest-benchmark):
-`python -m pytest benchmarks` — per-round pieces per bucket and end-to-end decoding.
+"""Latency benchmarks (pytest-benchmark): `python -m pytest benchmarks --benchmark-enable`
+-- per-round pieces per bucket and end-to-end decoding.
 
 Pieces: the target's verify of k+1 tokens, each drafter's k-token draft and catch-up over a
 lag, on a 96-position context. End to end: 48 new tokens of one prompt per method (greedy,
 output checked equal to plain decoding). Gate against the stored baseline with
 `--benchmark-compare=0001 --benchmark-compare-fail=median:25%` (see README).
+
+Configurations (benchmarks/conftest.py): the embedded default on the CPU (CI), or a
+random-weight target at real size on a GPU (`--bench-target llama-3.1-8b --bench-device
+cuda`): the pieces and the graph modes only, as end-to-end decoding needs real weights.
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -14,21 +20,36 @@ from hybrid_sd.drafters import load_drafter
 from hybrid_sd.engine import Engine
 from hybrid_sd.models.loading import load_target
 from hybrid_sd.models.packed_linear import pack_linears
+from hybrid_sd.router import AlternatingRouter
 
 ROUNDS = dict(rounds=5, iterations=1, warmup_rounds=1)
+MAX_LEN = 1024
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def setup(request):
+    """The target, its drafters by name and, for the embedded default, tokenizer and EOS ids."""
     torch.set_grad_enabled(False)
-    model, tokenizer, eos = load_target(None, max_len=1024)
-    return pack_linears(model), tokenizer, eos
+    name, device = request.config.getoption("--bench-target"), request.config.getoption("--bench-device")
+    if name == "smollm2":
+        model, tokenizer, eos = load_target(None, max_len=MAX_LEN)
+        target = pack_linears(model)
+        drafters = {d: load_drafter(d, None, target, embedded_default=True) for d in ("ar", "block", "ngram")}
+        return SimpleNamespace(name=name, target=target, tokenizer=tokenizer, eos=eos, drafters=drafters)
+    from hybrid_sd.eval.synthetic import build
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        pytest.exit("--bench-device cuda but no CUDA device here", returncode=2)
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    target, (ar, block, ngram) = build(name, device, dtype, MAX_LEN)
+    return SimpleNamespace(name=name, target=target, tokenizer=None, eos=(), drafters=dict(ar=ar, block=block, ngram=ngram))
 
 
 @pytest.fixture(scope="module")
-def hybrid(smollm2):
-    target, _, eos = smollm2
-    return build_hybrid(target, eos, "entropy", max_len=1024)
+def hybrid(setup):
+    if setup.tokenizer is not None:
+        return build_hybrid(setup.target, setup.eos, "entropy", max_len=MAX_LEN)
+    return Engine(setup.target, (), list(setup.drafters.values()), max_len=MAX_LEN, router=AlternatingRouter(3),
+                  graphs="auto")
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +64,20 @@ def test_verify(benchmark, probes, k):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["eager", "compile"])
-def test_verify_graphs_mode(benchmark, smollm2, mode):
-    """A 7-token verify (k=6) per --graphs mode, side by side; compile pays ~1-2 min once."""
-    target, _, eos = smollm2
-    engine = Engine(target, eos, None, max_len=1024, graphs=mode, kv_block=64)  # same spans in both modes
-    verify, _ = engine.latency_probes(96)
-    verify(6)  # compiles (or warms up) the (7 tokens, 128-position span) step once
-    benchmark.pedantic(verify, args=(6,), rounds=10, iterations=1, warmup_rounds=2)
+@pytest.mark.parametrize("mode", ["eager", "graphs"])
+@pytest.mark.parametrize("piece", ["verify", "ar", "block"])
+def test_graphs_mode(benchmark, setup, piece, mode):
+    """Per --graphs mode, side by side: a 7-token verify (k=6), the AR drafter's 6 steps, the
+    block drafter's 7-token block. `graphs` is cuda on a GPU and compile elsewhere (~1 min per
+    shape on the CPU, paid once before timing)."""
+    if mode == "graphs":
+        mode = "cuda" if setup.target.lm_head.weight.is_cuda else "compile"
+    drafter = None if piece == "verify" else setup.drafters[piece]
+    engine = Engine(setup.target, setup.eos, drafter, k=6, max_len=MAX_LEN, graphs=mode, kv_block=64)  # same spans
+    verify, drafters = engine.latency_probes(96)
+    run, k = (verify, 6) if piece == "verify" else (drafters[piece][0], 6 if piece == "ar" else 7)
+    run(k)  # compiles (or warms up) each step's shape once
+    benchmark.pedantic(run, args=(k,), rounds=10, iterations=1, warmup_rounds=2)
 
 
 @pytest.mark.parametrize("name, k", [("ar", 1), ("ar", 6), ("block", 7), ("ngram", 7)])
@@ -66,15 +93,17 @@ def test_catch_up(benchmark, probes, name, lag):
 
 
 @pytest.mark.parametrize("method", ["plain", "ngram", "ar", "block", "hybrid"])
-def test_decode(benchmark, smollm2, hybrid, method):
-    target, tokenizer, eos = smollm2
+def test_decode(benchmark, setup, hybrid, method):
+    if setup.tokenizer is None:
+        pytest.skip("end-to-end decoding needs the embedded target's tokenizer and shipped drafters")
+    target, tokenizer, eos = setup.target, setup.tokenizer, setup.eos
     ids = encode_prompt(tokenizer, "Return a JSON object with the keys name, age and city for Ana, 31, Lisbon.", chat=True)
     if method == "hybrid":
         engine = hybrid
     else:
-        drafter = load_drafter("none" if method == "plain" else method, None, target, embedded_default=True)
-        engine = Engine(target, eos, drafter, k={"ngram": 8, "ar": 6, "block": 7}.get(method, 1), max_len=1024)
-    expected = Engine(target, eos, None, max_len=1024).generate(ids, 48).token_ids
+        drafter = None if method == "plain" else setup.drafters[method]
+        engine = Engine(target, eos, drafter, k={"ngram": 8, "ar": 6, "block": 7}.get(method, 1), max_len=MAX_LEN)
+    expected = Engine(target, eos, None, max_len=MAX_LEN).generate(ids, 48).token_ids
     gen = benchmark.pedantic(engine.generate, args=(ids, 48), rounds=3, iterations=1, warmup_rounds=1)
     assert gen.token_ids == expected
     benchmark.extra_info.update(new_tokens=len(gen.token_ids), tokens_per_round=round(gen.mean_accepted, 3))

@@ -1,6 +1,6 @@
 """Shape bucketing and the bucketed step runner (CUDA graph replay, torch.compile or eager)."""
 from .bucketed import MODES, BucketedGraphs, resolve_mode
-from .buckets import CATCHUP_BUCKETS, DRAFT_BUCKETS, GRAPH_KV_BLOCK, KV_BLOCK, kv_bucket, kv_buckets
+from .buckets import CATCHUP_BUCKETS, DRAFT_BUCKETS, GRAPH_KV_BLOCK, KV_BLOCK, PREFILL_BUCKETS, kv_bucket, kv_buckets
 
-__all__ = ["BucketedGraphs", "CATCHUP_BUCKETS", "DRAFT_BUCKETS", "GRAPH_KV_BLOCK", "KV_BLOCK", "MODES", "kv_bucket",
-           "kv_buckets", "resolve_mode"]
+__all__ = ["BucketedGraphs", "CATCHUP_BUCKETS", "DRAFT_BUCKETS", "GRAPH_KV_BLOCK", "KV_BLOCK", "MODES", "PREFILL_BUCKETS",
+           "kv_bucket", "kv_buckets", "resolve_mode"]

@@ -12,9 +12,11 @@ import torch
 class KVCache:
     def __init__(self, n_layers: int, max_len: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (n_layers, 1, n_kv_heads, max_len, head_dim)  # [layer, batch=1, head, pos, dim]
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # one tensor per layer, [batch=1, head, pos, dim]: torch.compile then writes each in
+        # place, where slices of one stacked tensor made it copy a whole layer per write
+        shape = (1, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_len = max_len
         self.length = 0  # committed positions; everything at or past it is scratch
 

@@ -21,7 +21,8 @@ import torch
 
 from .drafters.base import Context, Draft, Drafter
 from .errors import UserError
-from .graphs import DRAFT_BUCKETS, GRAPH_KV_BLOCK, KV_BLOCK, BucketedGraphs, kv_bucket, kv_buckets, resolve_mode
+from .graphs import (DRAFT_BUCKETS, GRAPH_KV_BLOCK, KV_BLOCK, PREFILL_BUCKETS, BucketedGraphs, kv_bucket, kv_buckets,
+                     resolve_mode)
 from .models.transformer import Transformer
 from .profiling import PhaseClock, nvtx_range
 from .router import FixedRouter, LatencyTable, Router, Signals, observe_draft, target_confidence
@@ -109,6 +110,8 @@ class Engine:
         # attention spans: fine buckets when eager, coarse ones when each is a captured graph
         self.kv_block = kv_block or (KV_BLOCK if self.graphs_mode == "eager" else GRAPH_KV_BLOCK)
         self.verify_graphs = BucketedGraphs(self.verify_step, self.graphs_mode, self.device, "verify")
+        self.prefill_graphs = BucketedGraphs(self.prefill_step, self.graphs_mode, self.device, "prefill")
+        self.pad_prefill: bool | None = None  # None: pad prompt chunks to a bucket iff the steps are graphs
 
     def reset_drafters(self) -> None:
         """Empty every drafter's context and point its steps at this engine's graphs mode (a
@@ -135,13 +138,13 @@ class Engine:
         ids = [(7 * i + 3) % self.target.config.vocab_size for i in range(n + 1)]
         ctx = Context(list(ids), self.tokens, self.features, self.capture)
         self.tokens[:n + 1] = torch.tensor(ids, device=self.device)
-        _, feats = self.target_forward(self.tokens[:n], 0)
-        self.commit(ctx, 0, n, feats, [])
+        self.prefill(n)
+        self.cache.length = n
 
         @torch.inference_mode()
         def verify(k):
             logits, _ = self.verify_forward(self.tokens[n:n + 1 + k], n)
-            logits[:1].argmax()  # read the result, as a round does (waits for the device)
+            int(logits[:1].argmax())  # read the result, as a round does (waits for the device)
             self.cache.length = n
 
         def pieces(drafter):
@@ -151,15 +154,21 @@ class Engine:
             @torch.inference_mode()
             def draft(k):
                 drafter.draft(ctx, k, Sampling())
+                self.synchronize()  # time the device's work, not its launch
 
             @torch.inference_mode()
             def catch_up(lag):
                 drafter.frontier = n - min(lag, n)
                 drafter.catch_up(ctx, n)
+                self.synchronize()
             return draft, (catch_up if drafter.feature_layers else None)
 
         self.reset_drafters()
         return verify, {d.name: pieces(d) for d in self.drafters}
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def measure_latency(self, context: int = 96, repeats: int = 3) -> LatencyTable:
         """Warm-up: time the target's verify of k+1 tokens and each drafter's draft of k and
@@ -174,12 +183,35 @@ class Engine:
             return int(logits.argmax())
         return int(torch.multinomial(target_probs(logits, sampling), 1, generator=generator))
 
-    def target_forward(self, tokens: torch.Tensor, start: int):
-        """Prefill: the target on tokens at positions start.., writing their K/V; keep features."""
-        positions = torch.arange(start, start + tokens.numel(), device=self.device)
-        kv_len = kv_bucket(start + tokens.numel(), self.max_len, self.kv_block)
+    def prefill_step(self, key: tuple[int, int], tokens: torch.Tensor, positions: torch.Tensor, last: torch.Tensor):
+        """The captured prompt step: like verify_step, but only row `last` [1] gets logits
+        ([1, V]: a graph per chunk bucket must not hold a [T, V] buffer)."""
+        _, kv_len = key
         hidden, feats = self.target(tokens[None], positions, self.cache, kv_len, self.capture)
-        return hidden[0], (feats[0].view(tokens.numel(), len(self.capture), -1) if feats is not None else None)
+        return self.target.logits(hidden[0].index_select(0, last)), feats
+
+    @property
+    def pads_prefill(self) -> bool:
+        return self.pad_prefill if self.pad_prefill is not None else self.graphs_mode != "eager"
+
+    def prefill(self, P: int) -> torch.Tensor:
+        """The prompt self.tokens[:P] into the target cache and, for positions 0..P-1, the
+        feature buffer; returns the logits [V] of position P-1. As graphs: in chunks of at most
+        the largest prefill bucket, each padded to its bucket by repeating its last token at its
+        last position -- the same K/V written again, so the padding never changes the cache."""
+        pad = self.pads_prefill
+        start = 0
+        while start < P:
+            n = min(P - start, PREFILL_BUCKETS[-1]) if pad else P - start
+            rows = next(b for b in PREFILL_BUCKETS if b >= n) if pad else n
+            positions = torch.arange(start, start + rows, device=self.device).clamp_max(start + n - 1)
+            last = torch.full((1,), n - 1, device=self.device)
+            key = (rows, kv_bucket(start + n, self.max_len, self.kv_block))
+            logits, feats = self.prefill_graphs(key, self.tokens[positions], positions, last)
+            if feats is not None:
+                self.features[start:start + n] = feats[0, :n].view(n, len(self.capture), -1)
+            start += n
+        return logits[0]
 
     def verify_step(self, key: tuple[int, int], tokens: torch.Tensor, positions: torch.Tensor):
         """The captured step: T tokens at `positions` attend over the first kv_len cache
@@ -203,6 +235,11 @@ class Engine:
         examples = {(T, kv): (self.tokens[:T], torch.arange(T, device=self.device))
                     for T in range(1, self.k_max + 2) for kv in spans if kv >= T}
         reports = [self.verify_graphs.warm_up(examples)]  # writes scratch K/V at 0..T-1: prefill overwrites it
+        if self.pads_prefill:  # else prefill is one unpadded pass: nothing to warm
+            last = torch.zeros(1, dtype=torch.long, device=self.device)
+            examples = {(T, kv): (self.tokens[:T], torch.arange(T, device=self.device), last)
+                        for T in PREFILL_BUCKETS if T <= self.max_len for kv in spans if kv >= T}
+            reports.append(self.prefill_graphs.warm_up(examples))
         self.reset_drafters()
         for d in self.drafters:
             if hasattr(d, "warm_up"):
@@ -235,11 +272,11 @@ class Engine:
         self.reset_drafters()
         self.signals = Signals(drafters=[DrafterState() for _ in self.drafters])
 
-        hidden, feats = self.target_forward(self.tokens[:P], 0)
-        logits = self.target.logits(hidden[-1])
+        with nvtx_range("prefill"):
+            logits = self.prefill(P)
         if self.routed:
             self.signals.top1, self.signals.entropy = target_confidence(logits)
-        self.commit(ctx, 0, P, feats, [self.pick(logits, sampling, generator)])
+        self.commit(ctx, 0, P, None, [self.pick(logits, sampling, generator)])  # prefill wrote the features
         out = [ctx.ids[-1]]
         ttft = time.perf_counter() - t0
         if on_tokens:

@@ -70,7 +70,7 @@ def test_padded_catch_up_writes_the_same_cache(target, tmp_path, kind):
         drafter.catch_up(ctx, 37)   # one chunk, padded 37 -> 64
         drafter.catch_up(ctx, 140)  # 103 rows: 64 + 39 (padded to 64)
         assert drafter.frontier == 140
-        caches.append((drafter.cache.k[:, :, :, :140].clone(), drafter.cache.v[:, :, :, :140].clone()))
+        caches.append((torch.stack(drafter.cache.k)[..., :140, :], torch.stack(drafter.cache.v)[..., :140, :]))
     torch.testing.assert_close(caches[0], caches[1], rtol=1e-5, atol=1e-6)
 
 
@@ -122,3 +122,32 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     assert all(s["graphs_equal_eager"] and s["ms_per_round"]["graphs"] > 0 for s in setups.values())
     assert setups["switching"]["switching_overhead"] > 0
     assert "| tiny-qwen3 | switching | True |" in (tmp_path / "gpu-check.md").read_text()
+
+
+def test_padded_prefill_writes_the_same_cache_features_and_logits(target, tmp_path):
+    """Graph modes cut a prompt into chunks of at most the largest prefill bucket and pad each
+    to its bucket by repeating its last token: cache, features and logits must come out the same."""
+    engine = Engine(target, (), make_drafter("ar", target, tmp_path), max_len=512)
+    out = {}
+    for P in (5, 37, 300):  # one short chunk; one padded 37 -> 64; 256 + 44 (padded to 64)
+        engine.tokens[:P] = torch.randint(3, target.config.vocab_size, (P,), generator=torch.Generator().manual_seed(P))
+        for pad in (False, True):
+            engine.pad_prefill = pad
+            for buffer in engine.cache.k + engine.cache.v + [engine.features]:
+                buffer.zero_()
+            logits = engine.prefill(P)
+            out[pad] = (logits, torch.stack(engine.cache.k)[..., :P, :], torch.stack(engine.cache.v)[..., :P, :],
+                        engine.features[:P].clone())
+            assert not engine.features[P:].any()  # nothing written past the prompt
+        # equal up to float rounding: chunks change the matmul shapes
+        torch.testing.assert_close(out[False], out[True], rtol=1e-4, atol=1e-4)
+
+
+def test_padded_prefill_warms_every_bucket_and_stays_lossless(target, tmp_path):
+    engine = switching_engine(target, tmp_path, kv_block=128)
+    engine.pad_prefill = True
+    reports = engine.warm_up()
+    prefill = next(r for r in reports if r["name"] == "prefill")
+    assert prefill["keys"] == sum(kv >= T for T in (16, 32, 64, 128, 256) for kv in kv_buckets(256, 128))
+    for prompt in random_prompts(8, seed=16, hi=70):
+        assert engine.generate(prompt, 20).token_ids == plain_greedy(target, (), prompt, 20, max_len=256)

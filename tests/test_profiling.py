@@ -72,3 +72,22 @@ def test_stored_benchmark_baseline_covers_the_latency_suite():
                 + [f"test_decode[{m}]" for m in ("plain", "ngram", "ar", "block", "hybrid")])
     assert sorted(stored) == sorted(expected)
     assert all(v > 0 for v in stored.values())
+
+
+def test_latency_suite_runs_in_its_synthetic_configuration(tmp_path):
+    """The GPU configuration of the benchmarks (a random-weight target, scripts/gpu-check),
+    at tiny size on the CPU: every piece runs and is timed; end-to-end decoding skips."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).parent.parent
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-p", "no:cacheprovider", "-o", "addopts=",
+                          "-m", "not gpu and not slow", "--benchmark-enable",
+                          "--bench-target", "tiny-qwen3", "--bench-device", "cpu", f"--benchmark-json={out}", "-q"],
+                         cwd=root, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    names = {b["name"] for b in json.loads(out.read_text())["benchmarks"]}
+    assert {"test_verify[7]", "test_draft[ar-6]", "test_draft[block-7]", "test_catch_up[block-16]"} <= names
+    assert not any(n.startswith("test_decode") for n in names) and "5 skipped" in run.stdout

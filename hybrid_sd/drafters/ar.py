@@ -230,7 +230,7 @@ class ARDrafter(GraphedStep, nn.Module):
         for j in range(k):
             positions = torch.arange(n - 1 + j, n + j, device=device)
             g, logits = self.step_graphs((kv_len,), g, self.embed[0](token), positions)
-            p = torch.softmax(logits[0] / (1.0 if sampling.greedy else sampling.temperature), dim=-1)
+            p = torch.softmax(logits[0] if sampling.greedy else logits[0] / sampling.temperature, dim=-1)
             d = p.argmax().view(1) if sampling.greedy else torch.multinomial(p, 1, generator=generator)
             token = self.to_target_ids(d)
             tokens.append(token)

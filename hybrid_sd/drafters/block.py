@@ -189,7 +189,7 @@ class BlockDrafter(GraphedStep, nn.Module):
             return Draft(torch.empty(0, dtype=torch.long, device=device))
         _, lm_head = self.target_io
         logits = lm_head(self.block_hidden(ctx)[1:1 + k]).float()
-        p = torch.softmax(logits / (1.0 if sampling.greedy else sampling.temperature), dim=-1)
+        p = torch.softmax(logits if sampling.greedy else logits / sampling.temperature, dim=-1)
         if sampling.greedy:
             tokens = p.argmax(dim=-1)
         else:
