@@ -27,7 +27,7 @@ from .models.transformer import Transformer
 from .profiling import PhaseClock, nvtx_range
 from .router import FixedRouter, LatencyTable, Router, Signals, observe_draft, target_confidence
 from .router.signals import DrafterState
-from .verify import Sampling, greedy_accept, speculative_accept, target_probs
+from .verify import Sampling, judge, target_probs
 
 
 @dataclass
@@ -337,21 +337,18 @@ class Engine:
         with self.clock.phase("verify"):
             self.tokens[n + 1:n + 1 + kd] = draft.tokens
             logits, feats = self.verify_forward(self.tokens[n:n + 1 + kd], n)
-        with self.clock.phase("accept"):
-            if sampling.greedy:
-                a, token = greedy_accept(draft.tokens, logits)
-            else:
-                a, token = speculative_accept(draft.tokens, draft.probs, logits, sampling, generator)
+        with self.clock.phase("accept"):  # the round's host sync: accepted count and the router's signals
+            verdict = judge(draft.tokens, draft.probs, logits, sampling, generator, signals=self.routed,
+                            draft_confidence=draft.confidence)
+            a, token = verdict.accepted, verdict.token
         with self.clock.phase("commit"):
             new = draft.tokens[:a].tolist() + [token]
             self.commit(ctx, n, a + 1, feats, new)
         if self.routed:
             with self.clock.phase("route"):  # signals for the next round's choice
-                self.signals.top1, self.signals.entropy = target_confidence(logits[a])
+                self.signals.top1, self.signals.entropy = verdict.top1, verdict.entropy
                 if drafter is not None:
-                    conf = draft.confidence
-                    observe_draft(self.signals.drafters[index], kd, a,
-                                  float(conf[0]) if conf is not None and conf.numel() else None)
+                    observe_draft(self.signals.drafters[index], kd, a, verdict.draft_confidence)
         self.clock.end_round()
         return RoundRecord(name, kd, a, len(new), times, lag)
 

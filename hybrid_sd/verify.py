@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .kernels import accept as accept_kernels
-from .kernels import row_argmax
+from .kernels import row_argmax, row_stats, triton_usable
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,51 @@ def target_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     return probs
 
 
+@dataclass
+class Verdict:
+    accepted: int  # drafts accepted
+    token: int     # the token committed after them
+    top1: float | None = None      # with signals: target's top-1 probability at the new bonus row
+    entropy: float | None = None   # ... and the entropy there (nats)
+    draft_confidence: float | None = None  # ... and the drafter's probability of its first token
+
+
+def judge(draft: torch.Tensor, draft_probs: torch.Tensor | None, logits: torch.Tensor, s: Sampling,
+          generator: torch.Generator | None = None, signals: bool = False,
+          draft_confidence: torch.Tensor | None = None) -> Verdict:
+    """Accept a prefix of `draft` [k] against the verify logits [k+1, V] (greedy, or rejection
+    sampling) and, with `signals`, read the router's inputs for the next round.
+
+    Where the fused row kernel runs (CUDA), one pass over the logits gives every row's
+    argmax, entropy and top-1 and everything is read in one host sync. Elsewhere the
+    result is read first and the bonus row's statistics after it: on the CPU a sync costs
+    nothing and statistics of all k+1 rows cost ~1.5 ms.
+    """
+    fused = signals and triton_usable(logits)
+    stats = row_stats(logits) if fused else None  # (argmax, lse, entropy, top1) per row
+    if s.greedy:
+        result = accept_kernels.greedy_accept(draft, stats[0] if fused else row_argmax(logits))
+    else:
+        u = torch.rand(draft.numel() + 1, generator=generator, device=logits.device)
+        result = accept_kernels.rejection_accept(draft, target_probs(logits, s), draft_probs, u)
+    with_conf = signals and draft_confidence is not None and draft_confidence.numel() > 0
+    if fused:
+        R = logits.shape[0]
+        parts = [result.double(), stats[3].double(), stats[2].double()]
+        values = torch.cat(parts + ([draft_confidence[:1].double()] if with_conf else [])).tolist()  # the one sync
+        a = int(values[0])
+        return Verdict(a, int(values[1]), values[2 + a], values[2 + R + a], values[2 + 2 * R] if with_conf else None)
+    a, token = result.tolist()  # the round's sync
+    if not signals:
+        return Verdict(a, token)
+    _, _, entropy, top1 = row_stats(logits[a:a + 1])
+    return Verdict(a, token, float(top1[0]), float(entropy[0]), float(draft_confidence[0]) if with_conf else None)
+
+
 def greedy_accept(draft: torch.Tensor, logits: torch.Tensor) -> tuple[int, int]:
     """draft [k], logits [k+1, V]: longest prefix where draft equals the target's argmax."""
-    a, token = accept_kernels.greedy_accept(draft, row_argmax(logits)).tolist()  # the round's one sync
-    return a, token
+    v = judge(draft, None, logits, Sampling())
+    return v.accepted, v.token
 
 
 def speculative_accept(draft: torch.Tensor, draft_probs: torch.Tensor | None, logits: torch.Tensor,
@@ -53,6 +94,5 @@ def speculative_accept(draft: torch.Tensor, draft_probs: torch.Tensor | None, lo
     accepted while u_i < p(d_i) / q(d_i); the token after the accepted ones is drawn from
     max(p - q, 0) at the first rejection (p itself after the last draft) with one more uniform.
     """
-    u = torch.rand(draft.numel() + 1, generator=generator, device=logits.device)
-    a, token = accept_kernels.rejection_accept(draft, target_probs(logits, s), draft_probs, u).tolist()
-    return a, token
+    v = judge(draft, draft_probs, logits, s, generator)
+    return v.accepted, v.token

@@ -22,6 +22,15 @@ CHECK = textwrap.dedent("""
         assert torch.equal(row_argmax(x), x.argmax(-1))
         for name, g, r in zip(("lse", "entropy", "top1"), got[1:], ref[1:]):
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=name)
+    # the round's one read: acceptance and the router's signals at the new bonus row together
+    from hybrid_sd.verify import Sampling, judge
+    logits = torch.randn(5, 300).to(DEVICE)
+    draft = logits[:4].argmax(-1)
+    draft[2] = (draft[2] + 1) % 300
+    v = judge(draft, None, logits, Sampling(), signals=True, draft_confidence=torch.tensor([0.25], device=DEVICE))
+    _, _, entropy, top1 = row_stats_reference(logits[2:3])
+    assert (v.accepted, v.token, v.draft_confidence) == (2, int(logits[2].argmax()), 0.25), v
+    assert abs(v.top1 - float(top1[0])) < 1e-5 and abs(v.entropy - float(entropy[0])) < 1e-5, v
     print("ok")
 """)
 

@@ -92,3 +92,23 @@ def test_spec_sampling_matches_target_distribution(target, tmp_path, drafter_kin
         counts[out[1]] += 1
     expected = second_token_marginal(target, prompt, s)
     assert chi_square_p_value(counts, expected) > 1e-3
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_judge_reads_the_router_signals_at_the_new_bonus_row(greedy):
+    """The CPU path (statistics of the accepted row after the read); the fused one-read path is
+    checked against the same reference in test_kernels."""
+    from hybrid_sd.kernels import row_stats_reference
+    from hybrid_sd.verify import judge
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 300, generator=g) * 3
+    draft = logits[:4].argmax(-1)
+    draft[2] = (draft[2] + 1) % 300
+    s = Sampling() if greedy else Sampling(temperature=0.8, seed=1)
+    v = judge(draft, None, logits, s, torch.Generator().manual_seed(5), signals=True,
+              draft_confidence=torch.tensor([0.25, 0.5]))
+    if greedy:
+        assert (v.accepted, v.token) == (2, int(logits[2].argmax()))
+    _, _, entropy, top1 = row_stats_reference(logits[v.accepted:v.accepted + 1])
+    assert v.draft_confidence == 0.25 and v.top1 == float(top1[0]) and v.entropy == float(entropy[0])
+    assert judge(draft, None, logits, Sampling()).top1 is None  # no signals asked, none read
