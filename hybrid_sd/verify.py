@@ -56,7 +56,7 @@ def judge(draft: torch.Tensor, draft_probs: torch.Tensor | None, logits: torch.T
     Where the fused row kernel runs (CUDA), one pass over the logits gives every row's
     argmax, entropy and top-1 and everything is read in one host sync. Elsewhere the
     result is read first and the bonus row's statistics after it: on the CPU a sync costs
-    nothing and statistics of all k+1 rows cost ~1.5 ms.
+    nothing and statistics of all k+1 rows cost ~2 ms more (docs/performance.md).
     """
     fused = signals and triton_usable(logits)
     stats = row_stats(logits) if fused else None  # (argmax, lse, entropy, top1) per row
