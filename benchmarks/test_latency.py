@@ -63,23 +63,6 @@ def test_verify(benchmark, probes, k):
     benchmark.pedantic(verify, args=(k,), **ROUNDS)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["eager", "graphs"])
-@pytest.mark.parametrize("piece", ["verify", "ar", "block"])
-def test_graphs_mode(benchmark, setup, piece, mode):
-    """Per --graphs mode, side by side: a 7-token verify (k=6), the AR drafter's 6 steps, the
-    block drafter's 7-token block. `graphs` is cuda on a GPU and compile elsewhere (~1 min per
-    shape on the CPU, paid once before timing)."""
-    if mode == "graphs":
-        mode = "cuda" if setup.target.lm_head.weight.is_cuda else "compile"
-    drafter = None if piece == "verify" else setup.drafters[piece]
-    engine = Engine(setup.target, setup.eos, drafter, k=6, max_len=MAX_LEN, graphs=mode, kv_block=64)  # same spans
-    verify, drafters = engine.latency_probes(96)
-    run, k = (verify, 6) if piece == "verify" else (drafters[piece][0], 6 if piece == "ar" else 7)
-    run(k)  # compiles (or warms up) each step's shape once
-    benchmark.pedantic(run, args=(k,), rounds=10, iterations=1, warmup_rounds=2)
-
-
 @pytest.mark.parametrize("name, k", [("ar", 1), ("ar", 6), ("block", 7), ("ngram", 7)])
 def test_draft(benchmark, probes, name, k):
     _, drafters = probes
@@ -107,3 +90,21 @@ def test_decode(benchmark, setup, hybrid, method):
     gen = benchmark.pedantic(engine.generate, args=(ids, 48), rounds=3, iterations=1, warmup_rounds=1)
     assert gen.token_ids == expected
     benchmark.extra_info.update(new_tokens=len(gen.token_ids), tokens_per_round=round(gen.mean_accepted, 3))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["eager", "graphs"])
+@pytest.mark.parametrize("piece", ["verify", "ar", "block"])
+def test_graphs_mode(benchmark, setup, piece, mode):
+    """Last in the file: its engines re-point the shared drafters at their own modes and spans.
+    Per --graphs mode, side by side: a 7-token verify (k=6), the AR drafter's 6 steps, the
+    block drafter's 7-token block. `graphs` is cuda on a GPU and compile elsewhere (~1 min per
+    shape on the CPU, paid once before timing)."""
+    if mode == "graphs":
+        mode = "cuda" if setup.target.lm_head.weight.is_cuda else "compile"
+    drafter = None if piece == "verify" else setup.drafters[piece]
+    engine = Engine(setup.target, setup.eos, drafter, k=6, max_len=MAX_LEN, graphs=mode, kv_block=64)  # same spans
+    verify, drafters = engine.latency_probes(96)
+    run, k = (verify, 6) if piece == "verify" else (drafters[piece][0], 6 if piece == "ar" else 7)
+    run(k)  # compiles (or warms up) each step's shape once
+    benchmark.pedantic(run, args=(k,), rounds=10, iterations=1, warmup_rounds=2)

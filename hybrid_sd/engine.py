@@ -110,8 +110,11 @@ class Engine:
         # attention spans: fine buckets when eager, coarse ones when each is a captured graph
         self.kv_block = kv_block or (KV_BLOCK if self.graphs_mode == "eager" else GRAPH_KV_BLOCK)
         self.verify_graphs = BucketedGraphs(self.verify_step, self.graphs_mode, self.device, "verify")
-        self.prefill_graphs = BucketedGraphs(self.prefill_step, self.graphs_mode, self.device, "prefill")
-        self.pad_prefill: bool | None = None  # None: pad prompt chunks to a bucket iff the steps are graphs
+        # prefill as CUDA graphs too (no launch gaps in TTFT); not compiled: on the CPU a compile
+        # costs ~1 min per chunk shape and a compute-bound prefill gains nothing from it
+        prefill_mode = "cuda" if self.graphs_mode == "cuda" else "eager"
+        self.prefill_graphs = BucketedGraphs(self.prefill_step, prefill_mode, self.device, "prefill")
+        self.pad_prefill: bool | None = None  # None: pad prompt chunks to a bucket iff prefill runs as graphs
 
     def reset_drafters(self) -> None:
         """Empty every drafter's context and point its steps at this engine's graphs mode (a
@@ -192,25 +195,31 @@ class Engine:
 
     @property
     def pads_prefill(self) -> bool:
-        return self.pad_prefill if self.pad_prefill is not None else self.graphs_mode != "eager"
+        return self.pad_prefill if self.pad_prefill is not None else self.prefill_graphs.mode == "cuda"
+
+    def prefill_chunks(self, P: int):
+        """(start, real rows n, graph key (padded rows, span)) of each chunk of a P-token prompt."""
+        start = 0
+        while start < P:
+            n = min(P - start, PREFILL_BUCKETS[-1]) if self.pads_prefill else P - start
+            yield start, n, self.prefill_key(start, n)
+            start += n
+
+    def prefill_key(self, start: int, n: int) -> tuple[int, int]:
+        rows = next(b for b in PREFILL_BUCKETS if b >= n) if self.pads_prefill else n
+        return rows, kv_bucket(start + n, self.max_len, self.kv_block)
 
     def prefill(self, P: int) -> torch.Tensor:
         """The prompt self.tokens[:P] into the target cache and, for positions 0..P-1, the
         feature buffer; returns the logits [V] of position P-1. As graphs: in chunks of at most
         the largest prefill bucket, each padded to its bucket by repeating its last token at its
         last position -- the same K/V written again, so the padding never changes the cache."""
-        pad = self.pads_prefill
-        start = 0
-        while start < P:
-            n = min(P - start, PREFILL_BUCKETS[-1]) if pad else P - start
-            rows = next(b for b in PREFILL_BUCKETS if b >= n) if pad else n
-            positions = torch.arange(start, start + rows, device=self.device).clamp_max(start + n - 1)
+        for start, n, key in self.prefill_chunks(P):
+            positions = torch.arange(start, start + key[0], device=self.device).clamp_max(start + n - 1)
             last = torch.full((1,), n - 1, device=self.device)
-            key = (rows, kv_bucket(start + n, self.max_len, self.kv_block))
             logits, feats = self.prefill_graphs(key, self.tokens[positions], positions, last)
             if feats is not None:
                 self.features[start:start + n] = feats[0, :n].view(n, len(self.capture), -1)
-            start += n
         return logits[0]
 
     def verify_step(self, key: tuple[int, int], tokens: torch.Tensor, positions: torch.Tensor):
@@ -236,9 +245,15 @@ class Engine:
                     for T in range(1, self.k_max + 2) for kv in spans if kv >= T}
         reports = [self.verify_graphs.warm_up(examples)]  # writes scratch K/V at 0..T-1: prefill overwrites it
         if self.pads_prefill:  # else prefill is one unpadded pass: nothing to warm
+            # every key a prompt can meet: chunks start at multiples of the largest bucket
+            chunk = PREFILL_BUCKETS[-1]
+            keys = {self.prefill_key(start, n) for start in range(0, self.max_len, chunk)
+                    for n in range(1, min(chunk, self.max_len - start) + 1)}
             last = torch.zeros(1, dtype=torch.long, device=self.device)
-            examples = {(T, kv): (self.tokens[:T], torch.arange(T, device=self.device), last)
-                        for T in PREFILL_BUCKETS if T <= self.max_len for kv in spans if kv >= T}
+            examples = {}
+            for T, kv in keys:  # a bucket may be longer than the cache: positions are clamped, as in prefill
+                positions = torch.arange(T, device=self.device).clamp_max(self.max_len - 1)
+                examples[(T, kv)] = (self.tokens[positions], positions, last)
             reports.append(self.prefill_graphs.warm_up(examples))
         self.reset_drafters()
         for d in self.drafters:

@@ -98,6 +98,9 @@ def test_cuda_graph_replay_equals_eager(family, tmp_path):
     model = model.to("cuda")
     graphed = switching_engine(model, tmp_path, graphs="cuda")
     eager = switching_engine(model, tmp_path, graphs="eager", kv_block=graphed.kv_block)  # the same spans
+    eager.pad_prefill = True  # and the same padded shapes: a matmul of another shape may round differently
+    for d in eager.drafters[:2]:
+        d.pad_catchup = True
     reports = graphed.warm_up()
     assert all(r["mode"] == "cuda" and r["keys"] > 0 for r in reports)
     for prompt in random_prompts(12, seed=13):
@@ -144,10 +147,13 @@ def test_padded_prefill_writes_the_same_cache_features_and_logits(target, tmp_pa
 
 
 def test_padded_prefill_warms_every_bucket_and_stays_lossless(target, tmp_path):
-    engine = switching_engine(target, tmp_path, kv_block=128)
+    engine = switching_engine(target, tmp_path, kv_block=64)
     engine.pad_prefill = True
+    warmed, step = [], engine.prefill_graphs.step
+    engine.prefill_graphs.step = lambda key, *x: warmed.append(key) or step(key, *x)
     reports = engine.warm_up()
-    prefill = next(r for r in reports if r["name"] == "prefill")
-    assert prefill["keys"] == sum(kv >= T for T in (16, 32, 64, 128, 256) for kv in kv_buckets(256, 128))
+    assert next(r for r in reports if r["name"] == "prefill")["keys"] == len(warmed)
+    # exactly the keys prompts can meet: none captured mid-generation, none captured in vain
+    assert set(warmed) == {key for P in range(1, 256) for *_, key in engine.prefill_chunks(P)}
     for prompt in random_prompts(8, seed=16, hi=70):
         assert engine.generate(prompt, 20).token_ids == plain_greedy(target, (), prompt, 20, max_len=256)
