@@ -51,6 +51,7 @@ def test_warm_up_visits_every_bucket_and_leaves_no_trace(target, tmp_path):
     reports = engine.warm_up()
     assert [r["name"] for r in reports] == ["verify", "draft:ar", "catchup:ar", "draft:block", "catchup:block"]
     assert reports[0]["keys"] == 8 * len(kv_buckets(256, 128))  # verify of 1..8 tokens per span
+    assert reports[1]["keys"] == 7 * len(kv_buckets(256, 128))  # the AR draft: one per (length 1..7, span)
     for prompt in random_prompts(6, seed=11):
         assert engine.generate(prompt, 20).token_ids == plain_greedy(target, (), prompt, 20, max_len=256)
 

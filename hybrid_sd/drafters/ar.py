@@ -203,43 +203,57 @@ class ARDrafter(GraphedStep, nn.Module):
         normed = self.norm(h)
         return (normed if self.norm_output else h), self.lm_head(normed).float()
 
-    def graph_step(self, key: tuple[int], g, emb, positions):
-        """`step` as a bucketed graph: one row over an attention span of key[0] positions."""
-        return self.step(g, emb, positions, key[0])
+    def graph_step(self, key: tuple[int, int, float], features, token, start, u):
+        """The whole draft as one bucketed graph, key (k, attention span, temperature): from the
+        fused features of the last context row [1, C] and the bonus token [1] at position
+        start [1], k steps, each embedding the last token, running the layer at the next
+        position and picking the next token -- argmax (temperature 0), else inverse-CDF
+        sampling of softmax(logits / T) with the uniform u[j]. Returns (target ids [k], their
+        drafter probabilities [k], proposals [k, draft vocab] or None when greedy)."""
+        k, kv_len, temperature = key
+        g = self.fuse(features)
+        tokens, confidence, proposals = [], [], []
+        for j in range(k):
+            g, logits = self.step(g, self.embed[0](token), start + j, kv_len)
+            if temperature == 0:
+                p = torch.softmax(logits[0], dim=-1)
+                d = p.argmax().view(1)
+            else:
+                p = torch.softmax(logits[0] / temperature, dim=-1)
+                cdf = p.cumsum(0)  # right=True: never a zero-probability token
+                d = torch.searchsorted(cdf, u[j:j + 1] * cdf[-1], right=True).clamp_max(p.numel() - 1)
+                proposals.append(p)
+            token = self.to_target_ids(d)
+            tokens.append(token)
+            confidence.append(p[d])
+        return torch.cat(tokens), torch.cat(confidence), (torch.stack(proposals) if proposals else None)
 
-    def warm_up(self, spans: list[int]) -> dict:
-        """Every span once (CUDA: captured) on a scratch row; `reset` must have run."""
-        device, H = self.lm_head.weight.device, self.config.hidden_size
-        g = torch.zeros(1, H, device=device, dtype=self.lm_head.weight.dtype)
-        positions = torch.zeros(1, dtype=torch.long, device=device)
-        return self.step_graphs.warm_up({(kv,): (g, g, positions) for kv in spans if kv <= self.cache.max_len})
+    def warm_up(self, spans: list[int], k_max: int) -> dict:
+        """Every greedy (draft length, span) once (CUDA: captured) on a scratch row; `reset`
+        must have run. Sampled drafts capture on first use (their temperature is a key)."""
+        device, dtype = self.lm_head.weight.device, self.lm_head.weight.dtype
+        features = torch.zeros(1, self.fc.in_features, device=device, dtype=dtype)
+        token, start = torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device)
+        return self.step_graphs.warm_up({(k, kv, 0.0): (features, token, start, torch.zeros(k, device=device))
+                                         for k in range(1, k_max + 1) for kv in spans
+                                         if k <= kv <= self.cache.max_len})
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]
 
     def draft(self, ctx: Context, k: int, sampling: Sampling, generator=None) -> Draft:
-        """k steps: the last context row (f_{n-1}, x_n) predicts x_{n+1}, then feed back."""
+        """k steps in one graph replay: the last context row (f_{n-1}, x_n) predicts x_{n+1}, then feed back."""
         n = ctx.n
         device = self.lm_head.weight.device
         if k <= 0 or n == 0:
             return Draft(torch.empty(0, dtype=torch.long, device=device))
-        kv_len = kv_bucket(n + k, self.cache.max_len, self.kv_block)
-        g = self.fuse(ctx.feature_rows(self.feature_layers, n - 1, n))
-        token = ctx.tokens[n:n + 1]
-        tokens, probs, conf = [], [], []
-        for j in range(k):
-            positions = torch.arange(n - 1 + j, n + j, device=device)
-            g, logits = self.step_graphs((kv_len,), g, self.embed[0](token), positions)
-            p = torch.softmax(logits[0] if sampling.greedy else logits[0] / sampling.temperature, dim=-1)
-            d = p.argmax().view(1) if sampling.greedy else torch.multinomial(p, 1, generator=generator)
-            token = self.to_target_ids(d)
-            tokens.append(token)
-            conf.append(p[d])
-            if not sampling.greedy:
-                probs.append(p)
+        key = (k, kv_bucket(n + k, self.cache.max_len, self.kv_block), 0.0 if sampling.greedy else sampling.temperature)
+        start = torch.full((1,), n - 1, dtype=torch.long, device=device)
+        u = torch.zeros(k, device=device) if sampling.greedy else torch.rand(k, generator=generator, device=device)
+        tokens, confidence, proposals = self.step_graphs(key, ctx.feature_rows(self.feature_layers, n - 1, n),
+                                                         ctx.tokens[n:n + 1], start, u)
         draft_probs = None
-        if probs:
-            full = torch.zeros(k, self.config.vocab_size, device=device)
+        if proposals is not None:  # on the target's vocabulary, for rejection sampling
             index = self.to_target_ids(torch.arange(self.draft_vocab, device=device)).expand(k, -1)
-            draft_probs = full.scatter_(1, index, torch.stack(probs))
-        return Draft(torch.cat(tokens), draft_probs, torch.cat(conf))
+            draft_probs = torch.zeros(k, self.config.vocab_size, device=device).scatter_(1, index, proposals)
+        return Draft(tokens, draft_probs, confidence)

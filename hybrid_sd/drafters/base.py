@@ -65,8 +65,8 @@ class Drafter(Protocol):
 
 
 class GraphedStep:
-    """For a drafter whose device work is two step functions, `graph_step(key, ...)` (a draft
-    step) and `catchup_step(key, features, next_tokens, positions)` (KV-only rows): runs them
+    """For a drafter whose device work is two step functions, `graph_step(key, ...)` (its
+    draft) and `catchup_step(key, features, next_tokens, positions)` (KV-only rows): runs them
     through BucketedGraphs, one pair per (mode, span block, device), so that engines of
     different modes can share the drafter. Call `init_graphs()` in __init__ and
     `forget_graphs()` when the buffers the steps close over are reallocated."""

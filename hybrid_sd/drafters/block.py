@@ -175,8 +175,9 @@ class BlockDrafter(GraphedStep, nn.Module):
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
 
-    def warm_up(self, spans: list[int]) -> dict:
-        """Every span once (CUDA: captured) on a scratch block; `reset` must have run."""
+    def warm_up(self, spans: list[int], k_max: int = 0) -> dict:
+        """Every span once (CUDA: captured) on a scratch block (one block serves every k);
+        `reset` must have run."""
         device, B = self.fc.weight.device, self.block_size
         bonus, positions = torch.zeros(1, dtype=torch.long, device=device), torch.arange(B, device=device)
         return self.step_graphs.warm_up({(kv,): (bonus, positions) for kv in spans
