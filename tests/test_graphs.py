@@ -52,6 +52,8 @@ def test_warm_up_visits_every_bucket_and_leaves_no_trace(target, tmp_path):
     assert [r["name"] for r in reports] == ["verify", "draft:ar", "catchup:ar", "draft:block", "catchup:block"]
     assert reports[0]["keys"] == 8 * len(kv_buckets(256, 128))  # verify of 1..8 tokens per span
     assert reports[1]["keys"] == 7 * len(kv_buckets(256, 128))  # the AR draft: one per (length 1..7, span)
+    B = engine.drafters[1].block_size  # the block draft: one per (length 1..B-1 up to 7, span of a block)
+    assert reports[3]["keys"] == min(7, B - 1) * sum(kv >= B for kv in kv_buckets(256, 128))
     for prompt in random_prompts(6, seed=11):
         assert engine.generate(prompt, 20).token_ids == plain_greedy(target, (), prompt, 20, max_len=256)
 

@@ -19,7 +19,7 @@ from ..cache import KVCache
 from ..graphs import kv_bucket
 from ..models.transformer import MLP, RMSNorm, apply_rope, attend, rope_inv_freq, rope_tables
 from ..verify import Sampling
-from .base import Context, Draft, GraphedStep
+from .base import Context, Draft, GraphedStep, pick_tokens
 from .checkpoint import check_fits, load_strict, read_checkpoint, write_checkpoint
 
 ARCHITECTURES = ("LlamaForCausalLM", "LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
@@ -207,25 +207,21 @@ class ARDrafter(GraphedStep, nn.Module):
         """The whole draft as one bucketed graph, key (k, attention span, temperature): from the
         fused features of the last context row [1, C] and the bonus token [1] at position
         start [1], k steps, each embedding the last token, running the layer at the next
-        position and picking the next token -- argmax (temperature 0), else inverse-CDF
-        sampling of softmax(logits / T) with the uniform u[j]. Returns (target ids [k], their
+        position and picking the next token (`pick_tokens`: argmax at temperature 0, else a
+        sample of softmax(logits / T) with the uniform u[j]). Returns (target ids [k], their
         drafter probabilities [k], proposals [k, draft vocab] or None when greedy)."""
         k, kv_len, temperature = key
         g = self.fuse(features)
         tokens, confidence, proposals = [], [], []
         for j in range(k):
             g, logits = self.step(g, self.embed[0](token), start + j, kv_len)
-            if temperature == 0:
-                p = torch.softmax(logits[0], dim=-1)
-                d = p.argmax().view(1)
-            else:
-                p = torch.softmax(logits[0] / temperature, dim=-1)
-                cdf = p.cumsum(0)  # right=True: never a zero-probability token
-                d = torch.searchsorted(cdf, u[j:j + 1] * cdf[-1], right=True).clamp_max(p.numel() - 1)
-                proposals.append(p)
+            p = torch.softmax(logits if temperature == 0 else logits / temperature, dim=-1)  # [1, draft vocab]
+            d = pick_tokens(p, u[j:j + 1], temperature == 0)
+            if temperature != 0:
+                proposals.append(p[0])
             token = self.to_target_ids(d)
             tokens.append(token)
-            confidence.append(p[d])
+            confidence.append(p[0, d])
         return torch.cat(tokens), torch.cat(confidence), (torch.stack(proposals) if proposals else None)
 
     def warm_up(self, spans: list[int], k_max: int) -> dict:

@@ -64,6 +64,16 @@ class Drafter(Protocol):
         """Up to k tokens to follow ctx.ids (may be fewer, or none)."""
 
 
+def pick_tokens(p: torch.Tensor, u: torch.Tensor, greedy: bool) -> torch.Tensor:
+    """One token per row of p [R, V]: the argmax, or a sample by inverse CDF with the uniforms
+    u [R] drawn before the call -- graph-safe where multinomial with a generator is not
+    (right=True never picks a zero-probability token)."""
+    if greedy:
+        return p.argmax(-1)
+    cdf = p.cumsum(-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_max(p.shape[-1] - 1).view(-1)
+
+
 class GraphedStep:
     """For a drafter whose device work is two step functions, `graph_step(key, ...)` (its
     draft) and `catchup_step(key, features, next_tokens, positions)` (KV-only rows): runs them

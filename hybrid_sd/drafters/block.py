@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..graphs import kv_bucket
 from ..models.transformer import MLP, RMSNorm, apply_rope, attend, rope_inv_freq, rope_tables
 from ..verify import Sampling
-from .base import Context, Draft, GraphedStep
+from .base import Context, Draft, GraphedStep, pick_tokens
 from .checkpoint import check_fits, load_strict, read_checkpoint, write_checkpoint
 
 
@@ -146,17 +146,20 @@ class BlockDrafter(GraphedStep, nn.Module):
             k, v = layer.self_attn.kv(c, cos, sin)
             self.cache.write(i, positions, k, v)
 
-    def block_hidden(self, ctx: Context) -> torch.Tensor:
-        """One forward of [bonus, MASK...] after the cached context: norm(h) [block, H]."""
-        n, B = ctx.n, self.block_size
-        positions = torch.arange(n, n + B, device=self.fc.weight.device)
-        kv_len = kv_bucket(n + B, self.cache.max_len, self.kv_block)
-        return self.step_graphs((kv_len,), ctx.tokens[n:n + 1], positions)
+    def graph_step(self, key: tuple[int, int, float], bonus: torch.Tensor, positions: torch.Tensor, u: torch.Tensor):
+        """The whole draft as one bucketed graph, key (k, attention span, temperature): the block
+        [bonus, MASK...] at `positions` attends to the first kv_len cache positions up to its own
+        last one (context + the whole block); the target's LM head on slots 1..k and
+        `pick_tokens` (argmax at temperature 0, else a sample with the uniforms u [k]) give
+        (target ids [k], their probabilities [k], proposals [k, V] or None when greedy)."""
+        k, kv_len, temperature = key
+        logits = self.target_io[1](self.forward_block(bonus, positions, kv_len)[1:1 + k]).float()
+        p = torch.softmax(logits if temperature == 0 else logits / temperature, dim=-1)
+        tokens = pick_tokens(p, u, temperature == 0)
+        return tokens, p.gather(1, tokens[:, None]).view(-1), (None if temperature == 0 else p)
 
-    def graph_step(self, key: tuple[int], bonus: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The captured step: the block [bonus, MASK...] at `positions` attends to the first
-        key[0] cache positions up to its own last one (context + the whole block)."""
-        (kv_len,) = key
+    def forward_block(self, bonus: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """norm(h) [block, H] of the block [bonus, MASK...] at `positions`, after the cached context."""
         B = self.block_size
         embed, _ = self.target_io
         block = torch.cat([bonus, torch.full((B - 1,), self.mask_token_id, dtype=torch.long, device=bonus.device)])
@@ -175,25 +178,24 @@ class BlockDrafter(GraphedStep, nn.Module):
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
 
-    def warm_up(self, spans: list[int], k_max: int = 0) -> dict:
-        """Every span once (CUDA: captured) on a scratch block (one block serves every k);
-        `reset` must have run."""
+    def warm_up(self, spans: list[int], k_max: int) -> dict:
+        """Every greedy (draft length, span) once (CUDA: captured) on a scratch block; `reset`
+        must have run. Sampled drafts capture on first use (their temperature is a key)."""
         device, B = self.fc.weight.device, self.block_size
         bonus, positions = torch.zeros(1, dtype=torch.long, device=device), torch.arange(B, device=device)
-        return self.step_graphs.warm_up({(kv,): (bonus, positions) for kv in spans
+        return self.step_graphs.warm_up({(k, kv, 0.0): (bonus, positions, torch.zeros(k, device=device))
+                                         for k in range(1, min(k_max, B - 1) + 1) for kv in spans
                                          if B <= kv <= self.cache.max_len})
 
     def draft(self, ctx: Context, k: int, sampling: Sampling, generator=None) -> Draft:
+        """Up to block_size - 1 tokens from one forward of [bonus, MASK...] after the cached context."""
         device = self.fc.weight.device
         k = min(k, self.block_size - 1)
         if k <= 0:
             return Draft(torch.empty(0, dtype=torch.long, device=device))
-        _, lm_head = self.target_io
-        logits = lm_head(self.block_hidden(ctx)[1:1 + k]).float()
-        p = torch.softmax(logits if sampling.greedy else logits / sampling.temperature, dim=-1)
-        if sampling.greedy:
-            tokens = p.argmax(dim=-1)
-        else:
-            tokens = torch.multinomial(p, 1, generator=generator).view(-1)
-        conf = p.gather(1, tokens[:, None]).view(-1)
-        return Draft(tokens, None if sampling.greedy else p, conf)
+        n, B = ctx.n, self.block_size
+        key = (k, kv_bucket(n + B, self.cache.max_len, self.kv_block), 0.0 if sampling.greedy else sampling.temperature)
+        positions = torch.arange(n, n + B, device=device)
+        u = torch.zeros(k, device=device) if sampling.greedy else torch.rand(k, generator=generator, device=device)
+        tokens, confidence, proposals = self.step_graphs(key, ctx.tokens[n:n + 1], positions, u)
+        return Draft(tokens, proposals, confidence)
