@@ -6,8 +6,9 @@ of ints that fixes every shape and host-side constant of the step (e.g. (tokens,
 
   cuda     the first call per key captures a `torch.cuda.CUDAGraph` over static copies of
            the inputs (all graphs share one memory pool); every call copies the inputs into
-           the static buffers and replays. The outputs are the graph's static buffers: read
-           (or copy) them before the next call with the same key.
+           the static buffers and replays. The outputs are the graph's static buffers, and
+           a graph captured earlier may use their memory for its temporaries (one pool):
+           read or copy them before any other graph of the device replays.
   compile  `torch.compile(step, dynamic=False)`: one specialisation per key.
   eager    the step itself.
 

@@ -258,7 +258,7 @@ class Engine:
         self.reset_drafters()
         for d in self.drafters:
             if hasattr(d, "warm_up"):
-                reports += [d.warm_up(spans, self.k_max), d.warm_up_catchup()]
+                reports += [d.warm_up(self.max_len, self.k_max), d.warm_up_catchup()]
         self.cache.length = 0
         return reports
 

@@ -46,16 +46,27 @@ def switching_engine(target, tmp_path, **kwargs):
     return Engine(target, (), drafters, max_len=256, router=AlternatingRouter(3), **kwargs)
 
 
+def record_keys(graphs, into: list):
+    step = graphs.step
+    graphs.step = lambda key, *x: into.append(key) or step(key, *x)
+
+
 def test_warm_up_visits_every_bucket_and_leaves_no_trace(target, tmp_path):
     engine = switching_engine(target, tmp_path, kv_block=128)
+    engine.reset_drafters()  # points the drafters at this engine's graphs
+    warmed = {}  # keys per step: those of the warm-up, then those generations meet
+    for name, graphs in [("verify", engine.verify_graphs)] + [(d.name, d.step_graphs) for d in engine.drafters[:2]]:
+        record_keys(graphs, warmed.setdefault(name, []))
     reports = engine.warm_up()
     assert [r["name"] for r in reports] == ["verify", "draft:ar", "catchup:ar", "draft:block", "catchup:block"]
     assert reports[0]["keys"] == 8 * len(kv_buckets(256, 128))  # verify of 1..8 tokens per span
-    assert reports[1]["keys"] == 7 * len(kv_buckets(256, 128))  # the AR draft: one per (length 1..7, span)
-    B = engine.drafters[1].block_size  # the block draft: one per (length 1..B-1 up to 7, span of a block)
-    assert reports[3]["keys"] == min(7, B - 1) * sum(kv >= B for kv in kv_buckets(256, 128))
-    for prompt in random_prompts(6, seed=11):
+    assert reports[1]["keys"] == len(warmed["ar"]) and reports[3]["keys"] == len(warmed["block"])
+    prompts = random_prompts(6, seed=11) + [random_prompts(2, seed=12, lo=240, hi=240)[1]]  # the last runs to the end
+    keys_before = {name: len(keys) for name, keys in warmed.items()}
+    for prompt in prompts:
         assert engine.generate(prompt, 20).token_ids == plain_greedy(target, (), prompt, 20, max_len=256)
+    for name, keys in warmed.items():  # every key a generation met was warmed: no capture mid-generation
+        assert set(keys[keys_before[name]:]) <= set(keys[:keys_before[name]]), name
 
 
 @pytest.mark.parametrize("kind", ["ar", "block"])

@@ -203,36 +203,39 @@ class ARDrafter(GraphedStep, nn.Module):
         normed = self.norm(h)
         return (normed if self.norm_output else h), self.lm_head(normed).float()
 
-    def graph_step(self, key: tuple[int, int, float], features, token, start, u):
-        """The whole draft as one bucketed graph, key (k, attention span, temperature): from the
+    def graph_step(self, key: tuple[int, int, int], features, token, start, u, inv_temperature):
+        """The whole draft as one bucketed graph, key (k, attention span, sampled): from the
         fused features of the last context row [1, C] and the bonus token [1] at position
         start [1], k steps, each embedding the last token, running the layer at the next
-        position and picking the next token (`pick_tokens`: argmax at temperature 0, else a
-        sample of softmax(logits / T) with the uniform u[j]). Returns (target ids [k], their
-        drafter probabilities [k], proposals [k, draft vocab] or None when greedy)."""
-        k, kv_len, temperature = key
+        position and picking the next token (`pick_tokens`: the argmax, or when sampled a
+        sample of softmax(logits * inv_temperature [1]) with the uniform u[j]). Returns
+        (target ids [k], their drafter probabilities [k], proposals [k, draft vocab] or None)."""
+        k, kv_len, sampled = key
         g = self.fuse(features)
         tokens, confidence, proposals = [], [], []
         for j in range(k):
             g, logits = self.step(g, self.embed[0](token), start + j, kv_len)
-            p = torch.softmax(logits if temperature == 0 else logits / temperature, dim=-1)  # [1, draft vocab]
-            d = pick_tokens(p, u[j:j + 1], temperature == 0)
-            if temperature != 0:
+            p = torch.softmax(logits * inv_temperature if sampled else logits, dim=-1)  # [1, draft vocab]
+            d = pick_tokens(p, u[j:j + 1], not sampled)
+            if sampled:
                 proposals.append(p[0])
             token = self.to_target_ids(d)
             tokens.append(token)
             confidence.append(p[0, d])
         return torch.cat(tokens), torch.cat(confidence), (torch.stack(proposals) if proposals else None)
 
-    def warm_up(self, spans: list[int], k_max: int) -> dict:
-        """Every greedy (draft length, span) once (CUDA: captured) on a scratch row; `reset`
-        must have run. Sampled drafts capture on first use (their temperature is a key)."""
+    def draft_key(self, n: int, k: int, sampled: bool) -> tuple[int, int, int]:
+        return k, kv_bucket(n + k, self.cache.max_len, self.kv_block), int(sampled)
+
+    def warm_up(self, max_len: int, k_max: int) -> dict:
+        """Every greedy draft key a context of max_len can meet, once (CUDA: captured), on a
+        scratch row; `reset` must have run. Sampled keys capture when first met."""
         device, dtype = self.lm_head.weight.device, self.lm_head.weight.dtype
         features = torch.zeros(1, self.fc.in_features, device=device, dtype=dtype)
         token, start = torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device)
-        return self.step_graphs.warm_up({(k, kv, 0.0): (features, token, start, torch.zeros(k, device=device))
-                                         for k in range(1, k_max + 1) for kv in spans
-                                         if k <= kv <= self.cache.max_len})
+        keys = {self.draft_key(n, k, False) for n in range(1, max_len) for k in range(1, min(k_max, max_len - n - 1) + 1)}
+        return self.step_graphs.warm_up({key: (features, token, start, torch.zeros(key[0], device=device),
+                                               torch.ones(1, device=device)) for key in keys})
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]
@@ -243,11 +246,14 @@ class ARDrafter(GraphedStep, nn.Module):
         device = self.lm_head.weight.device
         if k <= 0 or n == 0:
             return Draft(torch.empty(0, dtype=torch.long, device=device))
-        key = (k, kv_bucket(n + k, self.cache.max_len, self.kv_block), 0.0 if sampling.greedy else sampling.temperature)
+        sampled = not sampling.greedy
         start = torch.full((1,), n - 1, dtype=torch.long, device=device)
-        u = torch.zeros(k, device=device) if sampling.greedy else torch.rand(k, generator=generator, device=device)
-        tokens, confidence, proposals = self.step_graphs(key, ctx.feature_rows(self.feature_layers, n - 1, n),
-                                                         ctx.tokens[n:n + 1], start, u)
+        u = torch.rand(k, generator=generator, device=device) if sampled else torch.zeros(k, device=device)
+        inv_t = torch.full((1,), 1.0 / sampling.temperature if sampled else 1.0, device=device)
+        out = self.step_graphs(self.draft_key(n, k, sampled), ctx.feature_rows(self.feature_layers, n - 1, n),
+                               ctx.tokens[n:n + 1], start, u, inv_t)
+        # copies: another graph's replay (the verify) may reuse the memory of these outputs
+        tokens, confidence, proposals = (x.clone() if x is not None else None for x in out)
         draft_probs = None
         if proposals is not None:  # on the target's vocabulary, for rejection sampling
             index = self.to_target_ids(torch.arange(self.draft_vocab, device=device)).expand(k, -1)

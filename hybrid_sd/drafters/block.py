@@ -146,17 +146,21 @@ class BlockDrafter(GraphedStep, nn.Module):
             k, v = layer.self_attn.kv(c, cos, sin)
             self.cache.write(i, positions, k, v)
 
-    def graph_step(self, key: tuple[int, int, float], bonus: torch.Tensor, positions: torch.Tensor, u: torch.Tensor):
-        """The whole draft as one bucketed graph, key (k, attention span, temperature): the block
+    def graph_step(self, key: tuple[int, int, int], bonus, positions, u, inv_temperature):
+        """The whole draft as one bucketed graph, key (k, attention span, sampled): the block
         [bonus, MASK...] at `positions` attends to the first kv_len cache positions up to its own
         last one (context + the whole block); the target's LM head on slots 1..k and
-        `pick_tokens` (argmax at temperature 0, else a sample with the uniforms u [k]) give
-        (target ids [k], their probabilities [k], proposals [k, V] or None when greedy)."""
-        k, kv_len, temperature = key
+        `pick_tokens` (the argmax, or when sampled a sample of softmax(logits * inv_temperature)
+        with the uniforms u [k]) give (target ids [k], their probabilities [k], proposals [k, V]
+        or None)."""
+        k, kv_len, sampled = key
         logits = self.target_io[1](self.forward_block(bonus, positions, kv_len)[1:1 + k]).float()
-        p = torch.softmax(logits if temperature == 0 else logits / temperature, dim=-1)
-        tokens = pick_tokens(p, u, temperature == 0)
-        return tokens, p.gather(1, tokens[:, None]).view(-1), (None if temperature == 0 else p)
+        p = torch.softmax(logits * inv_temperature if sampled else logits, dim=-1)
+        tokens = pick_tokens(p, u, not sampled)
+        return tokens, p.gather(1, tokens[:, None]).view(-1), (p if sampled else None)
+
+    def draft_key(self, n: int, k: int, sampled: bool) -> tuple[int, int, int]:
+        return k, kv_bucket(n + self.block_size, self.cache.max_len, self.kv_block), int(sampled)
 
     def forward_block(self, bonus: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """norm(h) [block, H] of the block [bonus, MASK...] at `positions`, after the cached context."""
@@ -178,14 +182,15 @@ class BlockDrafter(GraphedStep, nn.Module):
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
 
-    def warm_up(self, spans: list[int], k_max: int) -> dict:
-        """Every greedy (draft length, span) once (CUDA: captured) on a scratch block; `reset`
-        must have run. Sampled drafts capture on first use (their temperature is a key)."""
+    def warm_up(self, max_len: int, k_max: int) -> dict:
+        """Every greedy draft key a context of max_len can meet, once (CUDA: captured), on a
+        scratch block; `reset` must have run. Sampled keys capture when first met."""
         device, B = self.fc.weight.device, self.block_size
         bonus, positions = torch.zeros(1, dtype=torch.long, device=device), torch.arange(B, device=device)
-        return self.step_graphs.warm_up({(k, kv, 0.0): (bonus, positions, torch.zeros(k, device=device))
-                                         for k in range(1, min(k_max, B - 1) + 1) for kv in spans
-                                         if B <= kv <= self.cache.max_len})
+        keys = {self.draft_key(n, k, False) for n in range(1, max_len)
+                for k in range(1, min(k_max, B - 1, max_len - n - 1) + 1)}
+        return self.step_graphs.warm_up({key: (bonus, positions, torch.zeros(key[0], device=device),
+                                               torch.ones(1, device=device)) for key in keys})
 
     def draft(self, ctx: Context, k: int, sampling: Sampling, generator=None) -> Draft:
         """Up to block_size - 1 tokens from one forward of [bonus, MASK...] after the cached context."""
@@ -193,9 +198,11 @@ class BlockDrafter(GraphedStep, nn.Module):
         k = min(k, self.block_size - 1)
         if k <= 0:
             return Draft(torch.empty(0, dtype=torch.long, device=device))
-        n, B = ctx.n, self.block_size
-        key = (k, kv_bucket(n + B, self.cache.max_len, self.kv_block), 0.0 if sampling.greedy else sampling.temperature)
-        positions = torch.arange(n, n + B, device=device)
-        u = torch.zeros(k, device=device) if sampling.greedy else torch.rand(k, generator=generator, device=device)
-        tokens, confidence, proposals = self.step_graphs(key, ctx.tokens[n:n + 1], positions, u)
+        n, sampled = ctx.n, not sampling.greedy
+        positions = torch.arange(n, n + self.block_size, device=device)
+        u = torch.rand(k, generator=generator, device=device) if sampled else torch.zeros(k, device=device)
+        inv_t = torch.full((1,), 1.0 / sampling.temperature if sampled else 1.0, device=device)
+        out = self.step_graphs(self.draft_key(n, k, sampled), ctx.tokens[n:n + 1], positions, u, inv_t)
+        # copies: another graph's replay (the verify) may reuse the memory of these outputs
+        tokens, confidence, proposals = (x.clone() if x is not None else None for x in out)
         return Draft(tokens, proposals, confidence)
