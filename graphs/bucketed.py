@@ -8,7 +8,8 @@ of ints that fixes every shape and host-side constant of the step (e.g. (tokens,
            the inputs (all graphs share one memory pool); every call copies the inputs into
            the static buffers and replays. The outputs are the graph's static buffers, and
            a graph captured earlier may use their memory for its temporaries (one pool):
-           read or copy them before any other graph of the device replays.
+           read them before any other graph of the device replays, or construct with
+           `copy_outputs=True` to get copies.
   compile  `torch.compile(step, dynamic=False)`: one specialisation per key.
   eager    the step itself.
 
@@ -50,8 +51,9 @@ def graph_pool(device: torch.device):
 
 
 class BucketedGraphs:
-    def __init__(self, step: Callable, mode: str, device: torch.device | str, name: str = "step"):
-        self.step, self.name = step, name
+    def __init__(self, step: Callable, mode: str, device: torch.device | str, name: str = "step",
+                 copy_outputs: bool = False):
+        self.step, self.name, self.copy_outputs = step, name, copy_outputs
         self.mode = resolve_mode(mode, device)
         self.device = torch.device(device)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], object]] = {}
@@ -78,6 +80,8 @@ class BucketedGraphs:
             if static.data_ptr() != x.data_ptr():
                 static.copy_(x)
         graph.replay()
+        if self.copy_outputs:
+            return tuple(x.clone() if x is not None else None for x in outputs)
         return outputs
 
     def forget(self) -> None:

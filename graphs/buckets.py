@@ -12,6 +12,22 @@ CATCHUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # catch-up lengths with a measured c
 PREFILL_BUCKETS = (16, 32, 64, 128, 256)  # prompt chunk lengths when prefill runs as graphs (longer: chunked)
 
 
+def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket holding n rows."""
+    return next(b for b in buckets if b >= n)
+
+
+def chunks(start: int, end: int, buckets: tuple[int, ...], pad: bool):
+    """Rows [start, end) as (chunk start, real rows n, rows run): padded, chunks of at most the
+    largest bucket, each run at its bucket -- the caller repeats the chunk's last row (same
+    position, same input: the same K/V written again, so padding never changes a cache);
+    unpadded, one chunk of its own length."""
+    while start < end:
+        n = min(end - start, buckets[-1]) if pad else end - start
+        yield start, n, (bucket_for(n, buckets) if pad else n)
+        start += n
+
+
 def kv_bucket(length: int, max_len: int, block: int = KV_BLOCK) -> int:
     """Smallest multiple of `block` covering `length` positions, capped at the cache size."""
     return min(max_len, -(-length // block) * block)

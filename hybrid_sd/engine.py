@@ -21,8 +21,8 @@ import torch
 
 from .drafters.base import Context, Draft, Drafter
 from .errors import UserError
-from .graphs import (DRAFT_BUCKETS, GRAPH_KV_BLOCK, KV_BLOCK, PREFILL_BUCKETS, BucketedGraphs, kv_bucket, kv_buckets,
-                     resolve_mode)
+from .graphs import (DRAFT_BUCKETS, GRAPH_KV_BLOCK, KV_BLOCK, PREFILL_BUCKETS, BucketedGraphs, bucket_for, chunks,
+                     kv_bucket, kv_buckets, resolve_mode)
 from .models.transformer import Transformer
 from .profiling import PhaseClock, nvtx_range
 from .router import FixedRouter, LatencyTable, Router, Signals, observe_draft, target_confidence
@@ -198,22 +198,15 @@ class Engine:
         return self.pad_prefill if self.pad_prefill is not None else self.prefill_graphs.mode == "cuda"
 
     def prefill_chunks(self, P: int):
-        """(start, real rows n, graph key (padded rows, span)) of each chunk of a P-token prompt."""
-        start = 0
-        while start < P:
-            n = min(P - start, PREFILL_BUCKETS[-1]) if self.pads_prefill else P - start
-            yield start, n, self.prefill_key(start, n)
-            start += n
-
-    def prefill_key(self, start: int, n: int) -> tuple[int, int]:
-        rows = next(b for b in PREFILL_BUCKETS if b >= n) if self.pads_prefill else n
-        return rows, kv_bucket(start + n, self.max_len, self.kv_block)
+        """(start, real rows n, graph key (rows run, span)) of each chunk of a P-token prompt."""
+        for start, n, rows in chunks(0, P, PREFILL_BUCKETS, self.pads_prefill):
+            yield start, n, (rows, kv_bucket(start + n, self.max_len, self.kv_block))
 
     def prefill(self, P: int) -> torch.Tensor:
         """The prompt self.tokens[:P] into the target cache and, for positions 0..P-1, the
         feature buffer; returns the logits [V] of position P-1. As graphs: in chunks of at most
-        the largest prefill bucket, each padded to its bucket by repeating its last token at its
-        last position -- the same K/V written again, so the padding never changes the cache."""
+        the largest prefill bucket, each padded to its bucket (graphs.chunks: the last token
+        repeated at its last position, so the padding never changes the cache)."""
         for start, n, key in self.prefill_chunks(P):
             positions = torch.arange(start, start + key[0], device=self.device).clamp_max(start + n - 1)
             last = torch.full((1,), n - 1, device=self.device)
@@ -247,8 +240,8 @@ class Engine:
         if self.pads_prefill:  # else prefill is one unpadded pass: nothing to warm
             # every key a prompt can meet: chunks start at multiples of the largest bucket
             chunk = PREFILL_BUCKETS[-1]
-            keys = {self.prefill_key(start, n) for start in range(0, self.max_len, chunk)
-                    for n in range(1, min(chunk, self.max_len - start) + 1)}
+            keys = {(bucket_for(n, PREFILL_BUCKETS), kv_bucket(start + n, self.max_len, self.kv_block))
+                    for start in range(0, self.max_len, chunk) for n in range(1, min(chunk, self.max_len - start) + 1)}
             last = torch.zeros(1, dtype=torch.long, device=self.device)
             examples = {}
             for T, kv in keys:  # a bucket may be longer than the cache: positions are clamped, as in prefill

@@ -227,15 +227,13 @@ class ARDrafter(GraphedStep, nn.Module):
     def draft_key(self, n: int, k: int, sampled: bool) -> tuple[int, int, int]:
         return k, kv_bucket(n + k, self.cache.max_len, self.kv_block), int(sampled)
 
-    def warm_up(self, max_len: int, k_max: int) -> dict:
-        """Every greedy draft key a context of max_len can meet, once (CUDA: captured), on a
-        scratch row; `reset` must have run. Sampled keys capture when first met."""
-        device, dtype = self.lm_head.weight.device, self.lm_head.weight.dtype
-        features = torch.zeros(1, self.fc.in_features, device=device, dtype=dtype)
-        token, start = torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device)
-        keys = {self.draft_key(n, k, False) for n in range(1, max_len) for k in range(1, min(k_max, max_len - n - 1) + 1)}
-        return self.step_graphs.warm_up({key: (features, token, start, torch.zeros(key[0], device=device),
-                                               torch.ones(1, device=device)) for key in keys})
+    max_draft = 1 << 30  # as long as the engine asks
+
+    def draft_example(self, k: int) -> tuple[torch.Tensor, ...]:
+        """Scratch (features, token, start) for the warm-up."""
+        p = self.lm_head.weight
+        zero = torch.zeros(1, dtype=torch.long, device=p.device)
+        return torch.zeros(1, self.fc.in_features, device=p.device, dtype=p.dtype), zero, zero
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]
@@ -246,14 +244,9 @@ class ARDrafter(GraphedStep, nn.Module):
         device = self.lm_head.weight.device
         if k <= 0 or n == 0:
             return Draft(torch.empty(0, dtype=torch.long, device=device))
-        sampled = not sampling.greedy
         start = torch.full((1,), n - 1, dtype=torch.long, device=device)
-        u = torch.rand(k, generator=generator, device=device) if sampled else torch.zeros(k, device=device)
-        inv_t = torch.full((1,), 1.0 / sampling.temperature if sampled else 1.0, device=device)
-        out = self.step_graphs(self.draft_key(n, k, sampled), ctx.feature_rows(self.feature_layers, n - 1, n),
-                               ctx.tokens[n:n + 1], start, u, inv_t)
-        # copies: another graph's replay (the verify) may reuse the memory of these outputs
-        tokens, confidence, proposals = (x.clone() if x is not None else None for x in out)
+        tokens, confidence, proposals = self.replay_draft(n, k, sampling, generator, ctx.feature_rows(
+            self.feature_layers, n - 1, n), ctx.tokens[n:n + 1], start)
         draft_probs = None
         if proposals is not None:  # on the target's vocabulary, for rejection sampling
             index = self.to_target_ids(torch.arange(self.draft_vocab, device=device)).expand(k, -1)

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from ..graphs import CATCHUP_BUCKETS, KV_BLOCK, BucketedGraphs
+from ..graphs import CATCHUP_BUCKETS, KV_BLOCK, BucketedGraphs, chunks
 from ..verify import Sampling
 
 
@@ -75,11 +75,13 @@ def pick_tokens(p: torch.Tensor, u: torch.Tensor, greedy: bool) -> torch.Tensor:
 
 
 class GraphedStep:
-    """For a drafter whose device work is two step functions, `graph_step(key, ...)` (its
-    draft) and `catchup_step(key, features, next_tokens, positions)` (KV-only rows): runs them
-    through BucketedGraphs, one pair per (mode, span block, device), so that engines of
+    """For a drafter whose device work is two step functions: `graph_step(key, *inputs, u,
+    inv_temperature)`, its whole draft, keyed by `draft_key(n, k, sampled)` = (k, span,
+    sampled), and `catchup_step(key, features, next_tokens, positions)`, KV-only rows. Runs
+    them through BucketedGraphs, one pair per (mode, span block, device), so that engines of
     different modes can share the drafter. Call `init_graphs()` in __init__ and
-    `forget_graphs()` when the buffers the steps close over are reallocated."""
+    `forget_graphs()` when the buffers the steps close over are reallocated; a drafter also
+    names `max_draft` and `draft_example(k)` (scratch inputs) for the warm-up."""
 
     def init_graphs(self) -> None:
         self.graph_sets: dict[tuple, tuple[BucketedGraphs, BucketedGraphs]] = {}
@@ -89,7 +91,9 @@ class GraphedStep:
     def use_graphs(self, mode: str, kv_block: int, device) -> None:
         key = (mode, kv_block, str(device))
         if key not in self.graph_sets:
-            self.graph_sets[key] = (BucketedGraphs(self.graph_step, mode, device, f"draft:{self.name}"),
+            # draft outputs are read after the verify replays, which may reuse their memory
+            self.graph_sets[key] = (BucketedGraphs(self.graph_step, mode, device, f"draft:{self.name}",
+                                                   copy_outputs=True),
                                     BucketedGraphs(self.catchup_step, mode, device, f"catchup:{self.name}"))
         self.kv_block = kv_block
         self.step_graphs, self.catchup_graphs = self.graph_sets[key]
@@ -99,20 +103,30 @@ class GraphedStep:
             for graphs in pair:
                 graphs.forget()
 
+    def replay_draft(self, n: int, k: int, sampling: Sampling, generator, *inputs):
+        """The draft step on `inputs`, with its uniforms (drawn here) and 1/temperature as inputs."""
+        sampled, device = not sampling.greedy, inputs[0].device
+        u = torch.rand(k, generator=generator, device=device) if sampled else torch.zeros(k, device=device)
+        inv_t = torch.full((1,), 1.0 / sampling.temperature if sampled else 1.0, device=device)
+        return self.step_graphs(self.draft_key(n, k, sampled), *inputs, u, inv_t)
+
+    def warm_up(self, max_len: int, k_max: int) -> dict:
+        """Every greedy draft key a context of max_len can meet, once (CUDA: captured), on
+        scratch inputs; `reset` must have run. Sampled keys capture when first met."""
+        keys = {self.draft_key(n, k, False) for n in range(1, max_len)
+                for k in range(1, min(k_max, self.max_draft, max_len - n - 1) + 1)}
+        device = self.fc.weight.device
+        return self.step_graphs.warm_up({key: (*self.draft_example(key[0]), torch.zeros(key[0], device=device),
+                                               torch.ones(1, device=device)) for key in keys})
+
     def catch_up(self, ctx: Context, end: int) -> None:
-        """KV-only pass over context positions [frontier, end). When the steps are graphs: in
-        chunks of at most the largest catch-up bucket, each padded to its bucket by repeating
-        the chunk's last row -- one position written again with the same K/V, so the padding
-        never changes the cache."""
-        start = self.frontier
+        """KV-only pass over context positions [frontier, end); when the steps are graphs, in
+        padded chunks (graphs.chunks: the last row repeated, so the cache is the same)."""
         pad = self.pad_catchup if self.pad_catchup is not None else self.catchup_graphs.mode != "eager"
-        while start < end:
-            n = min(end - start, CATCHUP_BUCKETS[-1]) if pad else end - start
-            rows = next(b for b in CATCHUP_BUCKETS if b >= n) if pad else n
+        for start, n, rows in chunks(self.frontier, end, CATCHUP_BUCKETS, pad):
             positions = torch.arange(start, start + rows, device=ctx.tokens.device).clamp_max(start + n - 1)
             self.catchup_graphs((rows,), ctx.feature_rows_at(self.feature_layers, positions), ctx.tokens[positions + 1],
                                 positions)
-            start += n
         self.frontier = max(self.frontier, end)
 
     def warm_up_catchup(self) -> dict:

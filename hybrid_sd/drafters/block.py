@@ -182,27 +182,22 @@ class BlockDrafter(GraphedStep, nn.Module):
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
 
-    def warm_up(self, max_len: int, k_max: int) -> dict:
-        """Every greedy draft key a context of max_len can meet, once (CUDA: captured), on a
-        scratch block; `reset` must have run. Sampled keys capture when first met."""
-        device, B = self.fc.weight.device, self.block_size
-        bonus, positions = torch.zeros(1, dtype=torch.long, device=device), torch.arange(B, device=device)
-        keys = {self.draft_key(n, k, False) for n in range(1, max_len)
-                for k in range(1, min(k_max, B - 1, max_len - n - 1) + 1)}
-        return self.step_graphs.warm_up({key: (bonus, positions, torch.zeros(key[0], device=device),
-                                               torch.ones(1, device=device)) for key in keys})
+    @property
+    def max_draft(self) -> int:
+        return self.block_size - 1
+
+    def draft_example(self, k: int) -> tuple[torch.Tensor, ...]:
+        """Scratch (bonus, positions) for the warm-up."""
+        device = self.fc.weight.device
+        return torch.zeros(1, dtype=torch.long, device=device), torch.arange(self.block_size, device=device)
 
     def draft(self, ctx: Context, k: int, sampling: Sampling, generator=None) -> Draft:
         """Up to block_size - 1 tokens from one forward of [bonus, MASK...] after the cached context."""
         device = self.fc.weight.device
-        k = min(k, self.block_size - 1)
+        k = min(k, self.max_draft)
         if k <= 0:
             return Draft(torch.empty(0, dtype=torch.long, device=device))
-        n, sampled = ctx.n, not sampling.greedy
+        n = ctx.n
         positions = torch.arange(n, n + self.block_size, device=device)
-        u = torch.rand(k, generator=generator, device=device) if sampled else torch.zeros(k, device=device)
-        inv_t = torch.full((1,), 1.0 / sampling.temperature if sampled else 1.0, device=device)
-        out = self.step_graphs(self.draft_key(n, k, sampled), ctx.tokens[n:n + 1], positions, u, inv_t)
-        # copies: another graph's replay (the verify) may reuse the memory of these outputs
-        tokens, confidence, proposals = (x.clone() if x is not None else None for x in out)
+        tokens, confidence, proposals = self.replay_draft(n, k, sampling, generator, ctx.tokens[n:n + 1], positions)
         return Draft(tokens, proposals, confidence)
