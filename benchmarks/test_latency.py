@@ -15,7 +15,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hybrid_sd.decode import build_hybrid, encode_prompt
+from hybrid_sd.decode import build_hybrid
+from hybrid_sd.models.loading import encode_prompt
 from hybrid_sd.drafters import load_drafter
 from hybrid_sd.engine import Engine
 from hybrid_sd.models.loading import load_target

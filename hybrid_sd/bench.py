@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .decode import Parser
+from .cli import Parser
 from .errors import UserError, exit_code
 from .profiling import PHASES
 
@@ -108,7 +108,8 @@ class Methods:
 
 
 def run(args) -> dict:
-    from .eval.workloads import encode, workloads
+    from .eval.workloads import workloads
+    from .models.loading import encode_chat
 
     profile = dict(PROFILES["quick" if args.quick else "full"])
     for key in profile:
@@ -123,7 +124,7 @@ def run(args) -> dict:
         from .eval import plots  # fail before the long part when matplotlib is missing
         plots.require_matplotlib()
     methods = Methods(names, args.lam)
-    prompts = [(cat, i, encode(methods.tokenizer, messages))
+    prompts = [(cat, i, encode_chat(methods.tokenizer, messages))
                for cat, items in workloads(profile["per_category"]).items() for i, messages in enumerate(items)]
     max_new, repeats = profile["max_new_tokens"], profile["repeats"]
 

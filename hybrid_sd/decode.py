@@ -1,22 +1,17 @@
 """Single-stream generation: `python -m hybrid_sd.decode "prompt"` (or the prompt on stdin)."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import sys
 from pathlib import Path
 
+from .cli import Parser
 from .errors import UserError
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2, as for every other user error
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     from .graphs import MODES
     p = Parser(prog="python -m hybrid_sd.decode", description=__doc__)
     p.add_argument("prompt", nargs="?", help="the prompt; read from stdin when absent")
@@ -80,15 +75,6 @@ def resolve_device(name: str):
     return device
 
 
-def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
-    if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True)
-        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-        return list(ids)
-    return tokenizer.encode(text, add_special_tokens=True)
-
-
 class Streamer:
     """Prints the text of newly committed tokens, holding back an unfinished UTF-8 character."""
 
@@ -111,7 +97,7 @@ def run(args) -> int:
 
     from .drafters import load_drafter
     from .engine import Engine
-    from .models.loading import load_target, parse_dtype
+    from .models.loading import encode_prompt, load_target, parse_dtype
     from .models.packed_linear import pack_linears
     from .verify import Sampling
 

@@ -3,7 +3,7 @@ import pytest
 
 from hybrid_sd.drafters import load_drafter, shipped_drafter
 from hybrid_sd.engine import Engine
-from hybrid_sd.models.loading import load_target
+from hybrid_sd.models.loading import encode_prompt, load_target
 from hybrid_sd.models.packed_linear import pack_linears
 
 PROMPTS = ["Write a Python function that returns the largest element of a list.",
@@ -28,9 +28,7 @@ def test_shipped_drafter_is_lossless_and_accepts(smollm2, kind):
     plain = Engine(target, eos, None, max_len=1024)
     committed = rounds = 0
     for text in PROMPTS:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        ids = encode_prompt(tokenizer, text)
         expected = plain.generate(ids, 40).token_ids
         gen = engine.generate(ids, 40)
         assert gen.token_ids == expected, f"{kind} drafter changed the output for {text!r}"
@@ -53,9 +51,7 @@ def test_shipped_hybrid_is_lossless(smollm2, router):
     plain = Engine(target, eos, None, max_len=1024)
     used = set()
     for text in PROMPTS:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        ids = encode_prompt(tokenizer, text)
         gen = engine.generate(ids, 40)
         assert gen.token_ids == plain.generate(ids, 40).token_ids, f"hybrid/{router} changed {text!r}"
         used |= {r.drafter for r in gen.rounds}

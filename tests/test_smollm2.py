@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from hybrid_sd.engine import Engine
 from hybrid_sd.models import embedded
-from hybrid_sd.models.loading import load_target
+from hybrid_sd.models.loading import encode_prompt, load_target
 from hybrid_sd.models.packed_linear import pack_linears
 
 PROMPTS = [
@@ -42,11 +42,6 @@ def smollm2():
     return model, tokenizer, eos
 
 
-def chat_ids(tokenizer, text):
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
 def test_conversion_is_cached_and_complete():
     out = embedded.default_target_dir()
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
@@ -69,7 +64,7 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
 def test_logits_equal_transformers(smollm2):
     model, tokenizer, _ = smollm2
     hf = AutoModelForCausalLM.from_pretrained(embedded.default_target_dir(), dtype=torch.float32).eval()
-    ids = torch.tensor([chat_ids(tokenizer, PROMPTS[1])])
+    ids = torch.tensor([encode_prompt(tokenizer, PROMPTS[1])])
     ref = hf(ids).logits
     hidden, _ = model(ids, torch.arange(ids.shape[1]))
     torch.testing.assert_close(model.logits(hidden), ref, rtol=1e-4, atol=1e-4)
@@ -82,7 +77,7 @@ def test_greedy_equals_transformers_generate(smollm2):
     packed = pack_linears(load_target(None, max_len=1024, load_tokenizer=False)[0])
     engine = Engine(packed, eos, None, max_len=1024)
     for text in PROMPTS:
-        ids = chat_ids(tokenizer, text)
+        ids = encode_prompt(tokenizer, text)
         expected = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
         got = engine.generate(ids, 24).token_ids
         assert got == expected, f"prompt {text!r}: diverged at {next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b) if got[:len(expected)] != expected[:len(got)] else min(len(got), len(expected))}: expected {expected}, got {got}"

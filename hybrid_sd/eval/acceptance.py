@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..decode import Parser
+from ..cli import Parser
 from ..errors import exit_code
 
 

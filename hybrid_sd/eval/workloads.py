@@ -7,7 +7,7 @@ structured: JSON tool calls for tools that no training prompt names, built from 
 chat:       open questions the target wrote itself (Magpie-style, the drafter data's held-out
             questions, shipped in chat_heldout.json).
 
-A workload prompt is a list of chat messages; `encode` applies the target's chat template.
+A workload prompt is a list of chat messages; `models.loading.encode_chat` applies the target's chat template.
 Every list is deterministic and the first n of a longer list are the list for n.
 """
 from __future__ import annotations
@@ -120,6 +120,3 @@ def workloads(per_category: int) -> dict[str, list[list[dict]]]:
     return {cat: make(per_category) for cat, make in WORKLOADS.items()}
 
 
-def encode(tokenizer, messages: list[dict]) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -93,4 +94,18 @@ def load_target(path: str | Path | None = None, device: str = "cpu", dtype: torc
     return model, tokenizer, eos_ids(path, config)
 
 
-__all__ = ["load_target", "parse_dtype", "read_state_dict", "SUPPORTED_MODEL_TYPES"]
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a chat (a list of {role, content}) with the target's chat template, ready
+    for the assistant's answer."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+
+
+def encode_prompt(tokenizer, text: str, chat: bool = True) -> list[int]:
+    """One user turn through the chat template (where the tokenizer has one), or raw text."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        return encode_chat(tokenizer, [{"role": "user", "content": text}])
+    return tokenizer.encode(text, add_special_tokens=True)
+
+
+__all__ = ["encode_chat", "encode_prompt", "load_target", "parse_dtype", "read_state_dict", "SUPPORTED_MODEL_TYPES"]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import LlamaConfig
 
-from ..decode import Parser
+from ..cli import Parser
 from ..drafters.ar import ARDrafter, default_aux_layers
 from ..errors import exit_code
 from ..models.transformer import apply_rope, rope_parameters

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import Qwen3Config
 
-from ..decode import Parser
+from ..cli import Parser
 from ..drafters.block import BlockDrafter, default_target_layer_ids
 from ..errors import UserError, exit_code
 from ..models.transformer import apply_rope, rope_parameters

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..decode import Parser, encode_prompt
+from ..cli import Parser
+from ..models.loading import encode_prompt
 from ..errors import UserError, exit_code
 from .prompts import CATEGORIES, code_prompts, humaneval_split, math_prompts, structured_prompts
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..decode import Parser
+from ..cli import Parser
 from ..errors import UserError, exit_code
 from ..router.entropy import Calibration, signals_from_row
 from ..router.learned import RouterMLP

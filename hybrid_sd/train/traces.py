@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..decode import Parser, encode_prompt
+from ..cli import Parser
+from ..models.loading import encode_prompt
 from ..errors import exit_code
 from ..router.signals import ACCEPTANCE_EMA
 from ..verify import Sampling
