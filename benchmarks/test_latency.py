@@ -15,12 +15,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hybrid_sd.decode import build_hybrid
-from hybrid_sd.models.loading import encode_prompt
-from hybrid_sd.drafters import load_drafter
+from hybrid_sd import factory
+from hybrid_sd.config import EngineConfig
 from hybrid_sd.engine import Engine
-from hybrid_sd.models.loading import load_target
-from hybrid_sd.models.packed_linear import pack_linears
+from hybrid_sd.models.loading import encode_prompt
 from hybrid_sd.router import AlternatingRouter
 
 ROUNDS = dict(rounds=5, iterations=1, warmup_rounds=1)
@@ -33,9 +31,8 @@ def setup(request):
     torch.set_grad_enabled(False)
     name, device = request.config.getoption("--bench-target"), request.config.getoption("--bench-device")
     if name == "smollm2":
-        model, tokenizer, eos = load_target(None, max_len=MAX_LEN)
-        target = pack_linears(model)
-        drafters = {d: load_drafter(d, None, target, embedded_default=True) for d in ("ar", "block", "ngram")}
+        target, tokenizer, eos = factory.load_packed_target(None, max_len=MAX_LEN)
+        drafters = {d: factory.build_drafter(d, target, embedded=True) for d in ("ar", "block", "ngram")}
         return SimpleNamespace(name=name, target=target, tokenizer=tokenizer, eos=eos, drafters=drafters)
     from hybrid_sd.eval.synthetic import build
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
@@ -48,9 +45,9 @@ def setup(request):
 @pytest.fixture(scope="module")
 def hybrid(setup):
     if setup.tokenizer is not None:
-        return build_hybrid(setup.target, setup.eos, "entropy", max_len=MAX_LEN)
-    return Engine(setup.target, (), list(setup.drafters.values()), max_len=MAX_LEN, router=AlternatingRouter(3),
-                  graphs="auto")
+        return factory.build_hybrid(setup.target, setup.eos, EngineConfig(MAX_LEN), "entropy")
+    return Engine(setup.target, (), list(setup.drafters.values()), router=AlternatingRouter(3),
+                  config=EngineConfig(MAX_LEN, graphs="auto"))
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +82,9 @@ def test_decode(benchmark, setup, hybrid, method):
     if method == "hybrid":
         engine = hybrid
     else:
-        drafter = None if method == "plain" else setup.drafters[method]
-        engine = Engine(target, eos, drafter, k={"ngram": 8, "ar": 6, "block": 7}.get(method, 1), max_len=MAX_LEN)
-    expected = Engine(target, eos, None, max_len=MAX_LEN).generate(ids, 48).token_ids
+        drafters = [] if method == "plain" else [setup.drafters[method]]  # each at its default k
+        engine = Engine(target, eos, drafters, config=EngineConfig(MAX_LEN))
+    expected = Engine(target, eos, config=EngineConfig(MAX_LEN)).generate(ids, 48).token_ids
     gen = benchmark.pedantic(engine.generate, args=(ids, 48), rounds=3, iterations=1, warmup_rounds=1)
     assert gen.token_ids == expected
     benchmark.extra_info.update(new_tokens=len(gen.token_ids), tokens_per_round=round(gen.mean_accepted, 3))
@@ -103,8 +100,9 @@ def test_graphs_mode(benchmark, setup, piece, mode):
     shape on the CPU, paid once before timing)."""
     if mode == "graphs":
         mode = "cuda" if setup.target.lm_head.weight.is_cuda else "compile"
-    drafter = None if piece == "verify" else setup.drafters[piece]
-    engine = Engine(setup.target, setup.eos, drafter, k=6, max_len=MAX_LEN, graphs=mode, kv_block=64)  # same spans
+    drafters = [] if piece == "verify" else [setup.drafters[piece]]
+    config = EngineConfig(MAX_LEN, graphs=mode, kv_block=64, draft_k={piece: 6})  # same spans
+    engine = Engine(setup.target, setup.eos, drafters, config=config)
     verify, drafters = engine.latency_probes(96)
     run, k = (verify, 6) if piece == "verify" else (drafters[piece][0], 6 if piece == "ar" else 7)
     run(k)  # compiles (or warms up) each step's shape once

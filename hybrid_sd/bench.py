@@ -21,15 +21,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .cli import Parser
+from .cli import Parser, nonnegative_float, out_dir, positive_int, write_atomic
+from .config import EVAL_CONTEXT, EngineConfig
+from .drafters import DRAFTERS
+from .engine import RoundStats
 from .errors import UserError, exit_code
 from .profiling import PHASES
 
-METHODS = ("plain", "hf", "hf-lookup", "ngram", "ar", "block", "hybrid", "hybrid-learned")
+METHODS = ("plain", "hf", "hf-lookup", *DRAFTERS, "hybrid", "hybrid-learned")  # drafters: every registered kind
 LABELS = {"plain": "plain (this engine)", "hf": "transformers generate", "hf-lookup": "transformers prompt lookup",
           "ngram": "n-gram", "ar": "AR drafter", "block": "block drafter", "hybrid": "hybrid, entropy router",
           "hybrid-learned": "hybrid, learned router"}
-DEFAULT_K = {"ngram": 8, "ar": 6, "block": None}  # None: the block drafter's trained size - 1
 HF_LOOKUP_TOKENS = 10  # transformers' documented example for prompt_lookup_num_tokens
 PROFILES = {"quick": dict(per_category=1, max_new_tokens=24, repeats=1),
             "full": dict(per_category=6, max_new_tokens=96, repeats=2)}
@@ -38,13 +40,14 @@ PROFILES = {"quick": dict(per_category=1, max_new_tokens=24, repeats=1),
 def main(argv=None) -> int:
     p = Parser(prog="python -m hybrid_sd.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CI profile: 1 prompt per category, 24 tokens, 1 pass")
-    p.add_argument("--out", default="bench-out", help="directory for results.json, results.md and the plots")
+    p.add_argument("--out", default="bench-out", type=out_dir,
+                   help="directory for results.json, results.md and the plots (checked before the run)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)}; a drafter may name its k, e.g. ar@4")
-    p.add_argument("--per-category", type=int, default=None, help="prompts per category (at most 16)")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None, help="passes over the prompts (median time kept)")
-    p.add_argument("--lam", type=float, default=1.0, help="hybrid: the routers' latency weight")
+    p.add_argument("--per-category", type=positive_int, default=None, help="prompts per category (at most 16)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None)
+    p.add_argument("--repeats", type=positive_int, default=None, help="passes over the prompts (median time kept)")
+    p.add_argument("--lam", type=nonnegative_float, default=1.0, help="hybrid: the routers' latency weight")
     p.add_argument("--no-plots", action="store_true", help="write results.json and results.md only")
     return exit_code(run, p.parse_args(argv))
 
@@ -52,10 +55,11 @@ def main(argv=None) -> int:
 def parse_methods(text: str) -> list[str]:
     methods = [m for m in text.split(",") if m]
     bad = [m for m in methods if m.split("@")[0] not in METHODS
-           or ("@" in m and (m.split("@")[0] not in DEFAULT_K or not m.split("@")[1].isdigit()))]
+           or ("@" in m and (m.split("@")[0] not in DRAFTERS or not m.split("@")[1].isdigit()
+                             or int(m.split("@")[1]) < 1))]
     if bad or not methods:
         raise UserError(f"unknown method(s) {bad} (choose from {', '.join(METHODS)}; "
-                        "ngram, ar and block optionally @k)")
+                        f"{', '.join(DRAFTERS)} optionally @k with k >= 1)")
     if "plain" not in methods:
         methods.insert(0, "plain")  # the reference every output is checked against
     return list(dict.fromkeys(methods))
@@ -65,14 +69,9 @@ class Methods:
     """Builds each method once and decodes with it: (tokens, seconds, Generation or None)."""
 
     def __init__(self, names: list[str], lam: float):
-        from .decode import build_hybrid
-        from .drafters import load_drafter
-        from .engine import Engine
-        from .models.loading import load_target
-        from .models.packed_linear import pack_linears
+        from . import factory
 
-        self.target, self.tokenizer, eos = load_target(None, max_len=2048)
-        pack_linears(self.target)
+        self.target, self.tokenizer, eos = factory.load_packed_target(None, max_len=EVAL_CONTEXT)
         self.eos = eos
         self.hf = self.hf_model() if any(m.startswith("hf") for m in names) else None
         self.engines = {}
@@ -82,11 +81,11 @@ class Methods:
                 continue
             if kind.startswith("hybrid"):
                 router = "learned" if kind == "hybrid-learned" else "entropy"
-                self.engines[name] = build_hybrid(self.target, eos, router, lam, max_len=2048)
+                self.engines[name] = factory.build_hybrid(self.target, eos, EngineConfig(EVAL_CONTEXT), router, lam)
                 continue
-            drafter = load_drafter("none" if kind == "plain" else kind, None, self.target, embedded_default=True)
-            k = int(k) if k else DEFAULT_K.get(kind) or (drafter.block_size - 1 if drafter is not None else 1)
-            self.engines[name] = Engine(self.target, eos, drafter, k=k, max_len=2048)
+            kind = factory.PLAIN if kind == "plain" else kind
+            config = EngineConfig(EVAL_CONTEXT, draft_k={kind: int(k)} if k else {})
+            self.engines[name] = factory.build_engine(self.target, eos, kind, config, embedded=True)
 
     @staticmethod
     def hf_model():
@@ -182,12 +181,11 @@ def summarize(names, prompts, times, tokens, gens, profile) -> dict:
             continue  # transformers' methods: no rounds to look into
         result["tau"][m], result["phases_ms_per_round"][m] = {}, {}
         for g, js in groups.items():
-            rounds = [r for j in js for r in gens[m, j].rounds]
-            if not rounds:
+            stats = RoundStats.of(r for j in js for r in gens[m, j].rounds)
+            if not stats.rounds:
                 continue
-            result["tau"][m][g] = round(sum(r.committed for r in rounds) / len(rounds), 3)
-            result["phases_ms_per_round"][m][g] = {
-                ph: round(1e3 * sum(r.times.get(ph, 0.0) for r in rounds) / len(rounds), 3) for ph in PHASES}
+            result["tau"][m][g] = round(stats.tau, 3)
+            result["phases_ms_per_round"][m][g] = {ph: round(stats.ms_per_round(ph), 3) for ph in PHASES}
         if m.startswith("hybrid"):  # one generation per category: which drafter, how much accepted
             result["routing"][m] = {cat: [[r.drafter, r.k, r.accepted, r.committed] for r in gens[m, groups[cat][0]].rounds]
                                     for cat in cats}
@@ -216,10 +214,9 @@ def markdown(result: dict) -> str:
 
 
 def write(result: dict, out: Path, plots: bool) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_atomic(out / "results.json", json.dumps(result, indent=1) + "\n")
     table = markdown(result)
-    (out / "results.md").write_text(table)
+    write_atomic(out / "results.md", table)
     print(table)
     if plots:
         from .eval.plots import plot_all

@@ -11,17 +11,19 @@ import torch
 
 class KVCache:
     def __init__(self, n_layers: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        # one tensor per layer, [batch=1, head, pos, dim]: torch.compile then writes each in
-        # place, where slices of one stacked tensor made it copy a whole layer per write
-        shape = (1, n_kv_heads, max_len, head_dim)
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", batch: int = 1):
+        # one tensor per layer, [batch, head, pos, dim]: torch.compile then writes each in
+        # place, where slices of one stacked tensor made it copy a whole layer per write.
+        # Decoding uses batch 1; batched data generation (train/generate.py) shares positions
+        # across rows.
+        shape = (batch, n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_len = max_len
         self.length = 0  # committed positions; everything at or past it is scratch
 
     def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Store k/v [1, heads, T, dim] at `positions` [T] and return the layer's full K/V."""
+        """Store k/v [batch, heads, T, dim] at `positions` [T] and return the layer's full K/V."""
         self.k[layer].index_copy_(2, positions, k)
         self.v[layer].index_copy_(2, positions, v)
         return self.k[layer], self.v[layer]

@@ -2,39 +2,67 @@
 from __future__ import annotations
 
 import json
+import math
 import os
-import platform
 import sys
-from pathlib import Path
 
-from .cli import Parser
-from .errors import UserError
+from .cli import SEED_MAX, Parser
+from .errors import BROKEN_PIPE, UserError, silence_stdout
+
+TEMPERATURE_MIN, TEMPERATURE_MAX = 1e-4, 100.0  # sampling temperatures; 0 = greedy
+
+EPILOG = """\
+The output is the target's own. Greedy in float32 (the CPU default), it is token for token
+what plain decoding (--drafter none) prints, with every drafter. In bfloat16/float16 it is the
+target's greedy choice under the numerics of the verify pass that checked it: a k-token verify
+and a 1-token step round differently, so near-ties can break the other way and the text can
+differ from --drafter none (it is deterministic for a given drafter and settings). Sampling
+(--temperature > 0) draws from the target's distribution by rejection sampling.
+
+Prompts: a prompt on stdin that is not valid UTF-8 is decoded with U+FFFD for each undecodable
+byte, with one warning on stderr. In chat mode the prompt is the user's text: control-token
+strings typed in it (<|im_end|>, <|im_start|>, ...) are encoded as plain text, never as the
+template's control tokens; --no-chat feeds the text raw, control tokens included.
+
+Exit status: 0 done; 2 a one-line error (docs/errors.md); 141 stdout was closed by its reader
+(e.g. | head), generation stopped quietly; 130 interrupted."""
 
 
 def build_parser() -> Parser:
+    from .config import DEFAULT_CONTEXT, DEFAULT_NGRAM_MAX
+    from .factory import drafter_choices
     from .graphs import MODES
-    p = Parser(prog="python -m hybrid_sd.decode", description=__doc__)
-    p.add_argument("prompt", nargs="?", help="the prompt; read from stdin when absent")
+    from .router import ROUTERS
+    import argparse
+    p = Parser(prog="python -m hybrid_sd.decode", description=__doc__, epilog=EPILOG,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompt", nargs="?", help="the prompt; read from stdin when absent (bytes that are not UTF-8 "
+                                             "become U+FFFD, with a warning)")
     p.add_argument("--target", help="HF checkpoint directory (Llama, Qwen2, Qwen3 dense); default: embedded SmolLM2-135M-Instruct")
-    p.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
+    p.add_argument("--no-chat", action="store_true",
+                   help="feed the prompt as raw text, without the chat template (control-token strings in it are "
+                        "parsed as control tokens)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help=f"0 = greedy; sampling at a temperature in [{TEMPERATURE_MIN:g}, {TEMPERATURE_MAX:g}]")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed, an integer in [0, 2**64 - 1]")
     p.add_argument("--drafter", default=None,
-                   help="none | ngram | ar | block | hybrid (default: hybrid on the embedded target, ngram otherwise)")
+                   help=f"{' | '.join(drafter_choices())}: plain decoding, one registered drafter, or the hybrid "
+                        "of the drafters its router knows (default: hybrid on the embedded target, ngram otherwise)")
     p.add_argument("--draft", help="drafter checkpoint directory (for --drafter ar/block)")
-    p.add_argument("--router", default="entropy", help="hybrid: entropy (calibrated rule) | learned (MLP)")
+    p.add_argument("--router", default="entropy", help=f"hybrid: {' | '.join(ROUTERS)} (calibrated rule | MLP)")
     p.add_argument("--lam", type=float, default=1.0,
                    help="hybrid: latency weight; maximise expected tokens - lam * round cost in plain steps")
     p.add_argument("--router-dir", help="hybrid: router directory (default: shipped for the embedded target)")
     p.add_argument("--ar-draft", help="hybrid: AR drafter directory (default: shipped for the embedded target)")
     p.add_argument("--block-draft", help="hybrid: block drafter directory (default: shipped for the embedded target)")
-    p.add_argument("--k", type=int, default=None, help="tokens drafted per round (default: 8 for ngram, 6 for ar, block size-1 for block)")
-    p.add_argument("--ngram-max", type=int, default=4, help="longest n-gram the prompt-lookup drafter matches")
+    p.add_argument("--k", type=int, default=None,
+                   help="tokens drafted per round (default: the drafter's own: 8 for ngram, 6 for ar, block size-1 for block)")
+    p.add_argument("--ngram-max", type=int, default=DEFAULT_NGRAM_MAX, help="longest n-gram the prompt-lookup drafter matches")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    p.add_argument("--max-context", type=int, default=4096, help="KV cache length in tokens (prompt + answer)")
+    p.add_argument("--max-context", type=int, default=DEFAULT_CONTEXT, help="KV cache length in tokens (prompt + answer)")
     p.add_argument("--graphs", default="auto", choices=MODES,
                    help="how each step runs: cuda (captured CUDA graphs), compile (torch.compile), eager; "
                         "auto = cuda on a CUDA device, eager on the CPU")
@@ -48,16 +76,22 @@ def build_parser() -> Parser:
 def check_args(args) -> None:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
+    if not (args.temperature == 0 or TEMPERATURE_MIN <= args.temperature <= TEMPERATURE_MAX):
+        raise UserError(f"--temperature must be 0 (greedy) or in [{TEMPERATURE_MIN:g}, {TEMPERATURE_MAX:g}], "
+                        f"got {args.temperature:g}")
+    if not 0 < args.top_p <= 1:  # NaN fails this too
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.seed is not None and not 0 <= args.seed <= SEED_MAX:
+        raise UserError(f"--seed must be an integer in [0, 2**64 - 1], got {args.seed}")
     if args.k is not None and args.k < 1:
         raise UserError(f"--k must be >= 1, got {args.k}")
     if args.max_context < 2:
         raise UserError(f"--max-context must be >= 2, got {args.max_context}")
-    if args.lam < 0:
-        raise UserError(f"--lam must be >= 0, got {args.lam}")
+    if not (math.isfinite(args.lam) and args.lam >= 0):
+        raise UserError(f"--lam must be a finite number >= 0, got {args.lam}")
+    from .factory import drafter_choices
+    if args.drafter is not None and args.drafter not in drafter_choices():
+        raise UserError(f"unknown drafter {args.drafter!r} (choose from {', '.join(drafter_choices())})")
     if args.ngram_max < 1:
         raise UserError(f"--ngram-max must be >= 1, got {args.ngram_max}")
 
@@ -75,6 +109,48 @@ def resolve_device(name: str):
     return device
 
 
+def emit(text: str) -> None:
+    """Write to stdout now. A reader that went away raises BrokenPipeError (main ends quietly);
+    any other failed write (a full disk, a closed descriptor) is one UserError."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except (OSError, ValueError) as e:  # ValueError: the stream was closed under us
+        silence_stdout()  # else the flush at exit fails once more, with a traceback
+        raise UserError(f"cannot write the output to stdout ({getattr(e, 'strerror', None) or e})") from None
+
+
+def read_prompt(args) -> str:
+    """The prompt from the argument or stdin, as UTF-8; undecodable bytes become U+FFFD, with
+    one warning on stderr (an argument's bytes are what the shell passed, via surrogateescape)."""
+    if args.prompt is not None:
+        try:
+            args.prompt.encode("utf-8")
+            return args.prompt
+        except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8 arrive as lone surrogates
+            try:
+                raw = args.prompt.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                raw = args.prompt.encode("utf-8", "replace")
+        where = "argument"
+    else:
+        if sys.stdin is None:
+            raise UserError("no prompt: pass it as an argument or on stdin (stdin is closed)")
+        stream = getattr(sys.stdin, "buffer", None)
+        if stream is None:  # a text stream without bytes underneath (embedding, tests)
+            return sys.stdin.read()
+        raw, where = stream.read(), "on stdin"
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        text = raw.decode("utf-8", errors="replace")
+        print(f"warning: the prompt {where} is not valid UTF-8 (first bad byte at offset {e.start}); "
+              "undecodable bytes were replaced with U+FFFD", file=sys.stderr)
+        return text
+
+
 class Streamer:
     """Prints the text of newly committed tokens, holding back an unfinished UTF-8 character."""
 
@@ -86,43 +162,43 @@ class Streamer:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return
-        sys.stdout.write(text[self.printed:])
-        sys.stdout.flush()
+        emit(text[self.printed:])
         self.printed = len(text)
+
+
+def engine_config(args):
+    from .config import EngineConfig
+    return EngineConfig(max_len=args.max_context, graphs=args.graphs, profile_sync=args.profile,
+                        draft_k={args.drafter: args.k} if args.k is not None else {})
 
 
 def run(args) -> int:
     check_args(args)
     import torch
 
-    from .drafters import load_drafter
-    from .engine import Engine
-    from .models.loading import encode_prompt, load_target, parse_dtype
-    from .models.packed_linear import pack_linears
+    from . import factory
+    from .config import DraftOptions
+    from .models.loading import encode_prompt, parse_dtype
     from .verify import Sampling
 
+    if sys.stdout is None:  # started with descriptor 1 closed (`>&-`): nowhere to put the answer
+        raise UserError("stdout is closed: nowhere to write the answer (redirect it to a file or a pipe)")
     device, dtype = resolve_device(args.device), parse_dtype(args.dtype)
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    prompt = read_prompt(args)
     if not prompt.strip():
         raise UserError("empty prompt: pass it as an argument or on stdin")
-    target, tokenizer, eos = load_target(args.target, device=device, dtype=dtype)
+    embedded = args.target is None
+    target, tokenizer, eos = factory.load_packed_target(args.target, device=device, dtype=dtype)
     if args.max_context > target.max_len:
         raise UserError(f"--max-context {args.max_context} exceeds the model's {target.max_len} positions")
-    pack_linears(target)
-    if args.drafter is None:  # hybrid beats every single drafter on the embedded default (docs/performance.md)
-        from .weights import shipped
-        args.drafter = "hybrid" if args.target is None and shipped("router") is not None else "ngram"
-    if args.drafter == "hybrid":
-        engine = build_hybrid(target, eos, args.router, args.lam, args.router_dir, args.ar_draft, args.block_draft,
-                              args.ngram_max, args.max_context, embedded=args.target is None,
-                              profile_sync=args.profile, graphs=args.graphs)
-        k = None
+    if args.drafter is None:
+        args.drafter = factory.default_drafter(embedded)
+    options = DraftOptions(ngram_max=args.ngram_max)
+    if args.drafter == factory.HYBRID:
+        engine = factory.build_hybrid(target, eos, engine_config(args), args.router, args.lam, args.router_dir,
+                                      {"ar": args.ar_draft, "block": args.block_draft}, options, embedded)
     else:
-        drafter = load_drafter(args.drafter, args.draft, target, args.ngram_max, embedded_default=args.target is None)
-        k = args.k or {"ngram": 8, "ar": 6}.get(args.drafter, getattr(drafter, "block_size", 2) - 1)
-        k = k if drafter is not None else 0
-        engine = Engine(target, eos, drafter, k=k, max_len=args.max_context, profile_sync=args.profile,
-                        graphs=args.graphs)
+        engine = factory.build_engine(target, eos, args.drafter, engine_config(args), args.draft, options, embedded)
     if engine.graphs_mode == "cuda":  # capture is cheap; compile mode compiles each key when first met
         with torch.inference_mode():
             for report in engine.warm_up():
@@ -133,6 +209,7 @@ def run(args) -> int:
     streamer = None if args.json else Streamer(tokenizer)
     with torch.inference_mode():
         gen = engine.generate(ids, args.max_new_tokens, sampling, on_tokens=streamer)
+    hybrid = args.drafter == factory.HYBRID
     result = {
         "text": tokenizer.decode(gen.token_ids, skip_special_tokens=True),
         "token_ids": gen.token_ids,
@@ -143,85 +220,27 @@ def run(args) -> int:
         "elapsed_s": round(gen.elapsed_s, 4),
         "stop_reason": gen.stop_reason,
         "drafter": args.drafter,
-        "k": k,
+        "k": None if hybrid else engine.k_max,
         "rounds": len(gen.rounds),
         "mean_accepted": round(gen.mean_accepted, 3),
     }
     if args.profile:
         from .profiling import phase_table
         print(phase_table([r.times for r in gen.rounds]), file=sys.stderr)
-    if args.drafter == "hybrid":
+    if hybrid:
         result.update(router=args.router, lam=args.lam, **gen.routing_stats())
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print()
+    emit(json.dumps(result) + "\n" if args.json else "\n")
     if args.stats:
         print(f"[{args.drafter}] prompt {gen.prompt_tokens} tok | new {len(gen.token_ids)} tok | "
               f"{gen.tokens_per_s:.1f} tok/s | ttft {gen.ttft_s * 1000:.0f} ms | rounds {len(gen.rounds)} | "
               f"mean accepted {gen.mean_accepted:.2f} | stop {gen.stop_reason}", file=sys.stderr)
-        if args.drafter == "hybrid":
+        if hybrid:
             st = gen.routing_stats()
             per = ", ".join(f"{d} {st['share'][d]:.0%} x{st['tokens_per_round'][d]:.2f}" for d in st["share"])
             print(f"[hybrid/{args.router} lam={args.lam}] rounds: {per} | switches {st['switches']} | "
                   f"catch-up {st['catchup_tokens']} tok | switching overhead {st['switching_overhead']:.1%}",
                   file=sys.stderr)
     return 0
-
-
-def cached_latency(engine, target, drafter_paths):
-    """The latency table of this machine and configuration: measured once, then read back, so
-    that routing (and so a seeded sampled output) does not change with timing noise between
-    runs. Delete ~/.cache/hybrid_sd/latency/ to measure again."""
-    import hashlib
-    import tempfile
-
-    import torch
-
-    from .models.embedded import cache_root
-    from .router import LatencyTable
-    from .weights import shipped
-
-    paths = [Path(p) if p else shipped(k) for p, k in zip(drafter_paths, ("ar", "block"))]
-    stamp = [(str(p), (p / "model.safetensors").stat().st_mtime_ns if p and (p / "model.safetensors").is_file() else 0)
-             for p in paths]
-    w = target.lm_head.weight
-    key = json.dumps([target.config.to_json_string(), stamp, str(w.device), str(w.dtype), torch.get_num_threads(),
-                      engine.max_len, platform.processor() or platform.machine()]
-                     + ([engine.graphs_mode] if engine.graphs_mode != "eager" else []))
-    path = cache_root() / "latency" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
-    if path.is_file():
-        try:
-            return LatencyTable.from_dict(json.loads(path.read_text()))
-        except (ValueError, KeyError):
-            pass  # unreadable: measure again
-    table = engine.measure_latency(repeats=2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(table.to_dict(), f)
-    os.replace(tmp, path)
-    return table
-
-
-def build_hybrid(target, eos, router: str = "entropy", lam: float = 1.0, router_dir=None, ar=None, block=None,
-                 ngram_max: int = 4, max_len: int | None = None, embedded: bool = True,
-                 profile_sync: bool = False, graphs: str = "eager"):
-    """AR, block and n-gram drafters on one target; the latency table measured now, on this
-    machine; then the router (the shipped drafters and router on the embedded default)."""
-    from .drafters import load_drafter
-    from .engine import Engine
-    from .router import FixedRouter, load_router
-
-    drafters = [load_drafter("ar", ar, target, embedded_default=embedded),
-                load_drafter("block", block, target, embedded_default=embedded),
-                load_drafter("ngram", None, target, ngram_max)]
-    # the latency probes run each step once before timing it: on CUDA that call captures its graph
-    engine = Engine(target, eos, drafters, max_len=max_len, router=FixedRouter(0, 1), profile_sync=profile_sync,
-                    graphs=graphs)
-    latency = cached_latency(engine, target, [ar, block])
-    engine.use_router(load_router(router, router_dir, latency, [d.name for d in drafters], lam))
-    return engine
 
 
 def main(argv=None) -> int:
@@ -231,6 +250,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+        silence_stdout()
+        return BROKEN_PIPE
     except KeyboardInterrupt:
         return 130
 

@@ -15,29 +15,91 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 import torch
 
+from .config import EngineConfig
 from .drafters.base import Context, Draft, Drafter
 from .errors import UserError
-from .graphs import (DRAFT_BUCKETS, GRAPH_KV_BLOCK, KV_BLOCK, PREFILL_BUCKETS, BucketedGraphs, bucket_for, chunks,
-                     kv_bucket, kv_buckets, resolve_mode)
+from .graphs import (
+    DRAFT_BUCKETS,
+    GRAPH_KV_BLOCK,
+    KV_BLOCK,
+    PREFILL_BUCKETS,
+    BucketedGraphs,
+    bucket_for,
+    chunks,
+    kv_bucket,
+    kv_buckets,
+    resolve_mode,
+)
 from .models.transformer import Transformer
 from .profiling import PhaseClock, nvtx_range
-from .router import FixedRouter, LatencyTable, Router, Signals, observe_draft, target_confidence
+from .router import (
+    FixedRouter,
+    LatencyTable,
+    Router,
+    Signals,
+    observe_draft,
+    target_confidence,
+)
 from .router.signals import DrafterState
 from .verify import Sampling, judge, target_probs
+
+PLAIN = "none"  # the label of a round without a draft (a plain decoding step)
 
 
 @dataclass
 class RoundRecord:
-    drafter: str
+    drafter: str    # the drafter's name, or PLAIN
     k: int          # drafts proposed
     accepted: int   # drafts accepted
     committed: int  # tokens committed this round (accepted + the target's own token), before stop truncation
     times: dict[str, float]
     catchup_tokens: int = 0  # positions the drafter consumed before drafting (its lag)
+
+
+@dataclass
+class RoundStats:
+    """Totals over any set of rounds -- one generation, one drafter's rounds, a category of a
+    benchmark: the one place tau, phase times and switching overhead are computed."""
+    rounds: int = 0
+    committed: int = 0
+    catchup_tokens: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)  # per phase, summed
+
+    @classmethod
+    def of(cls, rounds: Iterable[RoundRecord]) -> "RoundStats":
+        total = cls()
+        for r in rounds:
+            total.rounds += 1
+            total.committed += r.committed
+            total.catchup_tokens += r.catchup_tokens
+            for phase, t in r.times.items():
+                total.seconds[phase] = total.seconds.get(phase, 0.0) + t
+        return total
+
+    def __add__(self, other: "RoundStats") -> "RoundStats":
+        seconds = dict(self.seconds)
+        for phase, t in other.seconds.items():
+            seconds[phase] = seconds.get(phase, 0.0) + t
+        return RoundStats(self.rounds + other.rounds, self.committed + other.committed,
+                          self.catchup_tokens + other.catchup_tokens, seconds)
+
+    @property
+    def tau(self) -> float:
+        """Tokens committed per verify round (accepted drafts + the target's token)."""
+        return self.committed / self.rounds if self.rounds else 0.0
+
+    @property
+    def switching_overhead(self) -> float:
+        """Catch-up time / round time."""
+        total = sum(self.seconds.values())
+        return self.seconds.get("catchup", 0.0) / total if total else 0.0
+
+    def ms_per_round(self, phase: str) -> float:
+        return 1e3 * self.seconds.get(phase, 0.0) / self.rounds if self.rounds else 0.0
 
 
 @dataclass
@@ -56,7 +118,7 @@ class Generation:
     @property
     def mean_accepted(self) -> float:
         """Tokens committed per verify round (accepted drafts + the target's token): the papers' tau."""
-        return sum(r.committed for r in self.rounds) / len(self.rounds) if self.rounds else 0.0
+        return RoundStats.of(self.rounds).tau
 
     def routing_stats(self) -> dict:
         """Per drafter: share of rounds and tokens per round; switches between drafters;
@@ -64,33 +126,30 @@ class Generation:
         by: dict[str, list[RoundRecord]] = {}
         for r in self.rounds:
             by.setdefault(r.drafter, []).append(r)
-        drafting = [r.drafter for r in self.rounds if r.drafter != "none"]
-        round_time = sum(sum(r.times.values()) for r in self.rounds)
-        catchup_time = sum(r.times.get("catchup", 0.0) for r in self.rounds)
+        drafting = [r.drafter for r in self.rounds if r.drafter != PLAIN]
+        total = RoundStats.of(self.rounds)
         return {
             "share": {d: round(len(v) / len(self.rounds), 4) for d, v in by.items()},
-            "tokens_per_round": {d: round(sum(r.committed for r in v) / len(v), 3) for d, v in by.items()},
+            "tokens_per_round": {d: round(RoundStats.of(v).tau, 3) for d, v in by.items()},
             "switches": sum(a != b for a, b in zip(drafting, drafting[1:])),
-            "catchup_tokens": sum(r.catchup_tokens for r in self.rounds),
-            "switching_overhead": round(catchup_time / round_time, 4) if round_time else 0.0,
+            "catchup_tokens": total.catchup_tokens,
+            "switching_overhead": round(total.switching_overhead, 4),
         }
 
 
 class Engine:
-    """`drafter`: None (plain decoding), one drafter (drafts k every round), or a list of
-    drafters sharing this target and its feature buffer, with a `router` choosing per round."""
+    """The round loop over one target. `drafters`: none (plain decoding), one (drafting
+    `config.k_for` it every round unless a router says otherwise), or several sharing this
+    target and its feature buffer, with a `router` choosing per round."""
 
-    def __init__(self, target: Transformer, eos_ids: tuple[int, ...] = (),
-                 drafter: Drafter | list[Drafter] | None = None, k: int = 4, max_len: int | None = None,
-                 profile_sync: bool = False, router: Router | None = None, graphs: str = "eager",
-                 kv_block: int | None = None):
-        drafters = list(drafter) if isinstance(drafter, (list, tuple)) else [drafter] if drafter is not None else []
+    def __init__(self, target: Transformer, eos_ids: tuple[int, ...] = (), drafters: Sequence[Drafter] = (),
+                 router: Router | None = None, config: EngineConfig = EngineConfig()):
+        drafters = list(drafters)
         if len(drafters) > 1 and router is None:
             raise ValueError("several drafters need a router")
-        self.target, self.eos_ids, self.drafters, self.k = target, frozenset(eos_ids), drafters, k
-        self.router = router or FixedRouter(0 if drafters else None, k)
-        self.routed = not isinstance(self.router, FixedRouter)  # fixed choices need no signals
-        self.max_len = max_len or target.max_len
+        self.target, self.eos_ids, self.drafters, self.config = target, frozenset(eos_ids), drafters, config
+        self.router = router or FixedRouter(0 if drafters else None, config.k_for(drafters[0]) if drafters else 0)
+        self.max_len = config.max_len or target.max_len
         if self.max_len > target.max_len:
             raise UserError(f"context {self.max_len} exceeds the target's RoPE table of {target.max_len} positions")
         self.cache = target.new_cache(self.max_len)
@@ -100,44 +159,57 @@ class Engine:
         self.features = (torch.zeros(self.max_len, len(self.capture), target.config.hidden_size, dtype=p.dtype,
                                      device=p.device) if self.capture else None)
         self.tokens = torch.zeros(self.max_len + 1, dtype=torch.long, device=p.device)
-        self.clock = PhaseClock(sync=profile_sync)
+        self.clock = PhaseClock(sync=config.profile_sync)
         # verify (and each drafter's step) runs through one BucketedGraphs: captured CUDA graphs
         # keyed by (tokens, attention span), torch.compile, or eager -- the round loop is the same
         try:
-            self.graphs_mode = resolve_mode(graphs, self.device)
+            self.graphs_mode = resolve_mode(config.graphs, self.device)
         except ValueError as e:
             raise UserError(str(e)) from None
         # attention spans: fine buckets when eager, coarse ones when each is a captured graph
-        self.kv_block = kv_block or (KV_BLOCK if self.graphs_mode == "eager" else GRAPH_KV_BLOCK)
+        self.kv_block = config.kv_block or (KV_BLOCK if self.graphs_mode == "eager" else GRAPH_KV_BLOCK)
         self.verify_graphs = BucketedGraphs(self.verify_step, self.graphs_mode, self.device, "verify")
         # prefill as CUDA graphs too (no launch gaps in TTFT); not compiled: on the CPU a compile
         # costs ~1 min per chunk shape and a compute-bound prefill gains nothing from it
         prefill_mode = "cuda" if self.graphs_mode == "cuda" else "eager"
         self.prefill_graphs = BucketedGraphs(self.prefill_step, prefill_mode, self.device, "prefill")
-        self.pad_prefill: bool | None = None  # None: pad prompt chunks to a bucket iff prefill runs as graphs
+        self.pads_prefill = config.pad if config.pad is not None else prefill_mode == "cuda"
+
+    @property
+    def routed(self) -> bool:
+        """Whether rounds compute the router's signals (a fixed choice needs none)."""
+        return self.router.needs_signals
+
+    @property
+    def k_max(self) -> int:
+        """Longest draft a round may ask for."""
+        return self.router.longest_draft()
 
     def reset_drafters(self) -> None:
         """Empty every drafter's context and point its steps at this engine's graphs mode (a
         drafter may be shared with engines of other modes)."""
         for d in self.drafters:
-            if hasattr(d, "use_graphs"):
-                d.use_graphs(self.graphs_mode, self.kv_block, self.device)
+            d.use_graphs(self.graphs_mode, self.kv_block, self.device, self.config.pad)
             d.reset(self.max_len)
 
     def use_router(self, router: Router) -> None:
-        self.router, self.routed = router, not isinstance(router, FixedRouter)
-
-    @property
-    def k_max(self) -> int:
-        """Longest draft a round may ask for: the fixed k, or the largest bucket when routed."""
-        return max(DRAFT_BUCKETS) if self.routed else self.k
+        """Route with `router` from now on: the hybrid's router is built from the latency table
+        measured on this very engine (factory.build_hybrid)."""
+        self.router = router
 
     @torch.inference_mode()
     def latency_probes(self, context: int = 96):
         """Callables that run one piece of a round on a dummy context of `context` positions:
         `verify(k)` (a k+1-token verify) and, per drafter name, `(draft(k), catch_up(lag))`
-        (catch_up is None for a drafter without features). For warm-up and benchmarks."""
-        n = max(2, min(context, self.max_len - 16))
+        (catch_up is None for a drafter without features). For warm-up and benchmarks.
+        The context is cut so that the longest probed verify (k = DRAFT_BUCKETS[-1]) still has
+        a cache position for every row; a cache too small for that is one UserError."""
+        longest = DRAFT_BUCKETS[-1]
+        if self.max_len < self.min_probe_context:
+            raise UserError(f"a context of {self.max_len} positions is too small to measure the hybrid's latency "
+                            f"table (a verify of {longest + 1} tokens after the prompt): raise --max-context to at "
+                            f"least {self.min_probe_context}")
+        n = max(1, min(context, self.max_len - 1 - longest))
         ids = [(7 * i + 3) % self.target.config.vocab_size for i in range(n + 1)]
         ctx = Context(list(ids), self.tokens, self.features, self.capture)
         self.tokens[:n + 1] = torch.tensor(ids, device=self.device)
@@ -161,13 +233,19 @@ class Engine:
 
             @torch.inference_mode()
             def catch_up(lag):
-                drafter.frontier = n - min(lag, n)
+                drafter.rewind(n - min(lag, n))
                 drafter.catch_up(ctx, n)
                 self.synchronize()
             return draft, (catch_up if drafter.feature_layers else None)
 
         self.reset_drafters()
         return verify, {d.name: pieces(d) for d in self.drafters}
+
+    @property
+    def min_probe_context(self) -> int:
+        """The smallest cache the latency probes fit in: a context of 1, the bonus and the
+        longest draft bucket."""
+        return DRAFT_BUCKETS[-1] + 2
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -186,21 +264,21 @@ class Engine:
             return int(logits.argmax())
         return int(torch.multinomial(target_probs(logits, sampling), 1, generator=generator))
 
-    def prefill_step(self, key: tuple[int, int], tokens: torch.Tensor, positions: torch.Tensor, last: torch.Tensor):
+    def prefill_step(self, key: tuple, tokens: torch.Tensor, positions: torch.Tensor, last: torch.Tensor):
         """The captured prompt step: like verify_step, but only row `last` [1] gets logits
-        ([1, V]: a graph per chunk bucket must not hold a [T, V] buffer)."""
-        _, kv_len = key
-        hidden, feats = self.target(tokens[None], positions, self.cache, kv_len, self.capture)
+        ([1, V]: a graph per chunk bucket must not hold a [T, V] buffer). A key (rows, span,
+        True) is an unpadded chunk at positions 0..rows-1: causal attention over those rows
+        alone (half the attention work of the positional mask)."""
+        kv_len, causal = key[1], len(key) > 2 and key[2]
+        hidden, feats = self.target(tokens[None], positions, self.cache, kv_len, self.capture, causal=causal)
         return self.target.logits(hidden[0].index_select(0, last)), feats
-
-    @property
-    def pads_prefill(self) -> bool:
-        return self.pad_prefill if self.pad_prefill is not None else self.prefill_graphs.mode == "cuda"
 
     def prefill_chunks(self, P: int):
         """(start, real rows n, graph key (rows run, span)) of each chunk of a P-token prompt."""
         for start, n, rows in chunks(0, P, PREFILL_BUCKETS, self.pads_prefill):
-            yield start, n, (rows, kv_bucket(start + n, self.max_len, self.kv_block))
+            key = (rows, kv_bucket(start + n, self.max_len, self.kv_block))
+            # an unpadded chunk from position 0 (eager prefill: the whole prompt) attends causally
+            yield start, n, (key + (True,) if start == 0 and rows == n and not self.pads_prefill else key)
 
     def prefill(self, P: int) -> torch.Tensor:
         """The prompt self.tokens[:P] into the target cache and, for positions 0..P-1, the
@@ -250,8 +328,7 @@ class Engine:
             reports.append(self.prefill_graphs.warm_up(examples))
         self.reset_drafters()
         for d in self.drafters:
-            if hasattr(d, "warm_up"):
-                reports += [d.warm_up(self.max_len, self.k_max), d.warm_up_catchup()]
+            reports += d.warm_up(self.max_len, self.k_max)
         self.cache.length = 0
         return reports
 
@@ -321,8 +398,7 @@ class Engine:
         if self.routed:
             for drafter, state in zip(self.drafters, signals.drafters):
                 state.lag = n - drafter.frontier
-                if drafter.name == "ngram":
-                    signals.ngram_match = len(drafter.lookup(ctx.ids, k_max)) if k_max > 0 else 0
+                state.available = drafter.available(ctx, k_max)
         choice = self.router.choose(signals, k_max)
         k = min(choice.k, k_max)
         return (choice.drafter, k) if choice.drafter is not None and k > 0 else (None, 0)
@@ -333,7 +409,7 @@ class Engine:
         with self.clock.phase("route"):
             index, k = self.route(ctx, k_max) if self.drafters else (None, 0)
         drafter = self.drafters[index] if index is not None else None
-        name = drafter.name if drafter is not None else "none"
+        name = drafter.name if drafter is not None else PLAIN
         draft, lag = Draft(self.tokens[:0]), 0
         if drafter is not None:
             lag = n - drafter.frontier

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from hybrid_sd.config import EngineConfig
 from hybrid_sd.engine import Engine
 from hybrid_sd.eval.synthetic import BLOCK_SIZE, TARGETS, build
 from hybrid_sd.profiling import phase_table
@@ -32,15 +33,18 @@ PRESETS = {"8b": ("llama-3.1-8b", "qwen3-8b"), "tiny": ("tiny-llama", "tiny-qwen
 
 
 def engine(target, drafters, setup: str, mode: str, max_len: int, kv_block: int | None, sync: bool = False):
-    """setup: 'plain', 'ar@K', 'block@K' or 'switching' (AR/block alternating every round)."""
+    """setup: 'plain', 'ar@K', 'block@K' or 'switching' (AR/block alternating every round).
+    Prompt and catch-up chunks are padded to their buckets in every mode, so that eager runs
+    the same shapes as the graphs: a matmul of another shape may round differently, and random
+    weights give near-tied logits."""
+    config = dict(max_len=max_len, graphs=mode, kv_block=kv_block, profile_sync=sync, pad=True)
     if setup == "plain":
-        return Engine(target, (), None, max_len=max_len, graphs=mode, kv_block=kv_block, profile_sync=sync)
+        return Engine(target, config=EngineConfig(**config))
     if setup == "switching":
-        return Engine(target, (), drafters[:2], max_len=max_len, router=AlternatingRouter(2), graphs=mode,
-                      kv_block=kv_block, profile_sync=sync)
+        return Engine(target, (), drafters[:2], router=AlternatingRouter(2), config=EngineConfig(**config))
     name, k = setup.split("@")
-    d = drafters[["ar", "block"].index(name)]
-    return Engine(target, (), d, k=int(k), max_len=max_len, graphs=mode, kv_block=kv_block, profile_sync=sync)
+    by_name = {d.name: d for d in drafters}
+    return Engine(target, (), [by_name[name]], config=EngineConfig(**config, draft_k={name: int(k)}))
 
 
 def sync(device):
@@ -62,8 +66,6 @@ def per_round(eng, prompt, new_tokens, repeats, device) -> float:
 def check_model(name, args, dtype, fast_mode) -> dict:
     t0 = time.perf_counter()
     target, drafters = build(name, args.device, dtype, args.max_len)
-    for d in drafters[:2]:  # eager pads catch-up chunks as the graphs do (see below)
-        d.pad_catchup = True
     out = {"model": name, "build_s": round(time.perf_counter() - t0, 1), "setups": {}}
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, TARGETS[name]["vocab_size"], (n,), generator=gen).tolist()
@@ -73,10 +75,7 @@ def check_model(name, args, dtype, fast_mode) -> dict:
         for setup in setups:
             fast = engine(target, drafters, setup, fast_mode, args.max_len, None)
             warm = fast.warm_up()
-            eager = engine(target, drafters, setup, "eager", args.max_len, fast.kv_block)
-            # the same shapes as the graphs (padded prompt chunks, same spans): a matmul of another
-            # shape may round differently, and random weights give near-tied logits
-            eager.pad_prefill = True
+            eager = engine(target, drafters, setup, "eager", args.max_len, fast.kv_block)  # same spans
             equal = all(fast.generate(p, 32).token_ids == eager.generate(p, 32).token_ids for p in prompts)
             fast_round = per_round(fast, prompts[1], args.new_tokens, 3, args.device)
             eager_round = per_round(eager, prompts[1], args.new_tokens, 3, args.device)

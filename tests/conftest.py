@@ -1,13 +1,11 @@
-import os
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-torch.set_grad_enabled(False)
+# pytest puts this rootless tests/ directory on the import path, so the shared builders
+# import as `helpers` (no test module imports another)
+from helpers import tiny_target
 
-from helpers import tiny_target  # noqa: E402
+torch.set_grad_enabled(False)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
+from hybrid_sd.config import EngineConfig
+from hybrid_sd.drafters import ARDrafter, BlockDrafter, NgramDrafter
+from hybrid_sd.drafters.base import Context, Draft, Drafter
 from hybrid_sd.engine import Engine
 from hybrid_sd.models.loading import load_target
 from hybrid_sd.models.packed_linear import pack_linears
@@ -52,6 +55,15 @@ def tiny_target(tmp_path: Path, family: str = "llama", seed: int = 0, pack: bool
     return (pack_linears(model) if pack else model), eos
 
 
+def engine(target: Transformer, eos=(), drafters=(), k: int | None = None, router=None, **config) -> Engine:
+    """An engine over injected drafters (one drafter at `k`, else its default) with
+    EngineConfig(**config)."""
+    drafters = [drafters] if isinstance(drafters, Drafter) else list(drafters)
+    if k is not None:
+        config["draft_k"] = {d.name: k for d in drafters}
+    return Engine(target, eos, drafters, router=router, config=EngineConfig(**config))
+
+
 _plain_outputs: dict = {}
 
 
@@ -59,7 +71,7 @@ def plain_greedy(target: Transformer, eos, prompt: list[int], max_new: int, max_
     """The target decoding alone (memoised: many tests compare against the same outputs)."""
     key = (id(target), tuple(eos), tuple(prompt), max_new, max_len)
     if key not in _plain_outputs:
-        _plain_outputs[key] = Engine(target, eos, None, max_len=max_len).generate(prompt, max_new).token_ids
+        _plain_outputs[key] = engine(target, eos, max_len=max_len).generate(prompt, max_new).token_ids
     return list(_plain_outputs[key])
 
 
@@ -162,11 +174,11 @@ def write_dflash_checkpoint(path: Path, target_config, n_layers: int = 2, block_
     return path
 
 
-class OracleDrafter:
+class OracleDrafter(Drafter):
     """Hands the target's own future tokens back as drafts: every draft must be accepted."""
 
     name = "oracle"
-    feature_layers: tuple[int, ...] = ()
+    default_k = 4
 
     def __init__(self, reference: list[int]):
         self.reference, self.frontier = reference, 0
@@ -174,17 +186,13 @@ class OracleDrafter:
     def reset(self, max_len: int) -> None:
         self.frontier = 0
 
-    def catch_up(self, ctx, end: int) -> None:
-        self.frontier = end
-
     def draft(self, ctx, k, sampling, generator=None):
-        from hybrid_sd.drafters.base import Draft
         n = ctx.n
         assert ctx.ids == self.reference[:n + 1], "the committed context left the target's own output"
         return Draft(torch.tensor(self.reference[n + 1:n + 1 + k], dtype=torch.long))
 
 
-class TargetAsDrafter:
+class TargetAsDrafter(Drafter):
     """Drafts by running the target itself (its own cache); samples at T > 0 and reports q.
 
     Its proposal is close to the target's distribution, so rejection sampling accepts often
@@ -192,7 +200,7 @@ class TargetAsDrafter:
     """
 
     name = "self"
-    feature_layers: tuple[int, ...] = ()
+    default_k = 3
 
     def __init__(self, target):
         self.target, self.frontier, self.cache = target, 0, None
@@ -206,7 +214,6 @@ class TargetAsDrafter:
             self.frontier = end
 
     def draft(self, ctx, k, sampling, generator=None):
-        from hybrid_sd.drafters.base import Draft
         n, token, tokens, probs = ctx.n, ctx.tokens[ctx.n:ctx.n + 1], [], []
         for j in range(k):
             hidden, _ = self.target(token[None], torch.tensor([n + j]), self.cache, n + j + 64)
@@ -221,22 +228,30 @@ class TargetAsDrafter:
         return Draft(torch.cat(tokens), torch.stack(probs) if probs else None)
 
 
-class MixedDrafter:
+class MixedDrafter(Drafter):
     """Runs a real drafter, then overwrites a random prefix of its draft with the target's own
-    tokens, so that its catch-up sees every acceptance length, not only the rare lucky one."""
+    tokens, so that its catch-up sees every acceptance length, not only the rare lucky one.
+    `follow` points it at the target's output of the next prompt."""
 
-    def __init__(self, inner, reference: list[int], seed: int = 0):
-        self.inner, self.reference = inner, reference
+    def __init__(self, inner: Drafter, reference: list[int] = (), seed: int = 0):
+        self.inner = inner
         self.name, self.feature_layers = inner.name, inner.feature_layers
-        self.g = torch.Generator().manual_seed(seed)
+        self.follow(reference, seed)
+
+    def follow(self, reference: list[int], seed: int = 0) -> None:
+        self.reference, self.g = list(reference), torch.Generator().manual_seed(seed)
 
     @property
     def frontier(self):
         return self.inner.frontier
 
-    @frontier.setter
-    def frontier(self, value):
-        self.inner.frontier = value
+    @property
+    def default_k(self):
+        return self.inner.default_k
+
+    @property
+    def max_draft(self):
+        return self.inner.max_draft
 
     def reset(self, max_len):
         self.inner.reset(max_len)
@@ -244,8 +259,17 @@ class MixedDrafter:
     def catch_up(self, ctx, end):
         self.inner.catch_up(ctx, end)
 
-    def lookup(self, ids, k):  # the n-gram drafter's match query, used by routers
-        return self.inner.lookup(ids, k)
+    def rewind(self, position):
+        self.inner.rewind(position)
+
+    def available(self, ctx, k_max):
+        return self.inner.available(ctx, k_max)
+
+    def use_graphs(self, mode, kv_block, device, pad=None):
+        self.inner.use_graphs(mode, kv_block, device, pad)
+
+    def warm_up(self, max_len, k_max):
+        return self.inner.warm_up(max_len, k_max)
 
     def draft(self, ctx, k, sampling, generator=None):
         d = self.inner.draft(ctx, k, sampling, generator)
@@ -272,7 +296,6 @@ def write_selfdistilled_data(path: Path, target, n_train: int = 12, n_heldout: i
 
 def context_for(target, ids: list[int], layers, max_len=128):
     """Committed context ids[0..n] with the target's features of positions 0..n-1."""
-    from hybrid_sd.drafters.base import Context
     capture = tuple(sorted(set(layers)))
     _, feats = target(torch.tensor([ids[:-1]]), torch.arange(len(ids) - 1), capture=capture)
     features = torch.zeros(max_len, len(capture), target.config.hidden_size)
@@ -280,3 +303,15 @@ def context_for(target, ids: list[int], layers, max_len=128):
     tokens = torch.zeros(max_len + 1, dtype=torch.long)
     tokens[:len(ids)] = torch.tensor(ids)
     return Context(list(ids), tokens, features, capture)
+
+
+def make_drafter(kind: str, target, tmp_path: Path) -> Drafter:
+    """A drafter of each built-in kind for a tiny target: random checkpoints in the published formats."""
+    if kind == "ngram":
+        return NgramDrafter(max_n=3)
+    if kind == "ar":
+        return pack_linears(ARDrafter.from_pretrained(write_eagle3_checkpoint(tmp_path / "ar", target.config), target))
+    if kind == "block":
+        return pack_linears(BlockDrafter.from_pretrained(
+            write_dflash_checkpoint(tmp_path / "bl", target.config, block_size=8), target))
+    raise ValueError(kind)

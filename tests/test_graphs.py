@@ -3,13 +3,11 @@ result (CUDA graphs on a GPU, torch.compile in the slow suite, eager here)."""
 import pytest
 import torch
 
-from helpers import plain_greedy, random_prompts, tiny_target
+from helpers import context_for, engine, make_drafter, plain_greedy, random_prompts, tiny_target
 from hybrid_sd.drafters import NgramDrafter
-from hybrid_sd.engine import Engine
 from hybrid_sd.errors import UserError
 from hybrid_sd.graphs import GRAPH_KV_BLOCK, KV_BLOCK, BucketedGraphs, kv_bucket, kv_buckets, resolve_mode
 from hybrid_sd.router import AlternatingRouter
-from test_lossless import make_drafter
 
 
 def test_kv_buckets_cover_every_span():
@@ -38,12 +36,12 @@ def test_eager_runs_the_step_with_its_key():
 
 def test_engine_rejects_cuda_graphs_without_cuda(target):
     with pytest.raises(UserError, match="CUDA"):
-        Engine(target, (), None, graphs="cuda")
+        engine(target, graphs="cuda")
 
 
-def switching_engine(target, tmp_path, **kwargs):
+def switching_engine(target, tmp_path, **config):
     drafters = [make_drafter("ar", target, tmp_path), make_drafter("block", target, tmp_path), NgramDrafter(max_n=3)]
-    return Engine(target, (), drafters, max_len=256, router=AlternatingRouter(3), **kwargs)
+    return engine(target, (), drafters, router=AlternatingRouter(3), **{"max_len": 256, **config})
 
 
 def record_keys(graphs, into: list):
@@ -52,19 +50,19 @@ def record_keys(graphs, into: list):
 
 
 def test_warm_up_visits_every_bucket_and_leaves_no_trace(target, tmp_path):
-    engine = switching_engine(target, tmp_path, kv_block=128)
-    engine.reset_drafters()  # points the drafters at this engine's graphs
+    decoder = switching_engine(target, tmp_path, kv_block=128)
+    decoder.reset_drafters()  # points the drafters at this engine's graphs
     warmed = {}  # keys per step: those of the warm-up, then those generations meet
-    for name, graphs in [("verify", engine.verify_graphs)] + [(d.name, d.step_graphs) for d in engine.drafters[:2]]:
+    for name, graphs in [("verify", decoder.verify_graphs)] + [(d.name, d.step_graphs) for d in decoder.drafters[:2]]:
         record_keys(graphs, warmed.setdefault(name, []))
-    reports = engine.warm_up()
+    reports = decoder.warm_up()
     assert [r["name"] for r in reports] == ["verify", "draft:ar", "catchup:ar", "draft:block", "catchup:block"]
     assert reports[0]["keys"] == 8 * len(kv_buckets(256, 128))  # verify of 1..8 tokens per span
     assert reports[1]["keys"] == len(warmed["ar"]) and reports[3]["keys"] == len(warmed["block"])
     prompts = random_prompts(6, seed=11) + [random_prompts(2, seed=12, lo=240, hi=240)[1]]  # the last runs to the end
     keys_before = {name: len(keys) for name, keys in warmed.items()}
     for prompt in prompts:
-        assert engine.generate(prompt, 20).token_ids == plain_greedy(target, (), prompt, 20, max_len=256)
+        assert decoder.generate(prompt, 20).token_ids == plain_greedy(target, (), prompt, 20, max_len=256)
     for name, keys in warmed.items():  # every key a generation met was warmed: no capture mid-generation
         assert set(keys[keys_before[name]:]) <= set(keys[:keys_before[name]]), name
 
@@ -73,13 +71,12 @@ def test_warm_up_visits_every_bucket_and_leaves_no_trace(target, tmp_path):
 def test_padded_catch_up_writes_the_same_cache(target, tmp_path, kind):
     """Graph modes pad each catch-up chunk to its bucket by repeating the last row (and cut
     lags over the largest bucket into chunks): the drafter's cache must come out the same."""
-    from helpers import context_for
     drafter = make_drafter(kind, target, tmp_path)
     ids = torch.randint(3, target.config.vocab_size, (150,), generator=torch.Generator().manual_seed(14)).tolist()
     ctx = context_for(target, ids, drafter.feature_layers, max_len=256)
     caches = []
     for pad in (False, True):
-        drafter.pad_catchup = pad
+        drafter.use_graphs("eager", KV_BLOCK, "cpu", pad=pad)
         drafter.reset(256)
         drafter.catch_up(ctx, 37)   # one chunk, padded 37 -> 64
         drafter.catch_up(ctx, 140)  # 103 rows: 64 + 39 (padded to 64)
@@ -89,19 +86,17 @@ def test_padded_catch_up_writes_the_same_cache(target, tmp_path, kind):
 
 
 def test_padded_catch_up_stays_lossless_under_switching(target, tmp_path):
-    engine = switching_engine(target, tmp_path)
-    for d in engine.drafters[:2]:
-        d.pad_catchup = True
+    decoder = switching_engine(target, tmp_path, pad=True)
     for prompt in random_prompts(10, seed=15):
-        assert engine.generate(prompt, 24).token_ids == plain_greedy(target, (), prompt, 24, max_len=256)
+        assert decoder.generate(prompt, 24).token_ids == plain_greedy(target, (), prompt, 24, max_len=256)
 
 
 @pytest.mark.slow
 def test_compiled_steps_equal_eager(target, tmp_path):
     """torch.compile of every step (~minutes on the CPU: one compilation per shape)."""
-    engine = switching_engine(target, tmp_path, graphs="compile", kv_block=256)
+    decoder = switching_engine(target, tmp_path, graphs="compile", kv_block=256)
     for prompt in random_prompts(3, seed=12):
-        assert engine.generate(prompt, 16).token_ids == plain_greedy(target, (), prompt, 16, max_len=256)
+        assert decoder.generate(prompt, 16).token_ids == plain_greedy(target, (), prompt, 16, max_len=256)
 
 
 @pytest.mark.gpu
@@ -111,10 +106,8 @@ def test_cuda_graph_replay_equals_eager(family, tmp_path):
     model, _ = tiny_target(tmp_path, family, pack=False)
     model = model.to("cuda")
     graphed = switching_engine(model, tmp_path, graphs="cuda")
-    eager = switching_engine(model, tmp_path, graphs="eager", kv_block=graphed.kv_block)  # the same spans
-    eager.pad_prefill = True  # and the same padded shapes: a matmul of another shape may round differently
-    for d in eager.drafters[:2]:
-        d.pad_catchup = True
+    # the same spans and padded shapes: a matmul of another shape may round differently
+    eager = switching_engine(model, tmp_path, graphs="eager", kv_block=graphed.kv_block, pad=True)
     reports = graphed.warm_up()
     assert all(r["mode"] == "cuda" and r["keys"] > 0 for r in reports)
     for prompt in random_prompts(12, seed=13):
@@ -144,30 +137,30 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
 def test_padded_prefill_writes_the_same_cache_features_and_logits(target, tmp_path):
     """Graph modes cut a prompt into chunks of at most the largest prefill bucket and pad each
     to its bucket by repeating its last token: cache, features and logits must come out the same."""
-    engine = Engine(target, (), make_drafter("ar", target, tmp_path), max_len=512)
+    drafter = make_drafter("ar", target, tmp_path)
+    engines = {pad: engine(target, (), drafter, max_len=512, pad=pad) for pad in (False, True)}
     out = {}
     for P in (5, 37, 300):  # one short chunk; one padded 37 -> 64; 256 + 44 (padded to 64)
-        engine.tokens[:P] = torch.randint(3, target.config.vocab_size, (P,), generator=torch.Generator().manual_seed(P))
-        for pad in (False, True):
-            engine.pad_prefill = pad
-            for buffer in engine.cache.k + engine.cache.v + [engine.features]:
+        prompt = torch.randint(3, target.config.vocab_size, (P,), generator=torch.Generator().manual_seed(P))
+        for pad, decoder in engines.items():
+            decoder.tokens[:P] = prompt
+            for buffer in decoder.cache.k + decoder.cache.v + [decoder.features]:
                 buffer.zero_()
-            logits = engine.prefill(P)
-            out[pad] = (logits, torch.stack(engine.cache.k)[..., :P, :], torch.stack(engine.cache.v)[..., :P, :],
-                        engine.features[:P].clone())
-            assert not engine.features[P:].any()  # nothing written past the prompt
+            logits = decoder.prefill(P)
+            out[pad] = (logits, torch.stack(decoder.cache.k)[..., :P, :], torch.stack(decoder.cache.v)[..., :P, :],
+                        decoder.features[:P].clone())
+            assert not decoder.features[P:].any()  # nothing written past the prompt
         # equal up to float rounding: chunks change the matmul shapes
         torch.testing.assert_close(out[False], out[True], rtol=1e-4, atol=1e-4)
 
 
 def test_padded_prefill_warms_every_bucket_and_stays_lossless(target, tmp_path):
-    engine = switching_engine(target, tmp_path, kv_block=64)
-    engine.pad_prefill = True
-    warmed, step = [], engine.prefill_graphs.step
-    engine.prefill_graphs.step = lambda key, *x: warmed.append(key) or step(key, *x)
-    reports = engine.warm_up()
+    decoder = switching_engine(target, tmp_path, kv_block=64, pad=True)
+    warmed, step = [], decoder.prefill_graphs.step
+    decoder.prefill_graphs.step = lambda key, *x: warmed.append(key) or step(key, *x)
+    reports = decoder.warm_up()
     assert next(r for r in reports if r["name"] == "prefill")["keys"] == len(warmed)
     # exactly the keys prompts can meet: none captured mid-generation, none captured in vain
-    assert set(warmed) == {key for P in range(1, 256) for *_, key in engine.prefill_chunks(P)}
+    assert set(warmed) == {key for P in range(1, 256) for *_, key in decoder.prefill_chunks(P)}
     for prompt in random_prompts(8, seed=16, hi=70):
-        assert engine.generate(prompt, 20).token_ids == plain_greedy(target, (), prompt, 20, max_len=256)
+        assert decoder.generate(prompt, 20).token_ids == plain_greedy(target, (), prompt, 20, max_len=256)

@@ -6,13 +6,11 @@ import random
 import pytest
 import torch
 
-from helpers import MixedDrafter, plain_greedy, random_prompts
+from helpers import MixedDrafter, OracleDrafter, engine, make_drafter, plain_greedy, random_prompts
 from hybrid_sd.drafters import NgramDrafter
-from hybrid_sd.engine import Engine
 from hybrid_sd.graphs import CATCHUP_BUCKETS
 from hybrid_sd.router import (AlternatingRouter, Calibration, EntropyRouter, LatencyTable, LearnedRouter,
                               RouterMLP)
-from test_lossless import make_drafter
 
 PROMPTS = random_prompts(50, seed=5)
 MAX_NEW = 24
@@ -25,51 +23,59 @@ def drafters(target, tmp_path_factory):
     return [make_drafter("ar", target, tmp), make_drafter("block", target, tmp), NgramDrafter(max_n=3)]
 
 
+@pytest.fixture
+def mixed(drafters):
+    """The drafters with target features mixed with the truth (MixedDrafter), n-gram as it is."""
+    return [MixedDrafter(d) if d.feature_layers else d for d in drafters]
+
+
 def synthetic_traces(n=400, seed=0):
     """Rows in the traces format with arbitrary but consistent numbers (enough to fit curves)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        rows.append({"top1": rng.random(), "entropy": rng.random() * 4, "ngram_match": rng.randrange(0, 8),
-                     "drafters": [{"confidence": rng.random(), "acceptance": rng.random(), "lag": 0} for _ in NAMES],
+        match = rng.randrange(0, 8)  # what the n-gram drafter (the last) can propose
+        rows.append({"top1": rng.random(), "entropy": rng.random() * 4,
+                     "drafters": [{"confidence": rng.random(), "acceptance": rng.random(), "lag": 0,
+                                   "available": match if d == len(NAMES) - 1 else None} for d in range(len(NAMES))],
                      "accepted": [rng.randrange(0, 8) for _ in NAMES]})
     return rows
 
 
-def routers(engine, lam):
-    latency = engine.measure_latency()
+def routers(target, drafters, lam):
+    latency = engine(target, (), drafters, router=AlternatingRouter(3)).measure_latency()
     torch.manual_seed(0)
     return {"entropy": EntropyRouter(Calibration.fit(synthetic_traces(), NAMES, 7), latency, NAMES, lam),
             "learned": LearnedRouter(RouterMLP(NAMES, 7), latency, NAMES, lam)}
 
 
-def check(engine, target, drafters, label):
+def check(decoder, target, mixed, label):
     """Every prompt decodes to the plain output; the AR and block drafts are partly replaced by
     the truth so that acceptance lengths (and so lags and catch-ups) vary."""
     for i, prompt in enumerate(PROMPTS):
         expected = plain_greedy(target, (), prompt, MAX_NEW)
-        engine.drafters = [MixedDrafter(d, prompt + expected, seed=i) if d.name != "ngram" else d for d in drafters]
-        gen = engine.generate(prompt, MAX_NEW)
+        for d in mixed:
+            if isinstance(d, MixedDrafter):
+                d.follow(prompt + expected, seed=i)
+        gen = decoder.generate(prompt, MAX_NEW)
         assert gen.token_ids == expected, f"{label}: prompt #{i} diverged"
     return gen
 
 
-def test_forced_switching_every_round_is_lossless(target, drafters):
-    engine = Engine(target, (), drafters, router=AlternatingRouter(len(drafters)))
-    gen = check(engine, target, drafters, "alternating")
+def test_forced_switching_every_round_is_lossless(target, mixed):
+    decoder = engine(target, (), mixed, router=AlternatingRouter(len(mixed)))
+    gen = check(decoder, target, mixed, "alternating")
     used = [r.drafter for r in gen.rounds]
     assert all(a != b for a, b in zip(used, used[1:]))  # really a switch every round
     assert any(r.catchup_tokens > 1 for r in gen.rounds)  # and drafters really lagged
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.5, 2.0])
-def test_routers_are_lossless(target, drafters, lam):
+def test_routers_are_lossless(target, drafters, mixed, lam):
     if target.config.model_type != "llama" and lam != 0.5:
         pytest.skip("the lam grid runs on the llama target; qwen3 covers the routers at one lam")
-    engine = Engine(target, (), drafters, router=AlternatingRouter(3))
-    for name, router in routers(engine, lam).items():
-        engine.use_router(router)
-        check(engine, target, drafters, f"{name} router, lam={lam}")
+    for name, router in routers(target, drafters, lam).items():
+        check(engine(target, (), mixed, router=router), target, mixed, f"{name} router, lam={lam}")
 
 
 def test_lam_trades_tokens_for_latency(target, drafters):
@@ -79,18 +85,17 @@ def test_lam_trades_tokens_for_latency(target, drafters):
                            {n: {k: 0.05 * k for k in buckets} for n in NAMES},
                            {n: {b: 0.01 * b for b in CATCHUP_BUCKETS} for n in ("ar", "block")})
     calibration = Calibration.fit(synthetic_traces(), NAMES, 7)
-    engine = Engine(target, (), drafters, router=EntropyRouter(calibration, latency, NAMES, lam=0.0))
-    long = engine.generate(PROMPTS[0], MAX_NEW)
-    engine.use_router(EntropyRouter(calibration, latency, NAMES, lam=1e6))
-    plain = engine.generate(PROMPTS[0], MAX_NEW)
+    long = engine(target, (), drafters, router=EntropyRouter(calibration, latency, NAMES, lam=0.0)).generate(
+        PROMPTS[0], MAX_NEW)
+    plain = engine(target, (), drafters, router=EntropyRouter(calibration, latency, NAMES, lam=1e6)).generate(
+        PROMPTS[0], MAX_NEW)
     assert long.token_ids == plain.token_ids
     assert max(r.k for r in long.rounds) == 7
     assert all(r.drafter == "none" for r in plain.rounds)
 
 
 def test_latency_table_is_measured(target, drafters):
-    engine = Engine(target, (), drafters, router=AlternatingRouter(3))
-    table = engine.measure_latency()
+    table = engine(target, (), drafters, router=AlternatingRouter(3)).measure_latency()
     assert set(table.draft) == set(NAMES) and set(table.catchup) == {"ar", "block"}
     assert all(v > 0 for v in table.verify.values())
     assert table.round_cost("ar", 4, lag=100) > table.round_cost("ar", 4, lag=0)
@@ -99,7 +104,6 @@ def test_latency_table_is_measured(target, drafters):
 def test_traces_score_drafters_and_train_both_routers(target, drafters, tmp_path):
     """An oracle is scored k_max wherever k_max answer tokens remain; routers fitted on the
     traces load through the CLI's loader and route losslessly."""
-    from helpers import OracleDrafter
     from hybrid_sd.router import load_router
     from hybrid_sd.train import router as train_router
     from hybrid_sd.train.traces import score_sequence
@@ -120,12 +124,11 @@ def test_traces_score_drafters_and_train_both_routers(target, drafters, tmp_path
     assert train_router.main(["--traces", str(traces), "--out", str(out), "--epochs", "5"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["mae_tokens_per_round"]) == {"signal-free average", "entropy rule", "learned"}
-    engine = Engine(target, (), drafters, router=AlternatingRouter(3))
-    latency = engine.measure_latency()
+    latency = engine(target, (), drafters, router=AlternatingRouter(3)).measure_latency()
     for kind in ("entropy", "learned"):
-        engine.use_router(load_router(kind, out, latency, NAMES, 0.5))
+        decoder = engine(target, (), drafters, router=load_router(kind, out, latency, NAMES, 0.5))
         for prompt in PROMPTS[:5]:
-            assert engine.generate(prompt, MAX_NEW).token_ids == plain_greedy(target, (), prompt, MAX_NEW)
+            assert decoder.generate(prompt, MAX_NEW).token_ids == plain_greedy(target, (), prompt, MAX_NEW)
 
 
 def test_calibration_curves_follow_the_traces():
@@ -134,10 +137,10 @@ def test_calibration_curves_follow_the_traces():
     rows = []
     for i in range(200):
         confident = i % 2 == 0
-        rows.append({"top1": 0.99 if confident else 0.2, "entropy": 0.1, "ngram_match": 0,
+        rows.append({"top1": 0.99 if confident else 0.2, "entropy": 0.1,
                      "drafters": [{"confidence": 0.5, "acceptance": 0.9 if confident else 0.1, "lag": 0}],
                      "accepted": [7 if confident else 0]})
-    rows.append({"top1": 0.99, "entropy": 0.1, "ngram_match": 0,  # a lone row in another cell
+    rows.append({"top1": 0.99, "entropy": 0.1,  # a lone row in another cell
                  "drafters": [{"confidence": 0.5, "acceptance": 0.1, "lag": 0}], "accepted": [0]})
     cal = Calibration.fit(rows, ["ar"], 7)
     assert cal.expected(0, 7, top1=0.99, acceptance=0.9) == pytest.approx(8.0)

@@ -1,16 +1,15 @@
 """Phase tables from the engine's own round records and from an Nsight Systems SQLite export."""
 import sqlite3
 
-from helpers import random_prompts
+from helpers import engine, random_prompts
 from hybrid_sd.drafters import NgramDrafter
-from hybrid_sd.engine import Engine
 from hybrid_sd.profiling import PHASES, phase_table
 from hybrid_sd.profiling.report import main as report_main
 from hybrid_sd.profiling.report import nsys_rounds
 
 
 def test_engine_rounds_time_every_phase(target):
-    gen = Engine(target, (), NgramDrafter(), k=4).generate(random_prompts(1, seed=3)[0] * 3, 24)
+    gen = engine(target, (), NgramDrafter(), k=4).generate(random_prompts(1, seed=3)[0] * 3, 24)
     assert all({"catchup", "draft", "verify", "accept", "commit"} <= set(r.times) for r in gen.rounds)
     table = phase_table([r.times for r in gen.rounds])
     assert f"{len(gen.rounds)} rounds" in table and "| verify |" in table

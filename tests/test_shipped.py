@@ -1,10 +1,11 @@
 """The drafters shipped for the embedded default load with no path and stay lossless."""
 import pytest
 
-from hybrid_sd.drafters import load_drafter, shipped_drafter
+from hybrid_sd import factory
+from hybrid_sd.config import EngineConfig
+from hybrid_sd.drafters import DRAFTERS
 from hybrid_sd.engine import Engine
-from hybrid_sd.models.loading import encode_prompt, load_target
-from hybrid_sd.models.packed_linear import pack_linears
+from hybrid_sd.models.loading import encode_prompt
 
 PROMPTS = ["Write a Python function that returns the largest element of a list.",
            "What is 12 times 13? Explain.",
@@ -14,18 +15,16 @@ PROMPTS = ["Write a Python function that returns the largest element of a list."
 
 @pytest.fixture(scope="module")
 def smollm2():
-    model, tokenizer, eos = load_target(None, max_len=1024)
-    return pack_linears(model), tokenizer, eos
+    return factory.load_packed_target(None, max_len=1024)
 
 
 @pytest.mark.parametrize("kind", ["ar", "block"])
 def test_shipped_drafter_is_lossless_and_accepts(smollm2, kind):
-    if shipped_drafter(kind) is None:
+    if DRAFTERS[kind].shipped_checkpoint() is None:
         pytest.fail(f"no shipped {kind} drafter in hybrid_sd/weights")
     target, tokenizer, eos = smollm2
-    drafter = load_drafter(kind, None, target, embedded_default=True)
-    engine = Engine(target, eos, drafter, k=6, max_len=1024)
-    plain = Engine(target, eos, None, max_len=1024)
+    engine = factory.build_engine(target, eos, kind, EngineConfig(1024, draft_k={kind: 6}), embedded=True)
+    plain = Engine(target, eos, config=EngineConfig(1024))
     committed = rounds = 0
     for text in PROMPTS:
         ids = encode_prompt(tokenizer, text)
@@ -41,14 +40,13 @@ def test_shipped_drafter_is_lossless_and_accepts(smollm2, kind):
 
 @pytest.mark.parametrize("router", ["entropy", "learned"])
 def test_shipped_hybrid_is_lossless(smollm2, router):
-    from hybrid_sd.decode import build_hybrid
-    from hybrid_sd.weights import shipped
+    from hybrid_sd.weights import shipped_router
 
-    if shipped("router") is None:
+    if shipped_router() is None:
         pytest.fail("no shipped router in hybrid_sd/weights")
     target, tokenizer, eos = smollm2
-    engine = build_hybrid(target, eos, router, lam=1.0, max_len=1024)
-    plain = Engine(target, eos, None, max_len=1024)
+    engine = factory.build_hybrid(target, eos, EngineConfig(1024), router, lam=1.0)
+    plain = Engine(target, eos, config=EngineConfig(1024))
     used = set()
     for text in PROMPTS:
         ids = encode_prompt(tokenizer, text)

@@ -5,10 +5,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from hybrid_sd import factory
+from hybrid_sd.config import EngineConfig
 from hybrid_sd.engine import Engine
 from hybrid_sd.models import embedded
 from hybrid_sd.models.loading import encode_prompt, load_target
-from hybrid_sd.models.packed_linear import pack_linears
 
 PROMPTS = [
     "What is the capital of France?",
@@ -74,8 +75,8 @@ def test_greedy_equals_transformers_generate(smollm2):
     """Plain decoding through the packed compact target = transformers' generate, token for token."""
     model, tokenizer, eos = smollm2
     hf = AutoModelForCausalLM.from_pretrained(embedded.default_target_dir(), dtype=torch.float32).eval()
-    packed = pack_linears(load_target(None, max_len=1024, load_tokenizer=False)[0])
-    engine = Engine(packed, eos, None, max_len=1024)
+    packed, _, _ = factory.load_packed_target(None, max_len=1024, load_tokenizer=False)
+    engine = Engine(packed, eos, config=EngineConfig(1024))
     for text in PROMPTS:
         ids = encode_prompt(tokenizer, text)
         expected = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from helpers import TargetAsDrafter, write_eagle3_checkpoint
+from helpers import engine as make_engine
 from hybrid_sd.drafters import ARDrafter, NgramDrafter
-from hybrid_sd.engine import Engine
 from hybrid_sd.verify import Sampling, greedy_accept, speculative_accept, target_probs
 
 
@@ -84,7 +84,7 @@ def test_spec_sampling_matches_target_distribution(target, tmp_path, drafter_kin
     drafter = {"self": lambda: TargetAsDrafter(target), "ngram": lambda: NgramDrafter(max_n=2),
                "ar": lambda: ARDrafter.from_pretrained(write_eagle3_checkpoint(tmp_path / "ar", target.config),
                                                        target)}[drafter_kind]()
-    engine = Engine(target, (), drafter, k=3, max_len=64)
+    engine = make_engine(target, (), drafter, k=3, max_len=64)
     counts = torch.zeros(target.config.vocab_size)
     N = 2000
     for seed in range(N):

@@ -11,18 +11,40 @@ attention output, MLP or logits for those rows).
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 from transformers import LlamaConfig
 
 from ..cache import KVCache
+from ..errors import UserError
 from ..graphs import kv_bucket
 from ..models.transformer import MLP, RMSNorm, apply_rope, attend, rope_inv_freq, rope_tables
 from ..verify import Sampling
 from .base import Context, Draft, GraphedStep, pick_tokens
-from .checkpoint import check_fits, load_strict, read_checkpoint, write_checkpoint
+from .checkpoint import (build_config, check_architecture, check_fits, config_int, layer_id_list, load_strict,
+                         read_checkpoint, require_tensors, write_checkpoint)
 
 ARCHITECTURES = ("LlamaForCausalLM", "LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
+# pinned aux layer ids name layer outputs in SGLang (+1: the hidden state entering layer id + 1)
+# and the captured layer's input in vLLM (the hidden state entering layer id)
+AUX_ID_SHIFT = {"sglang": 1, "vllm": 0}
+
+
+def pinned_layer_ids(raw: dict, file) -> tuple[list | None, str]:
+    """The pinned aux layer ids and where they were found: SGLang's eagle_config first, then
+    the top-level key vLLM reads."""
+    eagle = raw.get("eagle_config")
+    if eagle is not None and not isinstance(eagle, dict):
+        raise UserError(f"{file}: eagle_config is {eagle!r}, expected an object")
+    key = "eagle_aux_hidden_state_layer_ids"
+    if eagle and eagle.get(key):  # an empty list means "the default layers", as in vLLM
+        return eagle[key], f"eagle_config.{key}"
+    if raw.get(key):
+        return raw[key], key
+    return None, key
 
 
 def default_aux_layers(n_target_layers: int) -> tuple[int, ...]:
@@ -76,8 +98,10 @@ class Eagle3Layer(nn.Module):
 
 class ARDrafter(GraphedStep, nn.Module):
     name = "ar"
+    default_k = 6
 
-    def __init__(self, config: LlamaConfig, embed: nn.Embedding, target_layers: int, head_dim: int | None = None):
+    def __init__(self, config: LlamaConfig, embed: nn.Embedding, target_layers: int, head_dim: int | None = None,
+                 feature_layers: tuple[int, ...] | None = None):
         super().__init__()
         c = self.config = config
         H = c.hidden_size
@@ -87,13 +111,15 @@ class ARDrafter(GraphedStep, nn.Module):
         pinned = eagle.get("eagle_aux_hidden_state_layer_ids")
         # pinned ids name layer outputs; +1 gives the hidden state entering the next layer
         self.feature_layers = tuple(i + 1 for i in pinned) if pinned else default_aux_layers(target_layers)
+        if feature_layers is not None:  # from_pretrained read them (see its aux_ids)
+            self.feature_layers = tuple(feature_layers)
         n_aux = len(self.feature_layers)
         self.draft_vocab = getattr(c, "draft_vocab_size", None) or c.vocab_size
         self.fc = nn.Linear(n_aux * self.target_hidden, H, bias=bool(getattr(c, "bias", False)))
-        if getattr(c, "fc_norm", False):  # one norm per target layer before fusing
-            self.fc_norm = nn.ModuleList(RMSNorm(self.target_hidden, c.rms_norm_eps) for _ in range(n_aux))
-        if getattr(c, "norm_before_fc", False):
-            self.input_norm = RMSNorm(n_aux * self.target_hidden, c.rms_norm_eps)
+        # optional norms before fusing: one per target layer, or one over the concatenation
+        self.fc_norm = (nn.ModuleList(RMSNorm(self.target_hidden, c.rms_norm_eps) for _ in range(n_aux))
+                        if getattr(c, "fc_norm", False) else None)
+        self.input_norm = RMSNorm(n_aux * self.target_hidden, c.rms_norm_eps) if getattr(c, "norm_before_fc", False) else None
         self.midlayer = Eagle3Layer(c, self.head_dim)
         self.norm = RMSNorm(H, c.rms_norm_eps)
         self.lm_head = nn.Linear(H, self.draft_vocab, bias=False)
@@ -107,35 +133,70 @@ class ARDrafter(GraphedStep, nn.Module):
 
     # ---- checkpoint format -------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, target) -> "ARDrafter":
+    def from_pretrained(cls, path, target, aux_ids: str | None = None) -> "ARDrafter":
+        """`aux_ids` says how pinned layer ids are read: "sglang" (the default; id + 1, the
+        hidden state entering layer id + 1) or "vllm" (id itself, the state entering layer id);
+        the environment variable HYBRID_SD_EAGLE3_AUX_IDS sets it when the caller does not."""
         raw, state = read_checkpoint(path)
+        file = Path(path) / "config.json"
+        check_architecture(raw, path)
         if raw.get("architectures") and raw["architectures"][0] not in ARCHITECTURES:
-            from ..errors import UserError
             raise UserError(f"{path}: architecture {raw['architectures'][0]} is not an EAGLE-3 head "
                             f"(expected one of {', '.join(ARCHITECTURES)})")
+        convention = aux_ids or os.environ.get("HYBRID_SD_EAGLE3_AUX_IDS") or "sglang"
+        if convention not in AUX_ID_SHIFT:
+            raise UserError(f"EAGLE-3 layer id convention {convention!r} is unknown (choose from {', '.join(AUX_ID_SHIFT)})")
         # a vLLM "speculators" export names the decoder layer layers.0 instead of midlayer
         state = {("midlayer." + k[len("layers.0."):] if k.startswith("layers.0.") else k): v for k, v in state.items()}
-        config = LlamaConfig.from_dict(raw)
+        for key in ("hidden_size", "intermediate_size", "num_attention_heads"):
+            config_int(raw, key, path)
         n_heads = raw["num_attention_heads"]
-        head_dim = state["midlayer.self_attn.q_proj.weight"].shape[0] // n_heads
+        n_kv_heads = config_int(raw, "num_key_value_heads", path, default=n_heads)
+        if n_heads % n_kv_heads:
+            raise UserError(f"{file}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv_heads}")
+        for key in ("draft_vocab_size", "target_hidden_size"):
+            if raw.get(key) is not None:
+                config_int(raw, key, path)
+        require_tensors(state, ("fc.weight", "midlayer.self_attn.q_proj.weight"), path)
+        q_rows = state["midlayer.self_attn.q_proj.weight"].shape[0]
+        if q_rows % n_heads:
+            raise UserError(f"{path}: midlayer.self_attn.q_proj.weight has {q_rows} rows, not a multiple of "
+                            f"num_attention_heads {n_heads} (from {file})")
+        head_dim = q_rows // n_heads
+        tc = target.config
+        pinned, key = pinned_layer_ids(raw, file)
+        shift = AUX_ID_SHIFT[convention]
+        features = None
+        if pinned is not None:
+            # the engine has no hidden state past the last layer's input for an EAGLE-3 head
+            ids = layer_id_list(pinned, key, path, tc.num_hidden_layers, tc.num_hidden_layers - 1 - shift)
+            features = tuple(i + shift for i in ids)
+        config = build_config(LlamaConfig, raw, path)
         embed = target.model.embed_tokens
         own_embedding = "embed_tokens.weight" in state
         if own_embedding:
-            embed = nn.Embedding.from_pretrained(state["embed_tokens.weight"], freeze=True)
-        tc = target.config
+            own = state["embed_tokens.weight"]
+            if own.ndim != 2 or own.shape[0] != tc.vocab_size:
+                raise UserError(f"{path}: embed_tokens.weight has shape {list(own.shape)}, expected "
+                                f"[{tc.vocab_size}, hidden_size]")
+            embed = nn.Embedding.from_pretrained(own, freeze=True)
         check_fits("vocabulary size", raw.get("vocab_size"), tc.vocab_size, path)
         check_fits("embedding width", config.hidden_size, embed.embedding_dim, path)
-        drafter = cls(config, embed, tc.num_hidden_layers, head_dim)
+        drafter = cls(config, embed, tc.num_hidden_layers, head_dim, feature_layers=features)
         if own_embedding:
             drafter.embed_tokens = embed  # part of the checkpoint, saved back under the same name
         check_fits("target hidden size", drafter.target_hidden, tc.hidden_size, path)
         if max(drafter.feature_layers) >= tc.num_hidden_layers:
             check_fits("deepest feature layer", max(drafter.feature_layers), f"< {tc.num_hidden_layers}", path)
+        if "d2t" in state and state["d2t"].is_floating_point():
+            raise UserError(f"{path}: d2t holds {state['d2t'].dtype} values, expected integer token offsets")
         state.setdefault("t2d", drafter.t2d)  # training-only; some exports drop it
         load_strict(drafter, state, path)
-        if int((drafter.d2t + torch.arange(drafter.draft_vocab)).max()) >= tc.vocab_size:
-            check_fits("largest mapped token id (d2t)", int((drafter.d2t + torch.arange(drafter.draft_vocab)).max()),
-                       f"< {tc.vocab_size}", path)
+        mapped = drafter.d2t + torch.arange(drafter.draft_vocab)
+        lo, hi = int(mapped.min()), int(mapped.max())
+        if lo < 0 or hi >= tc.vocab_size:
+            raise UserError(f"{path}: d2t maps draft tokens to target ids {lo}..{hi}, outside the target's "
+                            f"vocabulary of {tc.vocab_size}; this drafter was trained for another target")
         p = target.lm_head.weight
         return drafter.to(device=p.device, dtype=p.dtype).eval()
 
@@ -179,10 +240,10 @@ class ARDrafter(GraphedStep, nn.Module):
 
     def fuse(self, features: torch.Tensor) -> torch.Tensor:
         """fc over the concatenated target features [T, n_aux * target_hidden]."""
-        if hasattr(self, "fc_norm"):
+        if self.fc_norm is not None:
             chunks = features.split(self.target_hidden, dim=-1)
             features = torch.cat([norm(x) for norm, x in zip(self.fc_norm, chunks)], dim=-1)
-        if hasattr(self, "input_norm"):
+        if self.input_norm is not None:
             features = self.input_norm(features)
         return self.fc(features)
 
@@ -226,8 +287,6 @@ class ARDrafter(GraphedStep, nn.Module):
 
     def draft_key(self, n: int, k: int, sampled: bool) -> tuple[int, int, int]:
         return k, kv_bucket(n + k, self.cache.max_len, self.kv_block), int(sampled)
-
-    max_draft = 1 << 30  # as long as the engine asks
 
     def draft_example(self, k: int) -> tuple[torch.Tensor, ...]:
         """Scratch (features, token, start) for the warm-up."""

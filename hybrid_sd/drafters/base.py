@@ -7,12 +7,17 @@ pass (Lazy Catch-up: a drafter that did not draft for a while just has a lower f
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import ClassVar
 
 import torch
+from torch import nn
 
+from ..config import DraftOptions
 from ..graphs import CATCHUP_BUCKETS, KV_BLOCK, BucketedGraphs, chunks
+from ..models.packed_linear import pack_linears
 from ..verify import Sampling
 
 
@@ -49,19 +54,63 @@ class Draft:
     confidence: torch.Tensor | None = None  # [k] drafter's probability of each drafted token
 
 
-class Drafter(Protocol):
-    name: str
-    feature_layers: tuple[int, ...]  # target hidden states it reads (transformers numbering)
-    frontier: int
+class Drafter(ABC):
+    """Everything the engine and the routers use of a drafter. A drafter without target
+    features or device steps (prompt lookup) overrides only `draft`, `reset` and, if it can
+    tell before drafting how much it has to propose, `available`; the rest are no-ops here.
 
+    `frontier` is the number of committed positions whose context it has consumed: the engine
+    calls `catch_up` before every draft, and a drafter that was not picked for a while just has
+    a lower frontier (Lazy Catch-up)."""
+
+    name: ClassVar[str]                       # registry name, stats and router label
+    feature_layers: tuple[int, ...] = ()      # target hidden states it reads (transformers numbering)
+    frontier: int = 0
+
+    @classmethod
+    def load(cls, target, checkpoint: Path | None, options: DraftOptions) -> "Drafter":
+        """This drafter for `target`, from a checkpoint directory where it needs one: what the
+        factory calls for a registered kind (drafters/registry.py)."""
+        raise NotImplementedError(f"the {cls.name} drafter is not built by name: construct it directly")
+
+    @property
+    @abstractmethod
+    def default_k(self) -> int:
+        """Draft length of a round when nobody asks for another."""
+
+    @property
+    def max_draft(self) -> int:
+        """The longest draft one round can make (a block drafter: its block size - 1)."""
+        return 1 << 30
+
+    @abstractmethod
     def reset(self, max_len: int) -> None:
         """Forget all context; prepare caches for sequences up to max_len."""
 
     def catch_up(self, ctx: Context, end: int) -> None:
-        """Consume the context of positions [frontier, end)."""
+        """Consume the context of positions [frontier, end); stateless drafters only move on."""
+        self.frontier = max(self.frontier, end)
 
-    def draft(self, ctx: Context, k: int, sampling: Sampling, generator: torch.Generator | None) -> Draft:
+    def rewind(self, position: int) -> None:
+        """Forget the context past `position` (what catch_up consumed there is recomputed)."""
+        self.frontier = min(self.frontier, position)
+
+    @abstractmethod
+    def draft(self, ctx: Context, k: int, sampling: Sampling, generator: torch.Generator | None = None) -> Draft:
         """Up to k tokens to follow ctx.ids (may be fewer, or none)."""
+
+    def available(self, ctx: Context, k_max: int) -> int | None:
+        """What a router may read before choosing: how many tokens this drafter would propose
+        now, if it knows without drafting (prompt lookup: its match); None = up to k_max."""
+        return None
+
+    def use_graphs(self, mode: str, kv_block: int, device, pad: bool | None = None) -> None:
+        """Run the device steps as `mode` (graphs.MODES) with attention spans in blocks of
+        kv_block; `pad`: pad catch-up chunks to buckets (None: iff the steps are graphs)."""
+
+    def warm_up(self, max_len: int, k_max: int) -> list[dict]:
+        """Run every step shape a context of max_len can meet once (CUDA: capture); reports."""
+        return []
 
 
 def pick_tokens(p: torch.Tensor, u: torch.Tensor, greedy: bool) -> torch.Tensor:
@@ -74,21 +123,47 @@ def pick_tokens(p: torch.Tensor, u: torch.Tensor, greedy: bool) -> torch.Tensor:
     return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_max(p.shape[-1] - 1).view(-1)
 
 
-class GraphedStep:
-    """For a drafter whose device work is two step functions: `graph_step(key, *inputs, u,
-    inv_temperature)`, its whole draft, keyed by `draft_key(n, k, sampled)` = (k, span,
-    sampled), and `catchup_step(key, features, next_tokens, positions)`, KV-only rows. Runs
-    them through BucketedGraphs, one pair per (mode, span block, device), so that engines of
-    different modes can share the drafter. Call `init_graphs()` in __init__ and
-    `forget_graphs()` when the buffers the steps close over are reallocated; a drafter also
-    names `max_draft` and `draft_example(k)` (scratch inputs) for the warm-up."""
+class GraphedStep(Drafter):
+    """A drafter that reads target features and fuses them with `fc`, and whose device work is
+    two step functions run through BucketedGraphs, one pair per (mode, span block, device),
+    so that engines of different modes can share the drafter: `graph_step`, its whole draft,
+    keyed by `draft_key(n, k, sampled)` = (k, span, sampled), and `catchup_step`, KV-only
+    context rows. Call `init_graphs()` in __init__ and `forget_graphs()` when the buffers the
+    steps close over are reallocated."""
+
+    fc: nn.Linear  # fuses the target features: its input width and device shape the scratch inputs
+
+    @classmethod
+    @abstractmethod
+    def from_pretrained(cls, path: Path, target) -> "GraphedStep":
+        """Read a checkpoint directory in the drafter's published format."""
+
+    @classmethod
+    def load(cls, target, checkpoint: Path | None, options: DraftOptions) -> "GraphedStep":
+        return pack_linears(cls.from_pretrained(checkpoint, target))
+
+    @abstractmethod
+    def graph_step(self, key: tuple[int, int, int], *inputs):
+        """(key, *draft inputs, u [k], inv_temperature [1]) -> (target ids [k], probabilities [k],
+        proposals [k, V] or None)."""
+
+    @abstractmethod
+    def catchup_step(self, key: tuple[int], features, next_tokens, positions) -> None:
+        """KV-only rows: features [T, C], the token after each row [T], positions [T]."""
+
+    @abstractmethod
+    def draft_key(self, n: int, k: int, sampled: bool) -> tuple[int, int, int]:
+        """The graph key of a k-token draft after a context of n positions."""
+
+    @abstractmethod
+    def draft_example(self, k: int) -> tuple[torch.Tensor, ...]:
+        """Scratch draft inputs for key k, for the warm-up."""
 
     def init_graphs(self) -> None:
         self.graph_sets: dict[tuple, tuple[BucketedGraphs, BucketedGraphs]] = {}
-        self.pad_catchup: bool | None = None  # None: pad catch-up chunks to a bucket iff the steps are graphs
         self.use_graphs("eager", KV_BLOCK, "cpu")
 
-    def use_graphs(self, mode: str, kv_block: int, device) -> None:
+    def use_graphs(self, mode: str, kv_block: int, device, pad: bool | None = None) -> None:
         key = (mode, kv_block, str(device))
         if key not in self.graph_sets:
             # draft outputs are read after the verify replays, which may reuse their memory
@@ -97,6 +172,7 @@ class GraphedStep:
                                     BucketedGraphs(self.catchup_step, mode, device, f"catchup:{self.name}"))
         self.kv_block = kv_block
         self.step_graphs, self.catchup_graphs = self.graph_sets[key]
+        self.pad_catchup = pad if pad is not None else self.catchup_graphs.mode != "eager"
 
     def forget_graphs(self) -> None:
         for pair in self.graph_sets.values():
@@ -110,31 +186,26 @@ class GraphedStep:
         inv_t = torch.full((1,), 1.0 / sampling.temperature if sampled else 1.0, device=device)
         return self.step_graphs(self.draft_key(n, k, sampled), *inputs, u, inv_t)
 
-    def warm_up(self, max_len: int, k_max: int) -> dict:
-        """Every greedy draft key a context of max_len can meet, once (CUDA: captured), on
-        scratch inputs; `reset` must have run. Sampled keys capture when first met."""
+    def warm_up(self, max_len: int, k_max: int) -> list[dict]:
+        """Every greedy draft key a context of max_len can meet and every catch-up bucket, once
+        (CUDA: captured), on scratch inputs; `reset` must have run. Sampled keys capture when
+        first met."""
         keys = {self.draft_key(n, k, False) for n in range(1, max_len)
                 for k in range(1, min(k_max, self.max_draft, max_len - n - 1) + 1)}
-        device = self.fc.weight.device
-        return self.step_graphs.warm_up({key: (*self.draft_example(key[0]), torch.zeros(key[0], device=device),
-                                               torch.ones(1, device=device)) for key in keys})
+        p = self.fc.weight
+        drafts = self.step_graphs.warm_up({key: (*self.draft_example(key[0]), torch.zeros(key[0], device=p.device),
+                                                 torch.ones(1, device=p.device)) for key in keys})
+        rows = {}
+        for n in CATCHUP_BUCKETS:
+            rows[(n,)] = (torch.zeros(n, self.fc.in_features, dtype=p.dtype, device=p.device),
+                          torch.zeros(n, dtype=torch.long, device=p.device), torch.arange(n, device=p.device))
+        return [drafts, self.catchup_graphs.warm_up(rows)]
 
     def catch_up(self, ctx: Context, end: int) -> None:
-        """KV-only pass over context positions [frontier, end); when the steps are graphs, in
-        padded chunks (graphs.chunks: the last row repeated, so the cache is the same)."""
-        pad = self.pad_catchup if self.pad_catchup is not None else self.catchup_graphs.mode != "eager"
-        for start, n, rows in chunks(self.frontier, end, CATCHUP_BUCKETS, pad):
+        """KV-only pass over context positions [frontier, end); when padding, in chunks padded
+        to a bucket (graphs.chunks: the last row repeated, so the cache is the same)."""
+        for start, n, rows in chunks(self.frontier, end, CATCHUP_BUCKETS, self.pad_catchup):
             positions = torch.arange(start, start + rows, device=ctx.tokens.device).clamp_max(start + n - 1)
             self.catchup_graphs((rows,), ctx.feature_rows_at(self.feature_layers, positions), ctx.tokens[positions + 1],
                                 positions)
         self.frontier = max(self.frontier, end)
-
-    def warm_up_catchup(self) -> dict:
-        """Every catch-up bucket once (CUDA: captured) on scratch rows; `reset` must have run."""
-        p = self.fc.weight
-        examples = {}
-        for rows in CATCHUP_BUCKETS:
-            positions = torch.arange(rows, device=p.device)
-            examples[(rows,)] = (torch.zeros(rows, self.fc.in_features, dtype=p.dtype, device=p.device),
-                                 torch.zeros(rows, dtype=torch.long, device=p.device), positions)
-        return self.catchup_graphs.warm_up(examples)

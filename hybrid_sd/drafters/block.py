@@ -9,6 +9,8 @@ so catching up is a KV-only pass and the per-layer context K/V are cached across
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 from transformers import Qwen3Config
@@ -19,7 +21,8 @@ from ..graphs import kv_bucket
 from ..models.transformer import MLP, RMSNorm, apply_rope, attend, rope_inv_freq, rope_tables
 from ..verify import Sampling
 from .base import Context, Draft, GraphedStep, pick_tokens
-from .checkpoint import check_fits, load_strict, read_checkpoint, write_checkpoint
+from .checkpoint import (build_config, check_architecture, check_fits, config_int, layer_id_list, load_strict,
+                         read_checkpoint, require_tensors, write_checkpoint)
 
 
 def default_target_layer_ids(n_target_layers: int, n_draft_layers: int) -> list[int]:
@@ -75,6 +78,10 @@ class BlockDrafter(GraphedStep, nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.target_io = [target.model.embed_tokens, target.lm_head]  # shared, not in our state dict
         self.num_target_layers = target.config.num_hidden_layers
+        # DFlash reads transformers' hidden_states[id + 1], which for the last layer is after the
+        # final norm; the engine captures every layer before it, so that column is normed here
+        self.final_norm = [target.model.norm]  # shared, not in our state dict
+        self.normed_columns = [j for j, i in enumerate(self.target_layer_ids) if i == self.num_target_layers - 1]
         self.cache: KVCache | None = None
         self.frontier = 0
         self.init_graphs()
@@ -83,23 +90,39 @@ class BlockDrafter(GraphedStep, nn.Module):
     @classmethod
     def from_pretrained(cls, path, target) -> "BlockDrafter":
         raw, state = read_checkpoint(path)
+        file = Path(path) / "config.json"
+        check_architecture(raw, path)
         if raw.get("architectures") and raw["architectures"][0] != "DFlashDraftModel":
             raise UserError(f"{path}: architecture {raw['architectures'][0]} is not DFlashDraftModel")
-        config = Qwen3Config.from_dict(raw)
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            config_int(raw, key, path)
+        n_heads = raw["num_attention_heads"]
+        n_kv_heads = config_int(raw, "num_key_value_heads", path, default=n_heads)
+        if n_heads % n_kv_heads:
+            raise UserError(f"{file}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv_heads}")
+        if raw.get("head_dim") is not None:
+            config_int(raw, "head_dim", path)
+        elif raw["hidden_size"] % n_heads:
+            raise UserError(f"{file}: hidden_size {raw['hidden_size']} is not divisible by num_attention_heads "
+                            f"{n_heads} (and no head_dim is given)")
+        config = build_config(Qwen3Config, raw, path)
         tc = target.config
         dflash = raw.get("dflash_config") or {}
-        n_target = raw.get("num_target_layers", tc.num_hidden_layers)
+        if not isinstance(dflash, dict):
+            raise UserError(f"{file}: dflash_config is {dflash!r}, expected an object")
+        n_target = config_int(raw, "num_target_layers", path, default=tc.num_hidden_layers)
         check_fits("number of target layers", n_target, tc.num_hidden_layers, path)
         check_fits("vocabulary size", raw.get("vocab_size", tc.vocab_size), tc.vocab_size, path)
         check_fits("hidden size", config.hidden_size, tc.hidden_size, path)
         ids = dflash.get("target_layer_ids") or default_target_layer_ids(n_target, config.num_hidden_layers)
-        if max(ids) >= tc.num_hidden_layers:
-            raise UserError(f"{path}: target_layer_ids {ids} name layers the target (with "
-                            f"{tc.num_hidden_layers} layers) does not have")
+        ids = layer_id_list(ids, "target_layer_ids", path, tc.num_hidden_layers, tc.num_hidden_layers - 1)
         mask_id = dflash.get("mask_token_id", raw.get("mask_token_id"))
-        if mask_id is None or not 0 <= mask_id < tc.vocab_size:
-            raise UserError(f"{path}: mask_token_id {mask_id} is not a token of the target's vocabulary of {tc.vocab_size}")
+        if isinstance(mask_id, bool) or not isinstance(mask_id, int) or not 0 <= mask_id < tc.vocab_size:
+            raise UserError(f"{path}: mask_token_id {mask_id!r} is not a token of the target's vocabulary of {tc.vocab_size}")
         block = dflash.get("block_size", raw.get("block_size", 16))
+        if isinstance(block, bool) or not isinstance(block, int) or block < 2:
+            raise UserError(f"{file}: block_size is {block!r}, expected an integer >= 2 (the bonus and a mask slot)")
+        require_tensors(state, ("fc.weight",), path)
         drafter = cls(config, target, ids, mask_id, block)
         check_fits("fused feature width (fc input)", state["fc.weight"].shape[1], drafter.fc.in_features, path)
         load_strict(drafter, state, path)
@@ -137,10 +160,20 @@ class BlockDrafter(GraphedStep, nn.Module):
             self.forget_graphs()  # captured over the old buffers
         self.frontier = 0
 
+    def context(self, features: torch.Tensor) -> torch.Tensor:
+        """ctx = hidden_norm(fc(f)) of captured features [T, n_ids * target hidden], with the
+        last layer's output final-normed as DFlash reads it."""
+        if self.normed_columns:
+            columns = list(features.chunk(len(self.target_layer_ids), dim=-1))
+            for j in self.normed_columns:
+                columns[j] = self.final_norm[0](columns[j])
+            features = torch.cat(columns, dim=-1)
+        return self.hidden_norm(self.fc(features))
+
     def catchup_step(self, key: tuple[int], features, next_tokens, positions) -> None:
         """KV-only context rows (GraphedStep.catch_up) in every draft layer; the block drafter
         reads features only (next_tokens is unused)."""
-        c = self.hidden_norm(self.fc(features))
+        c = self.context(features)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         for i, layer in enumerate(self.layers):
             k, v = layer.self_attn.kv(c, cos, sin)
@@ -184,6 +217,10 @@ class BlockDrafter(GraphedStep, nn.Module):
 
     @property
     def max_draft(self) -> int:
+        return self.block_size - 1
+
+    @property
+    def default_k(self) -> int:  # the whole block: the forward costs the same for any k
         return self.block_size - 1
 
     def draft_example(self, k: int) -> tuple[torch.Tensor, ...]:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import torch
 
+from ..config import DraftOptions
 from ..verify import Sampling
-from .base import Context, Draft
+from .base import Context, Draft, Drafter
 
 
-class NgramDrafter:
+class NgramDrafter(Drafter):
     name = "ngram"
-    feature_layers: tuple[int, ...] = ()
+    default_k = 8
 
     def __init__(self, max_n: int = 4, min_n: int = 1, device: str | torch.device = "cpu"):
         if not 1 <= min_n <= max_n:
@@ -22,11 +23,12 @@ class NgramDrafter:
         self.frontier = 0
         self.last = None  # (len(ids), last id, k, continuation): a router's query, reused by draft
 
+    @classmethod
+    def load(cls, target, checkpoint, options: DraftOptions) -> "NgramDrafter":
+        return cls(max_n=options.ngram_max, device=target.lm_head.weight.device)
+
     def reset(self, max_len: int) -> None:
         self.frontier, self.last = 0, None
-
-    def catch_up(self, ctx: Context, end: int) -> None:
-        self.frontier = end  # nothing to compute: the committed ids are the whole state
 
     def lookup(self, ids: list[int], k: int) -> list[int]:
         """Up to k tokens; a shorter k's answer is a prefix (the match does not depend on k), so
@@ -45,6 +47,10 @@ class NgramDrafter:
                 if ids[start:start + n] == pattern:
                     return ids[start + n:start + n + k]
         return []
+
+    def available(self, ctx: Context, k_max: int) -> int:
+        """The match length: a router knows before choosing how far this drafter can go."""
+        return len(self.lookup(ctx.ids, k_max)) if k_max > 0 else 0
 
     def draft(self, ctx: Context, k: int, sampling: Sampling, generator=None) -> Draft:
         found = self.lookup(ctx.ids, k) if k > 0 else []

@@ -12,40 +12,34 @@ import json
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from ..cli import Parser
-from ..errors import exit_code
+from ..cli import Parser, int_list, nonnegative_float, out_dir, positive_int, write_atomic
+from ..config import EVAL_CONTEXT, EngineConfig
+from ..engine import Engine, RoundStats
+from ..errors import UserError, exit_code
 
 
 @dataclass
 class Tally:
     tokens: int = 0      # generated tokens
-    committed: int = 0   # tokens committed by verify rounds
-    rounds: int = 0
     seconds: float = 0.0
-    round_time: float = 0.0    # summed phase times of all rounds
-    catchup_time: float = 0.0  # of which catching drafters up
+    stats: RoundStats = field(default_factory=RoundStats)
 
     def add(self, engine, ids, max_new):
         t0 = time.perf_counter()
         gen = engine.generate(ids, max_new)
         self.seconds += time.perf_counter() - t0
         self.tokens += len(gen.token_ids)
-        self.committed += sum(r.committed for r in gen.rounds)
-        self.rounds += len(gen.rounds)
-        self.round_time += sum(sum(r.times.values()) for r in gen.rounds)
-        self.catchup_time += sum(r.times.get("catchup", 0.0) for r in gen.rounds)
+        self.stats += RoundStats.of(gen.rounds)
         return gen
 
     def __add__(self, other: "Tally") -> "Tally":
-        return Tally(self.tokens + other.tokens, self.committed + other.committed, self.rounds + other.rounds,
-                     self.seconds + other.seconds, self.round_time + other.round_time,
-                     self.catchup_time + other.catchup_time)
+        return Tally(self.tokens + other.tokens, self.seconds + other.seconds, self.stats + other.stats)
 
     @property
     def tokens_per_s(self) -> float:
@@ -68,15 +62,13 @@ def heldout_tau(target, eos, drafter, k: int, data_dir: Path, per_category: int 
                 max_new_tokens: int = 48) -> dict[str, float]:
     """Tokens per round of `drafter` at draft length k per held-out category and on the mix
     (greedy); the quick check the trainers log after training."""
-    from ..engine import Engine
-
-    engine = Engine(target, eos, drafter, k=k, max_len=min(2048, target.max_len))
+    engine = Engine(target, eos, [drafter], config=EngineConfig(min(EVAL_CONTEXT, target.max_len), draft_k={drafter.name: k}))
     tally = {cat: Tally() for cat in heldout_prompts(data_dir, per_category)}
     for cat, prompts in heldout_prompts(data_dir, per_category).items():
         for ids in prompts:
             tally[cat].add(engine, ids, max_new_tokens)
     tally["mix"] = sum(tally.values(), Tally())
-    return {cat: round(t.committed / max(t.rounds, 1), 3) for cat, t in tally.items()}
+    return {cat: round(t.stats.tau, 3) for cat, t in tally.items()}
 
 
 def main(argv=None) -> int:
@@ -85,42 +77,39 @@ def main(argv=None) -> int:
     p.add_argument("--drafters", default="ar,block,ngram")
     p.add_argument("--ar", default=None, help="AR drafter directory (default: shipped)")
     p.add_argument("--block", default=None, help="block drafter directory (default: shipped)")
-    p.add_argument("--lam", type=float, default=1.0, help="hybrid: the routers' latency weight")
+    p.add_argument("--lam", type=nonnegative_float, default=1.0, help="hybrid: the routers' latency weight")
     p.add_argument("--router-dir", default=None, help="hybrid: router directory (default: shipped)")
-    p.add_argument("--k", default="2,4,6", help="draft lengths (block drafters also run at block_size-1)")
-    p.add_argument("--per-category", type=int, default=6)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--out", default=None, help="write results.json and results.md here")
+    p.add_argument("--k", type=int_list, default="2,4,6",
+                   help="draft lengths, integers >= 1 (each drafter also runs at its default k; none past its longest draft)")
+    p.add_argument("--per-category", type=positive_int, default=6)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--out", default=None, type=out_dir, help="write results.json and results.md here (checked first)")
     return exit_code(run, p.parse_args(argv))
 
 
 def run(args) -> dict:
-    from ..decode import build_hybrid
-    from ..drafters import load_drafter
-    from ..engine import Engine
-    from ..models.loading import load_target
-    from ..models.packed_linear import pack_linears
+    from .. import factory
     from ..train.data import default_data_dir
 
     data_dir = Path(args.data) if args.data else default_data_dir()
+    kinds = [d for d in args.drafters.split(",") if d]
+    unknown = [d for d in kinds if d != "hybrid" and d not in factory.DRAFTERS]
+    if unknown or not kinds:
+        raise UserError(f"--drafters: unknown drafter(s) {unknown} (choose from {', '.join([*factory.DRAFTERS, 'hybrid'])})")
     by_cat = heldout_prompts(data_dir, args.per_category)
-    target, _, eos = load_target(None, max_len=2048, load_tokenizer=False)
-    pack_linears(target)
-    ks = [int(k) for k in args.k.split(",") if k]
+    target, _, eos = factory.load_packed_target(None, max_len=EVAL_CONTEXT, load_tokenizer=False)
+    ks = args.k
     runs = {}
-    for kind in [d for d in args.drafters.split(",") if d]:
+    for kind in kinds:
         if kind == "hybrid":  # both routers over the three drafters, k chosen per round
             for router in ("entropy", "learned"):
-                runs[f"hybrid-{router}"] = build_hybrid(target, eos, router, args.lam, args.router_dir, args.ar,
-                                                        args.block, max_len=2048)
+                runs[f"hybrid-{router}"] = factory.build_hybrid(target, eos, EngineConfig(EVAL_CONTEXT), router, args.lam,
+                                                                args.router_dir, {"ar": args.ar, "block": args.block})
             continue
-        drafter = load_drafter(kind, getattr(args, kind, None), target, embedded_default=True)
-        grid = sorted(set(ks + ([drafter.block_size - 1] if kind == "block" else [])))
-        for k in grid:
-            if kind == "block" and k > drafter.block_size - 1:
-                continue
-            runs[f"{kind}@{k}"] = Engine(target, eos, drafter, k=k, max_len=2048)
-    plain = Engine(target, eos, None, max_len=2048)
+        drafter = factory.build_drafter(kind, target, {"ar": args.ar, "block": args.block}.get(kind), embedded=True)
+        for k in sorted({k for k in ks if k <= drafter.max_draft} | {drafter.default_k}):
+            runs[f"{kind}@{k}"] = Engine(target, eos, [drafter], config=EngineConfig(EVAL_CONTEXT, draft_k={kind: k}))
+    plain = Engine(target, eos, config=EngineConfig(EVAL_CONTEXT))
     tally = defaultdict(lambda: defaultdict(Tally))  # method -> category -> Tally
     bar = tqdm(total=sum(len(v) for v in by_cat.values()) * (len(runs) + 1), desc="acceptance", unit="run")
     with torch.inference_mode():
@@ -142,9 +131,9 @@ def run(args) -> dict:
             pick = cats if cat == "mix" else [cat]
             mine = sum((tally[name][c] for c in pick), Tally())
             base = sum((tally["plain"][c] for c in pick), Tally())
-            entry[cat] = {"tau": round(mine.committed / mine.rounds, 3),
+            entry[cat] = {"tau": round(mine.stats.tau, 3),
                           "speedup": round(mine.tokens_per_s / base.tokens_per_s, 3),
-                          "switching_overhead": round(mine.catchup_time / mine.round_time, 4) if mine.round_time else 0}
+                          "switching_overhead": round(mine.stats.switching_overhead, 4)}
         result["methods"][name] = entry
     lines = ["| drafter@k | " + " | ".join(cats + ["mix"]) + " |", "|---" * (len(cats) + 2) + "|"]
     for name, entry in result["methods"].items():
@@ -157,10 +146,8 @@ def run(args) -> dict:
     table = "\n".join(lines)
     print("tau = tokens per round (speed-up vs plain decoding, same prompts, same run)\n" + table)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "results.md").write_text(table + "\n")
+        write_atomic(Path(args.out) / "results.json", json.dumps(result, indent=2) + "\n")
+        write_atomic(Path(args.out) / "results.md", table + "\n")
     return result
 
 

@@ -7,8 +7,8 @@ choice — the verify step guarantees it — so a router only decides speed.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Protocol
 
 from ..graphs import DRAFT_BUCKETS
 from .signals import Signals
@@ -20,12 +20,21 @@ class Choice:
     k: int
 
 
-class Router(Protocol):
-    def choose(self, signals: Signals, k_max: int) -> Choice: ...
+class Router(ABC):
+    needs_signals: bool = True  # the engine reads the round's signals only for routers that use them
+
+    @abstractmethod
+    def choose(self, signals: Signals, k_max: int) -> Choice:
+        """Which drafter drafts this round and how far (at most k_max)."""
+
+    def longest_draft(self) -> int:
+        """The longest draft it may choose: the engine sizes verify shapes and warm-up by it."""
+        return max(DRAFT_BUCKETS)
 
 
-class FixedRouter:
+class FixedRouter(Router):
     """One drafter at a fixed k (or plain decoding): the single-drafter paths of the engine."""
+    needs_signals = False
 
     def __init__(self, drafter: int | None, k: int):
         self.choice = Choice(drafter, k if drafter is not None else 0)
@@ -33,8 +42,11 @@ class FixedRouter:
     def choose(self, signals: Signals, k_max: int) -> Choice:
         return self.choice
 
+    def longest_draft(self) -> int:
+        return self.choice.k
 
-class AlternatingRouter:
+
+class AlternatingRouter(Router):
     """Switches drafter every round (worst case for catch-up), cycling k over the buckets."""
 
     def __init__(self, n_drafters: int, ks: tuple[int, ...] = DRAFT_BUCKETS):
@@ -47,13 +59,13 @@ class AlternatingRouter:
 
 def best_choice(expected, latency, lam: float, signals: Signals, names: list[str], k_max: int) -> Choice:
     """argmax over (drafter, k) of expected(d, k) - lam * latency(d, k, lag); a plain step
-    (1 token for 1 step) is always a candidate."""
-    best, best_score = Choice(None, 0), 1.0 - lam * latency.plain_step_cost()
+    (1 token for 1 step, the latency unit) is always a candidate. A drafter that said how much
+    it can propose (`DrafterState.available`) is not asked for more."""
+    best, best_score = Choice(None, 0), 1.0 - lam
     for d, name in enumerate(names):
-        if name == "ngram" and signals.ngram_match == 0:
-            continue  # nothing to propose
+        available = signals.drafters[d].available
         for k in DRAFT_BUCKETS:
-            if k > k_max or (name == "ngram" and k > signals.ngram_match):
+            if k > k_max or (available is not None and k > available):
                 continue
             score = expected(d, k) - lam * latency.round_cost(name, k, signals.drafters[d].lag)
             if score > best_score:

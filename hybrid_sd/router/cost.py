@@ -8,12 +8,44 @@ table is unit-free and `--lam` means the same on every machine.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 from ..graphs import CATCHUP_BUCKETS, DRAFT_BUCKETS
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object from a router or table file; anything else is a ValueError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path.name} cannot be read ({e})") from None
+    if not text.strip():
+        raise ValueError(f"{path.name} is empty")
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{path.name} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path.name} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def name_list(value, what: str) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(n, str) for n in value) \
+            or len(set(value)) != len(value):
+        raise ValueError(f"{what}: 'names' is {value!r}, expected a list of distinct drafter names")
+    return value
+
+
+def positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} is {value!r}, expected a positive integer")
+    return value
 
 
 class LatencyTable:
@@ -21,9 +53,6 @@ class LatencyTable:
                  catchup: dict[str, dict[int, float]]):
         self.verify, self.draft, self.catchup = verify, draft, catchup  # seconds
         self.step = verify[0]
-
-    def plain_step_cost(self) -> float:
-        return 1.0
 
     def catchup_seconds(self, name: str, lag: int) -> float:
         if lag <= 0 or name not in self.catchup:
@@ -64,18 +93,44 @@ class LatencyTable:
         return {"verify": self.verify, "draft": self.draft, "catchup": self.catchup}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LatencyTable":
-        ints = lambda m: {int(k): float(v) for k, v in m.items()}  # noqa: E731 (json keys are strings)
-        return cls(ints(d["verify"]), {n: ints(m) for n, m in d["draft"].items()},
-                   {n: ints(m) for n, m in d["catchup"].items()})
+    def from_dict(cls, d, drafters: Sequence[str] = (), catchup: Sequence[str] = ()) -> "LatencyTable":
+        """A table read back from JSON (to_dict's shape). Every malformed shape -- not an object,
+        keys missing, not numbers, negative, a bucket or a named drafter missing -- raises
+        ValueError, which callers take as "measure again". `drafters` must each have a draft
+        row, `catchup` (those that catch up) a catch-up row."""
+        def seconds(m, what: str, needed: Iterable[int] = ()) -> dict[int, float]:
+            if not isinstance(m, dict) or not m:
+                raise ValueError(f"latency table: {what} is not a non-empty object")
+            try:
+                # JSON keys are strings; bool is an int to Python but never a time
+                table = {int(k): float(v) for k, v in m.items() if not isinstance(v, bool)}
+            except (TypeError, ValueError):
+                raise ValueError(f"latency table: {what} maps something other than integers to seconds") from None
+            if len(table) != len(m) or not all(math.isfinite(v) and v >= 0 for v in table.values()):
+                raise ValueError(f"latency table: {what} holds a time that is not a non-negative number")
+            missing = sorted(set(needed) - set(table))
+            if missing:
+                raise ValueError(f"latency table: {what} lacks buckets {missing}")
+            return table
 
-    def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        def rows(m, what: str, needed: Iterable[int]) -> dict[str, dict[int, float]]:
+            if not isinstance(m, dict):
+                raise ValueError(f"latency table: {what} is not an object")
+            return {str(n): seconds(t, f"{what} {n}", needed) for n, t in m.items()}
 
-    def summary(self) -> str:
-        rows = ["verify(k+1): " + " ".join(f"{k}:{v * 1e3:.1f}" for k, v in self.verify.items())]
-        for name, m in self.draft.items():
-            rows.append(f"draft {name}: " + " ".join(f"{k}:{v * 1e3:.1f}" for k, v in m.items()))
-        for name, m in self.catchup.items():
-            rows.append(f"catch-up {name}: " + " ".join(f"{k}:{v * 1e3:.1f}" for k, v in m.items()))
-        return "latency ms\n  " + "\n  ".join(rows)
+        if not isinstance(d, dict):
+            raise ValueError(f"latency table: a JSON {type(d).__name__}, not an object")
+        absent = [key for key in ("verify", "draft", "catchup") if key not in d]
+        if absent:
+            raise ValueError(f"latency table: no {', '.join(absent)}")
+        # a table for routing (drafters named) must price every draft bucket; any table needs the plain step
+        buckets = DRAFT_BUCKETS if drafters else ()
+        verify = seconds(d["verify"], "verify", (0, *buckets))
+        if verify[0] <= 0:
+            raise ValueError("latency table: the plain step (verify 0) takes no time")
+        draft = rows(d["draft"], "draft", buckets)
+        catchups = rows(d["catchup"], "catch-up", ())
+        missing = [n for n in drafters if n not in draft] + [n for n in catchup if n not in catchups]
+        if missing:
+            raise ValueError(f"latency table: no row for drafter(s) {sorted(set(missing))}")
+        return cls(verify, draft, catchups)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .base import best_choice
-from .cost import LatencyTable
+from .base import Router, best_choice
+from .cost import LatencyTable, name_list, positive_int, read_json_object
 from .signals import DrafterState, Signals
 
 TOP1_EDGES = (0.5, 0.7, 0.85, 0.95)
@@ -27,7 +27,8 @@ def bucket(x: float, edges: tuple[float, ...]) -> int:
 
 
 def signals_from_row(row: dict) -> Signals:
-    return Signals(row["top1"], row["entropy"], row["ngram_match"], [DrafterState(**d) for d in row["drafters"]])
+    """The signals of one trace row (train.traces: each drafter's state holds its `available`)."""
+    return Signals(row["top1"], row["entropy"], [DrafterState(**d) for d in row["drafters"]])
 
 
 class Calibration:
@@ -62,17 +63,34 @@ class Calibration:
         return 1.0 + float(self.curves[d, t, a, :k].sum())
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps({"names": self.names, "k_max": self.k_max, "top1_edges": TOP1_EDGES,
-                                          "acceptance_edges": ACCEPTANCE_EDGES,
-                                          "curves": self.curves.tolist()}) + "\n")
+        from ..cli import write_atomic
+        write_atomic(path, json.dumps({"names": self.names, "k_max": self.k_max, "top1_edges": TOP1_EDGES,
+                                       "acceptance_edges": ACCEPTANCE_EDGES, "curves": self.curves.tolist()}) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> "Calibration":
-        d = json.loads(Path(path).read_text())
-        return cls(d["names"], d["k_max"], torch.tensor(d["curves"]))
+        """Every malformed file is a ValueError naming it (load_router makes it one line)."""
+        name = Path(path).name
+        d = read_json_object(path)
+        names = name_list(d.get("names"), name)
+        k_max = positive_int(d.get("k_max"), f"{name}: k_max")
+        for key, edges in (("top1_edges", TOP1_EDGES), ("acceptance_edges", ACCEPTANCE_EDGES)):
+            if key in d and d[key] != list(edges):  # cells bucketed another way would be misread
+                raise ValueError(f"{name}: {key} {d[key]!r} differ from this version's {list(edges)}; calibrate again")
+        try:
+            curves = torch.tensor(d.get("curves"), dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{name}: curves is not a nested list of numbers") from None
+        shape = (len(names), len(TOP1_EDGES) + 1, len(ACCEPTANCE_EDGES) + 1, k_max)
+        if tuple(curves.shape) != shape:
+            raise ValueError(f"{name}: curves have shape {list(curves.shape)}, expected {list(shape)} "
+                             "(drafters, top-1 buckets, acceptance buckets, k_max)")
+        if not bool(((curves >= 0) & (curves <= 1)).all()):
+            raise ValueError(f"{name}: curves hold values outside [0, 1] (they are probabilities)")
+        return cls(names, k_max, curves)
 
 
-class EntropyRouter:
+class EntropyRouter(Router):
     def __init__(self, calibration: Calibration, latency: LatencyTable, names: list[str], lam: float = 1.0):
         missing = [n for n in names if n not in calibration.names]
         if missing:

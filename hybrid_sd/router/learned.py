@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .base import best_choice
-from .cost import LatencyTable
+from .base import Router, best_choice
+from .cost import LatencyTable, name_list, positive_int, read_json_object
 from .signals import Signals
 
 
@@ -33,22 +33,35 @@ class RouterMLP(nn.Module):
         return torch.sigmoid(logits).cumprod(-1)
 
     def save(self, directory: Path) -> None:
+        from ..cli import write_atomic
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / "learned.safetensors"))
-        (directory / "learned.json").write_text(json.dumps({"names": self.names, "k_max": self.k_max,
-                                                            "hidden": self.hidden}) + "\n")
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        write_atomic(directory / "learned.safetensors", writer=lambda tmp: save_file(state, tmp))
+        write_atomic(directory / "learned.json", json.dumps({"names": self.names, "k_max": self.k_max,
+                                                             "hidden": self.hidden}) + "\n")
 
     @classmethod
     def load(cls, directory: Path) -> "RouterMLP":
+        """Every malformed file is a ValueError naming it (load_router makes it one line)."""
         directory = Path(directory)
-        meta = json.loads((directory / "learned.json").read_text())
-        model = cls(meta["names"], meta["k_max"], meta["hidden"])
-        model.load_state_dict(load_file(str(directory / "learned.safetensors")))
+        if not (directory / "learned.json").is_file():
+            raise ValueError("learned.json is missing (it holds the names and sizes of learned.safetensors)")
+        meta = read_json_object(directory / "learned.json")
+        model = cls(name_list(meta.get("names"), "learned.json"), positive_int(meta.get("k_max"), "learned.json: k_max"),
+                    positive_int(meta.get("hidden"), "learned.json: hidden"))
+        try:
+            state = load_file(str(directory / "learned.safetensors"))
+        except Exception as e:  # safetensors raises its own error type for a damaged file
+            raise ValueError(f"learned.safetensors is damaged or cut short ({e})") from None
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            raise ValueError(f"learned.safetensors does not match learned.json ({lines[-1] if lines else e})") from None
         return model.eval()
 
 
-class LearnedRouter:
+class LearnedRouter(Router):
     def __init__(self, model: RouterMLP, latency: LatencyTable, names: list[str], lam: float = 1.0):
         if list(names) != model.names:
             raise ValueError(f"the learned router was trained for drafters {model.names}, not {list(names)}")

@@ -20,18 +20,23 @@ class DrafterState:
     confidence: float = 0.5  # its probability of its first draft token, the last time it drafted
     acceptance: float = 0.5  # running accepted / proposed, over the rounds it drafted
     lag: int = 0             # committed positions it has not consumed (catch-up cost if chosen)
+    available: int | None = None  # tokens it can propose now, where it knows before drafting; None: any
 
 
 @dataclass
 class Signals:
     top1: float = 0.5        # target's probability of its own choice at the bonus position
     entropy: float = 1.0     # entropy (nats) of that distribution
-    ngram_match: int = 0     # tokens the n-gram drafter can propose now (0: no match)
     drafters: list[DrafterState] = field(default_factory=list)
 
+    @property
+    def lookup_match(self) -> int:
+        """Tokens a lookup drafter (one that knows before drafting) can propose now; 0: none."""
+        return max((d.available for d in self.drafters if d.available is not None), default=0)
+
     def vector(self) -> list[float]:
-        """Flat inputs for a learned router: target, n-gram, then each drafter's state."""
-        out = [self.top1, self.entropy / 5.0, min(self.ngram_match, 8) / 8.0]
+        """Flat inputs for a learned router: target, lookup match, then each drafter's state."""
+        out = [self.top1, self.entropy / 5.0, min(self.lookup_match, 8) / 8.0]
         for d in self.drafters:
             out += [d.confidence, d.acceptance, min(d.lag, 64) / 64.0]
         return out

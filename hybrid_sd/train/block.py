@@ -3,34 +3,43 @@
 Per sequence, up to `--anchors` random anchor positions a inside the target's response; the
 block after each anchor is [x_a, MASK, ..., MASK] at positions a..a+B-1, sees the target
 features of positions < a only (as keys/values, like at inference) and itself
-bidirectionally, and slot i is trained to predict x_{a+i} with weight exp(-(i-1)/gamma).
-The target's embedding and LM head are used frozen; for speed the loss is a softmax over
-the most frequent response tokens (the LM head's rows for them), the full head drafts at
-inference. Draft layers start from evenly spaced target layers (same shapes; q/k norms at 1).
+bidirectionally, and slot i is trained to predict x_{a+i} with weight exp(-(i-1)/gamma)
+(DFlash's recipe; with `--kd`, partly against the target's whole distribution there). The
+target's embedding and LM head are used frozen; for speed the loss is a softmax over the
+most frequent response tokens (the LM head's rows for them), the full head drafts at
+inference. Draft layers start from evenly spaced target layers (same shapes; q/k norms at 1;
+`--init none`: at random). The loop, schedule, checkpoints and held-out checks:
+common.run_training.
 """
 from __future__ import annotations
 
-import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 from transformers import Qwen3Config
 
 from ..cli import Parser
 from ..drafters.block import BlockDrafter, default_target_layer_ids
 from ..errors import UserError, exit_code
 from ..models.transformer import apply_rope, rope_parameters
-from .common import finish_training, cosine_lr, frequent_tokens, load_sequences, target_features
+from .common import (add_recipe_args, check_recipe, default_ckpt_dir, finish_training, frequent_tokens, heldout_check,
+                     load_sequences, mixed_loss, run_training, teacher_logits, with_last_hidden)
 
 DEFAULT_OUT = "block-drafter"
 
 
+INIT_CHOICES = ("none", "layers")
+
+
 def new_drafter(target, n_layers: int, block_size: int, mask_token_id: int,
-                layer_ids: list[int] | None = None) -> BlockDrafter:
+                layer_ids: list[int] | None = None, init: str = "layers") -> BlockDrafter:
+    """A fresh block drafter; with init "layers", draft layer i starts as the target layer
+    `layer_ids[i]` (attention, MLP and norms; q/k norms at 1) and the final norm as the target's,
+    with "none" all at random (norms at 1). `fc` always starts at random."""
+    if init not in INIT_CHOICES:
+        raise UserError(f"--init {init!r}: choose from {', '.join(INIT_CHOICES)}")
     tc = target.config
     config = Qwen3Config(
         hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size, num_hidden_layers=n_layers,
@@ -44,6 +53,11 @@ def new_drafter(target, n_layers: int, block_size: int, mask_token_id: int,
     drafter = BlockDrafter(config, target, ids, mask_token_id, block_size)
     with torch.no_grad():
         torch.nn.init.normal_(drafter.fc.weight, std=0.02)
+        if init == "none":
+            for p in drafter.layers.parameters():
+                if p.dim() == 2:
+                    torch.nn.init.normal_(p, std=0.02)
+            return drafter
         for mine, source_idx in zip(drafter.layers, ids):
             src = target.model.layers[source_idx]
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -60,7 +74,7 @@ def block_forward(drafter: BlockDrafter, feats: torch.Tensor, tokens: torch.Tens
     B, A, T = drafter.block_size, anchors.numel(), tokens.numel()
     embed, _ = drafter.target_io
     cos, sin = drafter.rope_cos, drafter.rope_sin
-    ctx = drafter.hidden_norm(drafter.fc(feats.float()))  # [T, H]: features of every position
+    ctx = drafter.context(feats.float())  # [T, H]: fused features of every position
     block_pos = (anchors[:, None] + torch.arange(B)).reshape(-1)  # [A*B]
     block = torch.full((A, B), drafter.mask_token_id, dtype=torch.long)
     block[:, 0] = tokens[anchors]
@@ -85,7 +99,12 @@ def block_forward(drafter: BlockDrafter, feats: torch.Tensor, tokens: torch.Tens
     return drafter.norm(x).view(A, B, -1)
 
 
-def block_loss(drafter, head_rows, target_to_sub, feats, seq, anchors, gamma):
+def block_loss(drafter, head_rows, target_to_sub, feats, seq, anchors, gamma, last=None, target=None,
+               kd: float = 0.0, temperature: float = 1.0):
+    """Position-weighted loss of the blocks after `anchors` (slot i weighs exp(-(i-1)/gamma),
+    DFlash's decay: early slots decide how much of a draft is accepted), with distillation
+    against the target's distribution at the position before each label when kd > 0 (`last`:
+    the target's last hidden states of the sequence). Also top-1 accuracy per slot."""
     B = drafter.block_size
     T = seq.tokens.numel()
     normed = block_forward(drafter, feats, seq.tokens, anchors)[:, 1:]  # slots 1..B-1
@@ -93,11 +112,15 @@ def block_loss(drafter, head_rows, target_to_sub, feats, seq, anchors, gamma):
     labels = target_to_sub[seq.tokens[label_pos.clamp(max=T - 1)]]
     valid = (label_pos < T) & (labels >= 0)
     weights = torch.exp(-(torch.arange(B - 1, dtype=torch.float32)) / gamma).expand_as(label_pos)
-    logits = normed[valid] @ head_rows.T
-    ce = F.cross_entropy(logits.float(), labels[valid], reduction="none")
+    logits = (normed[valid] @ head_rows.T).float()
+    teacher = (teacher_logits(target, last[(label_pos - 1)[valid]], head_rows)
+               if last is not None and kd > 0 else None)
+    ce, _ = mixed_loss(logits, labels[valid], teacher, kd, temperature)
     loss = (ce * weights[valid]).sum() / weights[valid].sum()
-    acc1 = (logits.argmax(-1) == labels[valid])[(label_pos[valid] == anchors[:, None].expand_as(label_pos)[valid] + 1)]
-    return loss, acc1.float().mean().item() if acc1.numel() else 0.0
+    hit = torch.zeros_like(label_pos, dtype=torch.float32)
+    hit[valid] = (logits.argmax(-1) == labels[valid]).float()
+    per_slot = [(hit[:, i][valid[:, i]].mean().item() if valid[:, i].any() else float("nan")) for i in range(B - 1)]
+    return loss, per_slot
 
 
 @torch.enable_grad()
@@ -105,6 +128,7 @@ def train(args) -> Path:
     from ..models.loading import load_target
     from .data import default_data_dir
 
+    check_recipe(args)
     torch.manual_seed(args.seed)
     data_dir = Path(args.data) if args.data else default_data_dir()
     target, tokenizer, eos = load_target(args.target, load_tokenizer=args.mask_token_id is None)
@@ -116,76 +140,69 @@ def train(args) -> Path:
             raise UserError(f"mask token {args.mask_token!r} is not in the tokenizer; pass --mask-token-id")
     seqs = load_sequences(data_dir, "train")
     layer_ids = [int(x) for x in args.target_layer_ids.split(",")] if args.target_layer_ids else None
-    drafter = new_drafter(target, args.layers, args.block_size, mask_id, layer_ids)
-    layers = drafter.feature_layers
-    feats = target_features(target, seqs, layers, data_dir / "features")
+    drafter = new_drafter(target, args.layers, args.block_size, mask_id, layer_ids, args.init)
+    feats, last = with_last_hidden(target, seqs, drafter.feature_layers, data_dir / "features", last=args.kd > 0)
     vocab_ids = frequent_tokens(seqs, args.loss_vocab)
     target_to_sub = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
     target_to_sub[vocab_ids] = torch.arange(len(vocab_ids))
     head_rows = target.lm_head.weight[vocab_ids].detach()
     drafter.reset(max(len(s.tokens) for s in seqs) + args.block_size)
     drafter.train()
-    params = [p for p in drafter.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    total = math.ceil(len(seqs) / args.batch) * args.epochs
-    gen = torch.Generator().manual_seed(args.seed)
-    log, step, t0 = [], 0, time.time()
-    bar = tqdm(total=total, desc="train block", unit="step")
-    out_of_time = False
-    for epoch in range(args.epochs):
-        order = torch.randperm(len(seqs), generator=gen).tolist()
-        for i in range(0, len(order), args.batch):
-            for group in opt.param_groups:
-                group["lr"] = cosine_lr(step, total, args.lr, warmup=max(1, total // 20))
-            opt.zero_grad(set_to_none=True)
-            losses, accs = [], []
-            group_ids = order[i:i + args.batch]
-            for g in group_ids:
-                seq = seqs[g]
-                T = seq.tokens.numel()
-                candidates = torch.arange(max(1, seq.response_start - 1), T - 1)
-                pick = torch.randperm(candidates.numel(), generator=gen)[:args.anchors]
-                loss, acc = block_loss(drafter, head_rows, target_to_sub, feats[g], seq, candidates[pick], args.gamma)
-                (loss / len(group_ids)).backward()
-                losses.append(loss.item())
-                accs.append(acc)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            step += 1
-            mean_loss, mean_acc = sum(losses) / len(losses), sum(accs) / len(accs)
-            log.append({"step": step, "epoch": epoch, "loss": round(mean_loss, 4), "acc1": round(mean_acc, 4)})
-            bar.set_postfix(loss=f"{mean_loss:.3f}", acc1=f"{mean_acc:.2f}")
-            bar.update()
-            if args.max_minutes and time.time() - t0 > args.max_minutes * 60:
-                out_of_time = True
-                break
-        if out_of_time:
-            break
-    bar.close()
-    return finish_training(drafter, args, log, target, eos, data_dir, k=drafter.block_size - 1)
+
+    def step_fn(group, generator):
+        losses, slots = [], []
+        for g in group:
+            seq = seqs[g]
+            # anchors: random positions whose next token is in the response (the bonus is x_a)
+            candidates = torch.arange(max(1, seq.response_start - 1), seq.tokens.numel() - 1)
+            pick = torch.randperm(candidates.numel(), generator=generator)[:args.anchors]
+            loss, per_slot = block_loss(drafter, head_rows, target_to_sub, feats[g], seq, candidates[pick], args.gamma,
+                                        last[g] if last is not None else None, target, args.kd, args.kd_temperature)
+            (loss / len(group)).backward()
+            losses.append(loss.item())
+            slots.append(per_slot)
+        acc = torch.tensor(slots).nanmean(0).nan_to_num(0.0).tolist()
+        return {"loss": sum(losses) / len(losses), "acc1": acc[0], "acc": acc}
+
+    identity = {"sequences": len(seqs), "tokens": sum(len(s.tokens) for s in seqs), "vocab": int(vocab_ids.sum()),
+                "loss_vocab": len(vocab_ids), "batch": args.batch, "layers": list(drafter.target_layer_ids),
+                "block_size": args.block_size, "anchors": args.anchors, "kd": args.kd, "init": args.init,
+                "seed": args.seed, "lr": args.lr,
+                "steps": args.steps, "epochs": args.epochs}
+    k = drafter.block_size - 1
+    evaluate = heldout_check(target, eos, drafter, k, data_dir, args.eval_prompts)
+    log, complete = run_training("block", drafter, len(seqs), step_fn, args, evaluate, identity)
+    if not complete:
+        print(f"stopped at step {log[-1]['step']}; --resume continues", file=sys.stderr)
+        return Path(args.ckpt_dir) if args.ckpt_dir else default_ckpt_dir("block")
+    return finish_training(drafter, args, log, target, eos, data_dir, k=k)
 
 
 def main(argv=None) -> int:
+    from ..cli import int_at_least, layer_ids, nonnegative_int, out_dir, positive_float, positive_int, seed  # argument checks
     p = Parser(prog="python -m hybrid_sd.train.block", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="data directory from hybrid_sd.train.data (default: user cache)")
     p.add_argument("--target", default=None, help="target checkpoint directory (default: embedded SmolLM2)")
-    p.add_argument("--out", default=DEFAULT_OUT)
-    p.add_argument("--layers", type=int, default=3)
-    p.add_argument("--target-layer-ids", default=None,
+    p.add_argument("--out", default=DEFAULT_OUT, type=out_dir, help="drafter directory (checked before training)")
+    p.add_argument("--layers", type=positive_int, default=3)
+    p.add_argument("--target-layer-ids", default=None, type=layer_ids,
                    help="target layer outputs to read, DFlash numbering, e.g. 1,14,26 (default: evenly spaced)")
-    p.add_argument("--block-size", type=int, default=8)
-    p.add_argument("--anchors", type=int, default=32, help="anchors per sequence per step")
-    p.add_argument("--gamma", type=float, default=4.0, help="loss weight decay over block slots (4 for block 8)")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=6e-4)
-    p.add_argument("--loss-vocab", type=int, default=4096)
+    p.add_argument("--block-size", type=int_at_least(2), default=8, help="the bonus and block size - 1 drafts (>= 2)")
+    p.add_argument("--anchors", type=positive_int, default=32, help="anchors per sequence per step")
+    p.add_argument("--gamma", type=positive_float, default=4.0, help="loss weight decay over block slots (4 for block 8)")
+    p.add_argument("--epochs", type=positive_int, default=2)
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--lr", type=positive_float, default=6e-4)
+    p.add_argument("--loss-vocab", type=positive_int, default=4096)
     p.add_argument("--mask-token", default="<reponame>", help="an existing special token never emitted in answers")
-    p.add_argument("--mask-token-id", type=int, default=None)
-    p.add_argument("--max-minutes", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-per-category", type=int, default=2,
+    p.add_argument("--mask-token-id", type=nonnegative_int, default=None)
+    p.add_argument("--max-minutes", type=positive_float, default=None)
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--init", default="layers", choices=INIT_CHOICES,
+                   help="draft layers from evenly spaced target layers, or at random")
+    p.add_argument("--eval-per-category", type=nonnegative_int, default=2,
                    help="held-out prompts per category to measure tokens per round on after training (0: skip)")
+    add_recipe_args(p, kd=0.0, clip=1.0)
     return exit_code(train, p.parse_args(argv))
 
 

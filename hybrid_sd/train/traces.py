@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..cli import Parser
+from ..cli import Parser, out_file, positive_int
+from ..config import EVAL_CONTEXT
+from ..errors import UserError, exit_code
 from ..models.loading import encode_prompt
-from ..errors import exit_code
-from ..router.signals import ACCEPTANCE_EMA
+from ..router.signals import DrafterState, observe_draft
 from ..verify import Sampling
 from .prompts import chat_prompts, code_prompts, math_prompts, structured_prompts
 
@@ -78,19 +79,19 @@ def score_sequence(target, drafters, ids: list[int], response_start: int, k_max:
     buffer[:T] = tokens
     for d in drafters:
         d.reset(T + k_max + 8)
-    state = [{"confidence": 0.5, "acceptance": 0.5} for _ in drafters]
+    state = [DrafterState() for _ in drafters]
     rows = []
     for n in range(max(1, response_start), T - 1):
         ctx = Context(ids[:n + 1], buffer, features, capture)
         top1, entropy = target_confidence(logits[n - 1])
-        row = {"seq": seq, "n": n, "top1": round(top1, 4), "entropy": round(entropy, 4), "ngram_match": 0,
-               "drafters": [dict(s, lag=rng.randrange(0, 65)) for s in state], "accepted": []}
+        row = {"seq": seq, "n": n, "top1": round(top1, 4), "entropy": round(entropy, 4), "drafters": [], "accepted": []}
         for d, s in zip(drafters, state):
             d.catch_up(ctx, n)
+            # the state a router would read here (lag: random, as the drafter's lag varies in a hybrid)
+            row["drafters"].append({"confidence": round(s.confidence, 4), "acceptance": round(s.acceptance, 4),
+                                    "lag": rng.randrange(0, 65), "available": d.available(ctx, k_max)})
             draft = d.draft(ctx, k_max, Sampling())
             k = draft.tokens.numel()
-            if d.name == "ngram":
-                row["ngram_match"] = k
             if k == 0:
                 row["accepted"].append(None)
                 continue
@@ -98,9 +99,8 @@ def score_sequence(target, drafters, ids: list[int], response_start: int, k_max:
             while a < k and n + a < T - 1 and int(draft.tokens[a]) == int(greedy[n + a]) == ids[n + 1 + a]:
                 a += 1
             row["accepted"].append(a)
-            s["acceptance"] = round((1 - ACCEPTANCE_EMA) * s["acceptance"] + ACCEPTANCE_EMA * a / k, 4)
-            if draft.confidence is not None and draft.confidence.numel():
-                s["confidence"] = round(float(draft.confidence[0]), 4)
+            has_confidence = draft.confidence is not None and draft.confidence.numel() > 0
+            observe_draft(s, k, a, float(draft.confidence[0]) if has_confidence else None)
         rows.append(row)
     return rows
 
@@ -108,31 +108,36 @@ def score_sequence(target, drafters, ids: list[int], response_start: int, k_max:
 def main(argv=None) -> int:
     p = Parser(prog="python -m hybrid_sd.train.traces", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="data directory (default: the user cache)")
+    p.add_argument("--drafters", default="ar,block,ngram", help="the drafters to score, in the router's order")
     p.add_argument("--ar", default=None, help="AR drafter directory (default: shipped)")
     p.add_argument("--block", default=None, help="block drafter directory (default: shipped)")
-    p.add_argument("--per-category", type=int, default=12)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--k-max", type=int, default=7)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--out", default=None, help="traces file (default: DATA/traces.jsonl)")
+    p.add_argument("--per-category", type=positive_int, default=12)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--k-max", type=positive_int, default=7)
+    p.add_argument("--batch", type=positive_int, default=16)
+    p.add_argument("--out", default=None, type=out_file, help="traces file (default: DATA/traces.jsonl; checked first)")
     return exit_code(run, p.parse_args(argv))
 
 
 def run(args) -> Path:
-    from ..drafters import load_drafter
+    from .. import factory
+    from ..cli import check_out_dir, check_out_file
     from ..models.embedded import default_target_dir
-    from ..models.loading import load_target
-    from ..models.packed_linear import pack_linears
     from .data import default_data_dir, write_jsonl_atomic
 
     data_dir = Path(args.data) if args.data else default_data_dir()
+    check_out_dir(data_dir, "--data")
+    if args.out is None:
+        check_out_file(data_dir / "traces.jsonl")
+    names = [name for name in args.drafters.split(",") if name]
+    unknown = [name for name in names if name not in factory.DRAFTERS]
+    if unknown or not names:  # one line now, not after answering the prompts
+        raise UserError(f"--drafters: unknown drafter(s) {unknown} (choose from {', '.join(factory.DRAFTERS)})")
     data_dir.mkdir(parents=True, exist_ok=True)
     prompts = answered_prompts(default_target_dir(), data_dir, args.per_category, args.max_new_tokens, args.batch)
-    target, _, _ = load_target(None, max_len=2048, load_tokenizer=False)
-    pack_linears(target)
-    drafters = [load_drafter("ar", args.ar, target, embedded_default=True),
-                load_drafter("block", args.block, target, embedded_default=True),
-                load_drafter("ngram", None, target)]
+    target, _, _ = factory.load_packed_target(None, max_len=EVAL_CONTEXT, load_tokenizer=False)
+    checkpoints = {"ar": args.ar, "block": args.block}
+    drafters = [factory.build_drafter(name, target, checkpoints.get(name), embedded=True) for name in names]
     rng = random.Random(0)
     rows = []
     for seq, r in enumerate(tqdm(prompts, desc="scoring drafters", unit="seq")):

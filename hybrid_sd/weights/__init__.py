@@ -5,10 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 EMBEDDED = Path(__file__).resolve().parent / "smollm2-135m-instruct"
-MARKERS = {"ar": "config.json", "block": "config.json", "router": "entropy.json"}
 
 
-def shipped(kind: str) -> Path | None:
-    """The shipped directory for `kind` (ar, block or router), or None if none ships."""
+def shipped(kind: str, marker: str = "config.json") -> Path | None:
+    """The shipped directory for `kind` (a drafter's name, or router with marker entropy.json),
+    or None if none ships."""
     path = EMBEDDED / kind
-    return path if (path / MARKERS[kind]).is_file() else None
+    return path if (path / marker).is_file() else None
+
+
+def shipped_router() -> Path | None:
+    """The shipped router directory (entropy.json, learned.*), or None."""
+    return shipped("router", "entropy.json")

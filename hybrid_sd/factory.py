@@ -1,0 +1,130 @@
+"""Builds what a generation needs -- the target, the drafters, the router and the engine --
+from settings. Every entry point goes through here (the CLI, bench, eval, train, benchmarks,
+scripts/gpu_check.py, tests), so the wiring exists once."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .config import DraftOptions, EngineConfig
+from .drafters import DRAFTERS, Drafter
+from .drafters.registry import DrafterKind
+from .engine import Engine
+from .errors import UserError
+from .models.loading import load_target
+from .models.packed_linear import pack_linears
+from .router import FixedRouter, LatencyTable, load_router, router_names
+from .weights import shipped_router
+
+PLAIN, HYBRID = "none", "hybrid"
+
+
+def drafter_choices() -> list[str]:
+    """What --drafter accepts: plain decoding, every registered drafter, the hybrid."""
+    return [PLAIN, *DRAFTERS, HYBRID]
+
+
+def default_drafter(embedded: bool) -> str:
+    """The hybrid on the embedded default where a router ships (it beats every single drafter
+    there, docs/performance.md); prompt lookup, which needs no checkpoint, elsewhere."""
+    return HYBRID if embedded and shipped_router() is not None else "ngram"
+
+
+def load_packed_target(path: str | Path | None = None, device="cpu", dtype=torch.float32, max_len: int | None = None,
+                       load_tokenizer: bool = True):
+    """(target with packed linears, tokenizer or None, eos ids); path None: the embedded default."""
+    target, tokenizer, eos = load_target(path, device=device, dtype=dtype, max_len=max_len,
+                                         load_tokenizer=load_tokenizer)
+    return pack_linears(target), tokenizer, eos
+
+
+def drafter_kind(name: str) -> DrafterKind:
+    if name not in DRAFTERS:
+        raise UserError(f"unknown drafter {name!r} (choose from {', '.join(drafter_choices())})")
+    return DRAFTERS[name]
+
+
+def checkpoint_of(name: str, path: str | Path | None, embedded: bool) -> Path | None:
+    """The checkpoint directory a drafter is built from: the one given, else on the embedded
+    default the shipped one; None for a drafter that needs none."""
+    kind = drafter_kind(name)
+    if not kind.needs_checkpoint:
+        return None
+    if path is None and embedded:
+        path = kind.shipped_checkpoint()
+    if path is None:
+        raise UserError(f"--drafter {name} needs a checkpoint: pass --draft PATH"
+                        + ("" if embedded else " (drafters ship only for the embedded default target)"))
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"drafter checkpoint {path} does not exist")
+    return path
+
+
+def build_drafter(name: str, target, path: str | Path | None = None, options: DraftOptions = DraftOptions(),
+                  embedded: bool = False) -> Drafter:
+    """The registered drafter `name` for `target` (from `path`, or the shipped checkpoint)."""
+    return drafter_kind(name).cls.load(target, checkpoint_of(name, path, embedded), options)
+
+
+def build_engine(target, eos, drafter: str = PLAIN, config: EngineConfig = EngineConfig(),
+                 path: str | Path | None = None, options: DraftOptions = DraftOptions(),
+                 embedded: bool = False) -> Engine:
+    """Plain decoding (`none`) or one registered drafter at its k (config.draft_k or its default)."""
+    drafters = [] if drafter == PLAIN else [build_drafter(drafter, target, path, options, embedded)]
+    return Engine(target, eos, drafters, config=config)
+
+
+def build_hybrid(target, eos, config: EngineConfig = EngineConfig(), router: str = "entropy", lam: float = 1.0,
+                 router_dir: str | Path | None = None, checkpoints: Mapping[str, str | Path | None] = {},
+                 options: DraftOptions = DraftOptions(), embedded: bool = True) -> Engine:
+    """The drafters the router was calibrated for (by name: checkpoints[name] or the shipped
+    ones), one engine over them, this machine's latency table, then the router on it."""
+    names = router_names(router, router_dir)
+    paths = {name: checkpoint_of(name, checkpoints.get(name), embedded) for name in names}
+    drafters = [drafter_kind(name).cls.load(target, paths[name], options) for name in names]
+    # the latency probes run each step once before timing it: on CUDA that call captures its graph
+    engine = Engine(target, eos, drafters, router=FixedRouter(0, 1), config=config)
+    latency = cached_latency(engine, paths)
+    engine.use_router(load_router(router, router_dir, latency, names, lam))
+    return engine
+
+
+def latency_cache_dir() -> Path:
+    from .models.embedded import cache_root
+    return cache_root() / "latency"
+
+
+def cached_latency(engine: Engine, paths: Mapping[str, Path | None]) -> LatencyTable:
+    """The latency table of this machine and configuration: measured once, then read back, so
+    that routing (and so a seeded sampled output) does not change with timing noise between
+    runs. Delete ~/.cache/hybrid_sd/latency/ to measure again."""
+    def stamp(path):
+        weights = path / "model.safetensors" if path is not None else None
+        return str(path), weights.stat().st_mtime_ns if weights is not None and weights.is_file() else 0
+
+    target, w = engine.target, engine.target.lm_head.weight
+    key = json.dumps([target.config.to_json_string(), [[name, *stamp(p)] for name, p in paths.items()],
+                      str(w.device), str(w.dtype), torch.get_num_threads(), engine.max_len,
+                      platform.processor() or platform.machine(), engine.graphs_mode])
+    path = latency_cache_dir() / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
+    if path.is_file():
+        try:
+            return LatencyTable.from_dict(json.loads(path.read_text()), drafters=[d.name for d in engine.drafters],
+                                          catchup=[d.name for d in engine.drafters if d.feature_layers])
+        except ValueError:
+            pass  # unreadable or for other drafters: measure again
+    table = engine.measure_latency(repeats=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(table.to_dict(), f)
+    os.replace(tmp, path)
+    return table
