@@ -1,6 +1,7 @@
 """Single-stream generation: `python -m hybrid_sd.decode "prompt"` (or the prompt on stdin)."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -33,7 +34,6 @@ def build_parser() -> Parser:
     from .factory import drafter_choices
     from .graphs import MODES
     from .router import ROUTERS
-    import argparse
     p = Parser(prog="python -m hybrid_sd.decode", description=__doc__, epilog=EPILOG,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", help="the prompt; read from stdin when absent (bytes that are not UTF-8 "

@@ -1,5 +1,6 @@
 """The one exception type the CLI turns into a one-line message and exit code 2; docs/errors.md
 lists the messages and what to do about each."""
+import errno
 import os
 import sys
 
@@ -26,8 +27,9 @@ def silence_stdout() -> None:
 
 
 def exit_code(command, args) -> int:
-    """Run a command's body; a UserError becomes one line on stderr and exit code 2; a reader
-    that went away (`... | head`) ends it quietly with 141, as Unix tools do."""
+    """Run a command's body; a UserError becomes one line on stderr and exit code 2, and so does
+    a full disk under an output; a reader that went away (`... | head`) ends it quietly with
+    141, as Unix tools do."""
     try:
         result = command(args)
     except UserError as e:
@@ -36,4 +38,10 @@ def exit_code(command, args) -> int:
     except BrokenPipeError:
         silence_stdout()
         return BROKEN_PIPE
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        silence_stdout()  # most likely stdout itself: its flush at exit would fail again
+        print(f"error: cannot write the output ({e.strerror or e})", file=sys.stderr)
+        return 2
     return result if isinstance(result, int) else 0

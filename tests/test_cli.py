@@ -1,5 +1,6 @@
 """The CLI on the embedded default: streaming, --json, and one-line errors with exit code 2."""
 import json
+import os
 import subprocess
 import sys
 
@@ -98,3 +99,68 @@ def test_profile_prints_a_phase_table():
     run = decode("--profile", "--max-new-tokens", "12", "Count from one to ten.")
     assert run.returncode == 0, run.stderr
     assert "ms per round" in run.stderr and "| verify |" in run.stderr and "| draft |" in run.stderr
+
+
+# ---- prompts that are not UTF-8, and outputs that go away ---------------------------------------
+
+def decode_bytes(*args, stdin: bytes = b"", **popen):
+    return subprocess.run([sys.executable, "-m", "hybrid_sd.decode", *args], input=stdin, capture_output=True,
+                          timeout=300, **popen)
+
+
+def test_prompt_bytes_that_are_not_utf8_are_replaced_with_one_warning():
+    run = decode_bytes("--json", "--drafter", "none", "--max-new-tokens", "2", stdin=b"Caf\xe9 au lait, \xff\xfe please?")
+    assert run.returncode == 0, run.stderr
+    err = run.stderr.decode()
+    assert "Traceback" not in err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "not valid UTF-8" in warnings[0] and "offset 3" in warnings[0], err
+    assert json.loads(run.stdout)["prompt_tokens"] > 20
+
+
+def test_read_prompt_from_an_argument_with_undecodable_bytes(capsys):
+    import argparse
+
+    from hybrid_sd.decode import read_prompt
+    arg = b"na\xefve".decode("utf-8", "surrogateescape")  # what Python makes of such argv bytes
+    assert read_prompt(argparse.Namespace(prompt=arg)) == "na\ufffdve"
+    assert "offset 2" in capsys.readouterr().err
+    assert read_prompt(argparse.Namespace(prompt="naïve")) == "naïve" and capsys.readouterr().err == ""
+
+
+def test_a_reader_that_goes_away_ends_generation_quietly():
+    """`python -m hybrid_sd.decode ... | head -c 10`: exit 141 (128 + SIGPIPE), nothing on stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "hybrid_sd.decode", "--drafter", "none", "--max-new-tokens", "200",
+                             "Count from one to two hundred, one number per line."],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.read(10)
+    proc.stdout.close()  # the reader is gone; the next write hits a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141, err
+    assert len(first) == 10 and err == ""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_on_stdout_is_one_line():
+    with open("/dev/full", "wb") as full:
+        run = subprocess.run([sys.executable, "-m", "hybrid_sd.decode", "--drafter", "none", "--max-new-tokens", "3",
+                              "--json", "Hi"], stdout=full, stderr=subprocess.PIPE, timeout=300)
+    err = run.stderr.decode()
+    assert run.returncode == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: cannot write the output to stdout (No space left on device)")
+
+
+def test_a_closed_stdout_is_one_line_before_any_work():
+    run = subprocess.run([sys.executable, "-m", "hybrid_sd.decode", "--max-new-tokens", "3", "Hi"],
+                         stderr=subprocess.PIPE, timeout=300, preexec_fn=lambda: os.close(1))
+    err = run.stderr.decode()
+    assert run.returncode == 2 and err.count("\n") == 1 and "stdout is closed" in err, err
+
+
+def test_help_states_the_guarantees():
+    run = decode("--help")
+    assert run.returncode == 0
+    text = " ".join(run.stdout.split())
+    for phrase in ("token for token", "bfloat16/float16", "not valid UTF-8", "U+FFFD", "<|im_end|>",
+                   "encoded as plain text", "141"):
+        assert phrase in text, phrase

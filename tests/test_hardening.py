@@ -752,3 +752,18 @@ def test_control_tokens_typed_in_a_prompt_stay_text(smollm2_tokenizer, text):
     assert tok.decode(ids) == tok.decode(plain).replace("\nx<|im_end|>", f"\n{text}<|im_end|>")
     # raw text (--no-chat) is the caller's own template: control strings stay control tokens
     assert tok.convert_tokens_to_ids("<|im_end|>") in encode_prompt(tok, "a<|im_end|>", chat=False)
+
+
+@pytest.mark.parametrize("failure, status, message", [
+    (BrokenPipeError(errno.EPIPE, "Broken pipe"), 141, ""),
+    (OSError(errno.ENOSPC, "No space left on device"), 2, "error: cannot write the output (No space left on device)\n"),
+])
+def test_entry_points_end_quietly_when_the_output_goes_away(capsys, failure, status, message):
+    """bench, eval and train print tables on stdout: `| head` or a full disk is not a traceback."""
+    from hybrid_sd.errors import exit_code
+
+    def command(args):
+        raise failure
+
+    assert exit_code(command, None) == status
+    assert capsys.readouterr().err == message

@@ -1,4 +1,5 @@
-"""Greedy speculative decoding returns exactly the target's own greedy output, on every drafter."""
+"""Greedy speculative decoding returns exactly the target's own greedy output, on every drafter
+(float32; what holds in bfloat16 is stated and tested at the end)."""
 import pytest
 import torch
 
@@ -95,7 +96,7 @@ def test_prompt_of_length_one(target, tmp_path):
 # same tokens, every token is the argmax of the logits that verify computed, and it can part
 # from plain decoding only where the target's two best tokens are nearly tied.
 
-NEAR_TIE = 0.25  # logits; bf16 keeps 8 significant bits: the measured gaps stay below 0.07 here
+NEAR_TIE = 0.25  # logits; bf16 keeps 8 significant bits (ngram's largest gap measured here: 0.06)
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +135,13 @@ def test_low_precision_output_is_the_verifys_greedy(bf16_target, tmp_path, kind)
     low, high = bf16_target
     drafter = make_drafter(kind, low, tmp_path)
     identical = 0
-    for prompt in PROMPTS[:10]:
+    for n, prompt in enumerate(PROMPTS[:6]):
         decoder = engine(low, (), drafter, k=8)
         seen = recorded_verifies(decoder)
         gen = decoder.generate(prompt, MAX_NEW)
-        assert decoder.generate(prompt, MAX_NEW).token_ids == gen.token_ids  # deterministic
+        if n == 0:
+            assert decoder.generate(prompt, MAX_NEW).token_ids == gen.token_ids  # deterministic
+            del seen[len(gen.rounds):]
         # every committed token is the argmax of the verify row that checked it
         position = 1  # out[0] comes from the prefill
         for record, argmax in zip(gen.rounds, seen):
@@ -157,4 +160,4 @@ def test_low_precision_output_is_the_verifys_greedy(bf16_target, tmp_path, kind)
         i = next(i for i, (a, b) in enumerate(zip(plain, gen.token_ids)) if a != b)
         gap = logits[i, gen.token_ids[i]] - logits[i, plain[i]]
         assert abs(float(gap)) < NEAR_TIE, (kind, prompt, i)
-    assert identical >= 5  # most prompts do not meet a near-tie at all
+    assert identical >= 3  # most prompts do not meet a near-tie at all

@@ -64,7 +64,7 @@ def test_training_command_end_to_end(setup, kind):
     tmp, path, target = setup
     out = tmp / f"out-{kind}"
     common = ["--data", str(tmp / "data"), "--target", str(path), "--out", str(out), "--epochs", "6",
-              "--batch", "4", "--lr", "3e-3"]
+              "--batch", "4", "--lr", "3e-3", "--ckpt-dir", str(tmp / f"ckpt-{kind}"), "--eval-every", "0"]
     if kind == "ar":
         rc = train_ar.main(common + ["--draft-vocab", "64"])
     else:
@@ -80,16 +80,130 @@ def test_training_command_end_to_end(setup, kind):
     assert drafter.fc.weight.dtype == torch.float32  # fp16 on disk, target dtype in memory
 
 
+def tiny_run(setup, kind, name, *extra):
+    """A few deterministic steps of a trainer on the tiny target; its checkpoint directory."""
+    tmp, path, _ = setup
+    ckpt = tmp / f"ckpt-{name}"
+    args = ["--data", str(tmp / "data"), "--target", str(path), "--out", str(tmp / f"out-{name}"), "--batch", "4",
+            "--lr", "3e-3", "--ckpt-dir", str(ckpt), "--eval-per-category", "0", "--eval-every", "0", *extra]
+    if kind == "ar":
+        rc = train_ar.main(args + ["--draft-vocab", "64", "--ttt-steps", "3"])
+    else:
+        rc = train_block.main(args + ["--loss-vocab", "64", "--mask-token-id", "2", "--layers", "2", "--anchors", "6"])
+    assert rc == 0
+    return ckpt
+
+
+@pytest.mark.parametrize("kind", ["ar", "block"])
+def test_distillation_lowers_its_loss(setup, kind):
+    """With --kd 1 the whole loss is cross-entropy against the target's own distribution; it falls."""
+    ckpt = tiny_run(setup, kind, f"kd-{kind}", "--kd", "1", "--epochs", "8")
+    log = [r for r in torch.load(ckpt / "last.pt", weights_only=False)["log"] if "loss" in r]
+    first, last = sum(r["loss"] for r in log[:3]) / 3, sum(r["loss"] for r in log[-3:]) / 3
+    assert last < 0.9 * first, (first, last)
+
+
+def test_teacher_is_the_targets_distribution(setup):
+    """The distillation teacher from the cached last hidden state = the target's logits over the vocabulary subset."""
+    from hybrid_sd.train.common import Sequence, teacher_logits, with_last_hidden
+    _, _, target = setup
+    seq = torch.randint(4, 96, (17,), generator=torch.Generator().manual_seed(3))
+    feats, last = with_last_hidden(target, [Sequence(seq, 5, "chat")], (2, 4), None, last=True)
+    rows = torch.tensor([3, 7, 40, 95])
+    normed, f = target(seq[None], torch.arange(17), capture=(2, 4))
+    torch.testing.assert_close(feats[0].float(), f[0], rtol=1e-2, atol=1e-2)  # fp16 cache
+    torch.testing.assert_close(teacher_logits(target, last[0], target.lm_head.weight[rows]),
+                               target.logits(normed[0])[:, rows], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("kind", ["ar", "block"])
+def test_resume_continues_exactly(setup, kind):
+    """Stopping at step 3 and resuming gives the parameters, optimizer state and log of an
+    uninterrupted run; held-out checks in the middle of training change nothing."""
+    flags = ("--steps", "6", "--ckpt-every", "2", "--kd", "0.5")
+    whole = torch.load(tiny_run(setup, kind, f"whole-{kind}", *flags, "--eval-every", "2", "--eval-prompts", "1")
+                       / "last.pt", weights_only=False)
+    assert [r["step"] for r in whole["log"] if "heldout_tau" in r] == [2, 4]
+    tiny_run(setup, kind, f"split-{kind}", *flags, "--stop-at", "3")
+    tmp = setup[0]
+    assert not (tmp / f"out-split-{kind}").exists()  # no published drafter from an unfinished run
+    parts = torch.load(tiny_run(setup, kind, f"split-{kind}", *flags, "--resume") / "last.pt", weights_only=False)
+    assert parts["step"] == whole["step"] == 6
+    for name, value in whole["model"].items():
+        torch.testing.assert_close(parts["model"][name], value, rtol=0, atol=0, msg=name)
+    for a, b in zip(whole["optimizer"]["state"].values(), parts["optimizer"]["state"].values()):
+        torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"], rtol=0, atol=0)
+    untimed = lambda log: [{k: v for k, v in r.items() if k != "seconds"} for r in log if "loss" in r]  # noqa: E731
+    assert untimed(whole["log"]) == untimed(parts["log"])
+    cls = ARDrafter if kind == "ar" else BlockDrafter
+    cls.from_pretrained(tmp / f"out-split-{kind}", setup[2])  # the finished run publishes
+
+
+def test_resume_refuses_what_it_cannot_continue(setup, capsys):
+    tmp, path, _ = setup
+    base = ["--data", str(tmp / "data"), "--target", str(path), "--out", str(tmp / "x"), "--draft-vocab", "64",
+            "--eval-per-category", "0", "--resume"]
+    assert train_ar.main(base + ["--ckpt-dir", str(tmp / "no-ckpt")]) == 2
+    tiny_run(setup, "ar", "other", "--steps", "2")
+    assert train_ar.main(base + ["--ckpt-dir", str(tmp / "ckpt-other"), "--kd", "0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == f"error: no training checkpoint to resume in {tmp / 'no-ckpt'}; drop --resume to start a new run"
+    assert err[-1].startswith(f"error: {tmp / 'ckpt-other' / 'last.pt'} is from another run (")
+    assert "kd: 0.0 there, 0.5 here" in err[-1]
+
+
+def test_init_from_target_copies_the_right_tensors(setup):
+    _, _, target = setup
+    H = target.config.hidden_size
+    vocab = torch.tensor([3, 5, 8, 60, 90])
+    first, last = target.model.layers[0], target.model.layers[-1]
+    ar = train_ar.new_drafter(target, vocab, init="full")
+    mid = ar.midlayer
+    assert torch.equal(ar.lm_head.weight, target.lm_head.weight[vocab])
+    assert torch.equal(ar.norm.weight, target.model.norm.weight)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        assert torch.equal(getattr(mid.mlp, name).weight, getattr(last.mlp, name).weight)
+    assert torch.equal(mid.post_attention_layernorm.weight, last.post_attention_layernorm.weight)
+    assert torch.equal(mid.self_attn.o_proj.weight, last.self_attn.o_proj.weight)
+    for name in ("q_proj", "k_proj", "v_proj"):  # attention input [embedding | hidden]
+        assert torch.equal(getattr(mid.self_attn, name).weight[:, :H], getattr(first.self_attn, name).weight)
+        assert torch.equal(getattr(mid.self_attn, name).weight[:, H:], getattr(last.self_attn, name).weight)
+    assert torch.equal(mid.input_layernorm.weight, first.input_layernorm.weight)
+    assert torch.equal(mid.hidden_norm.weight, last.input_layernorm.weight)
+    assert torch.equal(ar.fc.weight[:, -H:], torch.eye(H)) and not ar.fc.weight[:, :-H].any()
+    assert torch.equal(ar.to_target_ids(torch.arange(5)), vocab)
+    mlp_only = train_ar.new_drafter(target, vocab, init="mlp")
+    assert torch.equal(mlp_only.midlayer.mlp.up_proj.weight, last.mlp.up_proj.weight)
+    assert not torch.equal(mlp_only.midlayer.self_attn.o_proj.weight, last.self_attn.o_proj.weight)
+    random = train_ar.new_drafter(target, vocab, init="none")
+    assert not torch.equal(random.lm_head.weight, target.lm_head.weight[vocab])
+
+    block = train_block.new_drafter(target, 2, 8, mask_token_id=2, layer_ids=[1, 5])
+    for mine, i in zip(block.layers, [1, 5]):
+        src = target.model.layers[i]
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            assert torch.equal(getattr(mine.self_attn, name).weight, getattr(src.self_attn, name).weight)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            assert torch.equal(getattr(mine.mlp, name).weight, getattr(src.mlp, name).weight)
+        assert torch.equal(mine.input_layernorm.weight, src.input_layernorm.weight)
+        assert torch.equal(mine.post_attention_layernorm.weight, src.post_attention_layernorm.weight)
+    assert torch.equal(block.norm.weight, target.model.norm.weight)
+    fresh = train_block.new_drafter(target, 2, 8, mask_token_id=2, layer_ids=[1, 5], init="none")
+    assert not torch.equal(fresh.layers[0].mlp.up_proj.weight, target.model.layers[1].mlp.up_proj.weight)
+
+
 def test_missing_data_is_a_clear_error(setup, capsys):
     tmp, path, _ = setup
     assert train_ar.main(["--data", str(tmp / "nothing"), "--target", str(path), "--out", str(tmp / "x")]) == 2
     assert "run python -m hybrid_sd.train.data first" in capsys.readouterr().err
 
 
-def test_data_command_builds_resumes_and_grows(tmp_path, monkeypatch):
-    """The data command answers every prompt with the target, keeps the held-out split apart,
-    and a larger --per-category grows the set without touching what was answered."""
+def test_data_command_builds_resumes_and_grows(tmp_path, monkeypatch, capsys):
+    """The data command answers every prompt (every turn of a multi-turn one) with the target,
+    keeps the held-out split apart, reports its mix, and a larger --per-category grows the set
+    without touching what was answered."""
     import shutil
+    from collections import Counter
 
     from hybrid_sd.models.embedded import default_target_dir
     from hybrid_sd.train import data
@@ -100,23 +214,43 @@ def test_data_command_builds_resumes_and_grows(tmp_path, monkeypatch):
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(default_target_dir() / name, target_dir / name)
     # a random model rarely ends a sampled question; hand out numbered ones instead
-    def questions(tokenizer, model, eos, want, seed, batch, avoid=()):
-        pool = [f"Question number {seed + i} about anything?" for i in range(want + len(avoid))]
-        return [q for q in pool if q not in set(avoid)][:want]
-    monkeypatch.setattr(data, "chat_questions", questions)
+    monkeypatch.setattr(data, "magpie_batch", lambda model, tokenizer, eos, lead, batch, seed:
+                        [f"My {lead} question number {seed}-{i}?" for i in range(batch)])
 
     out = tmp_path / "data"
-    args = ["--target", str(target_dir), "--out", str(out), "--heldout", "1", "--max-new-tokens", "5", "--batch", "2"]
-    assert data.main(args + ["--per-category", "2"]) == 0
+    args = ["--target", str(target_dir), "--out", str(out), "--heldout", "1", "--max-new-tokens", "5", "--batch", "2",
+            "--shard-size", "8"]
+    assert data.main(args + ["--per-category", "6"]) == 0
     train, heldout = data.read_split(out, "train"), data.read_split(out, "heldout")
-    assert sorted(r["category"] for r in train) == sorted(data.CATEGORIES * 2)
+    assert Counter(r["category"] for r in train if r["turn"] == 0) == {cat: 6 for cat in data.CATEGORIES}
+    assert {r["item"] for r in train} == set(range(24)) and len({r["source"] for r in train}) > 8
     assert len(heldout) == 4 and not {r["prompt"] for r in heldout} & {r["prompt"] for r in train}
-    assert all(1 <= len(r["response_ids"]) <= 5 for r in train)
-    first_shard = (out / "train" / "math-000.jsonl").stat().st_mtime_ns
+    assert all(1 <= len(r["response_ids"]) <= 5 for r in train + heldout)
+    # a second turn goes on from the target's own first answer
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    first = {r["item"]: r for r in train if r["turn"] == 0}
+    later = [r for r in train if r["turn"] == 1]
+    assert later
+    for r in later:
+        a = first[r["item"]]["response_ids"]
+        assert r["messages"][-2]["content"] == tokenizer.decode(a[:-1] if a[-1] == 2 else a, skip_special_tokens=True)
+        assert r["prompt_ids"] == data.encode_chat(tokenizer, r["messages"])
+    mix = json.loads((out / "mix.json").read_text())
+    assert mix["train"]["total"]["answers"] == len(train) and mix["train"]["total"]["prompts"] == 24
+    assert "train: 24/24 prompts answered" in capsys.readouterr().out
+    first_shard = (out / "train" / "00000.jsonl").stat().st_mtime_ns
 
-    assert data.main(args + ["--per-category", "3"]) == 0
+    assert data.main(args + ["--per-category", "8"]) == 0
     grown = data.read_split(out, "train")
-    assert sorted(r["category"] for r in grown) == sorted(data.CATEGORIES * 3)
-    assert {r["prompt"] for r in train} <= {r["prompt"] for r in grown}
+    assert Counter(r["category"] for r in grown if r["turn"] == 0) == {cat: 8 for cat in data.CATEGORIES}
+    assert [r for r in grown if r["item"] < 24] == train  # the plan grew at its end
     assert data.read_split(out, "heldout") == heldout
-    assert (out / "train" / "math-000.jsonl").stat().st_mtime_ns == first_shard  # answered once, kept
+    assert (out / "train" / "00000.jsonl").stat().st_mtime_ns == first_shard  # answered once, kept
+
+    capsys.readouterr()
+    assert data.main(args[:-2] + ["--shard-size", "4"]) == 2  # resuming needs the same shard size
+    assert data.main(args + ["--per-category", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: " + str(out) + " was built with --shard-size 8; resume it with the same value",
+                   "error: --per-category must be at least 1, got 0"]

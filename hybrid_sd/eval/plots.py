@@ -117,24 +117,36 @@ def plot_all(result: dict, out: Path) -> list[Path]:
     for method in result["routing"]:
         figures[f"routing-{method}.png"] = plot_routing(result, method, plt)
     paths = []
+    from ..cli import write_atomic
     for name, fig in figures.items():
-        fig.savefig(out / name, dpi=110, bbox_inches="tight")
-        plt.close(fig)
+        try:
+            write_atomic(out / name, writer=lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+        finally:
+            plt.close(fig)
         paths.append(out / name)
     return paths
 
 
 def main(argv=None) -> int:
-    import argparse
-    p = argparse.ArgumentParser(prog="python -m hybrid_sd.eval.plots", description=__doc__.split("\n\n")[0])
+    from ..cli import Parser, out_dir
+    from ..errors import exit_code
+    p = Parser(prog="python -m hybrid_sd.eval.plots", description=__doc__.split("\n\n")[0])
     p.add_argument("results", help="results.json of python -m hybrid_sd.bench")
-    p.add_argument("--out", default=None, help="directory for the PNGs (default: next to the results)")
-    args = p.parse_args(argv)
+    p.add_argument("--out", default=None, type=out_dir, help="directory for the PNGs (default: next to the results)")
+    return exit_code(redraw, p.parse_args(argv))
+
+
+def redraw(args) -> int:
+    from ..cli import check_out_dir
     path = Path(args.results)
     if not path.is_file():
-        print(f"error: no results file at {path}", file=sys.stderr)
-        return 2
-    for written in plot_all(json.loads(path.read_text()), Path(args.out) if args.out else path.parent):
+        raise UserError(f"no results file at {path}")
+    try:
+        result = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+    out = args.out if args.out else check_out_dir(path.parent)
+    for written in plot_all(result, out):
         print(f"wrote {written}")
     return 0
 

@@ -72,8 +72,10 @@ def apply_rope(x, cos, sin):
 
 
 def attend(q, k, v, mask):
-    """Scaled dot-product attention with grouped KV heads; mask True = may attend."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    """Scaled dot-product attention with grouped KV heads; mask True = may attend; mask None =
+    causal over as many keys as queries (SDPA's is_causal, which skips the masked half)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 class Attention(nn.Module):
@@ -190,7 +192,7 @@ class Transformer(nn.Module):
                        self.head_dim, p.dtype, p.device)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-                kv_len: int | None = None, capture: tuple[int, ...] = ()):
+                kv_len: int | None = None, capture: tuple[int, ...] = (), causal: bool = False):
         """tokens [B, T] at `positions` [T].
 
         With a cache (B = 1): K/V are written at `positions`, queries attend to cache
@@ -198,10 +200,16 @@ class Transformer(nn.Module):
         over the T tokens (training). `capture` names hidden states in transformers'
         numbering (0 = embeddings, i = output of layer i-1, before the final norm); they are
         returned concatenated in that order, [B, T, len(capture) * hidden].
+        `causal`: the caller promises positions = 0..T-1 (a prefill from the start of the
+        cache): attention is causal over those T cache positions (SDPA's is_causal skips the
+        masked half: the same keys and, measured, the same result as the positional mask, at
+        a third of the time for a 2k-token prompt on the CPU).
         Returns (final-normed hidden [B, T, H], features or None).
         """
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        if cache is not None:
+        if cache is not None and causal:
+            kv_len, mask = tokens.shape[1], None
+        elif cache is not None:
             kv_len = kv_len or cache.max_len
             key_pos = torch.arange(kv_len, device=positions.device)
             mask = key_pos[None, :] <= positions[:, None]

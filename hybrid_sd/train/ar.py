@@ -1,37 +1,48 @@
 """Train an EAGLE-3-style AR drafter for a target: `python -m hybrid_sd.train.ar`.
 
-Training-time test: the head is unrolled on its own outputs for `--ttt-steps` steps, as it
-runs when drafting. At step j, the row anchored at t sits at position t+j, takes its own
-step-(j-1) output as hidden input and the embedding of x_{t+1+j}, and attends to the
-step-0 rows at positions <= t plus its own chain's rows of steps 1..j (exactly what a query
-sees while drafting). Step j predicts x_{t+2+j}; losses are weighted 0.8^j. The data are the
-target's own greedy answers, so the next token of the text is the target's argmax: hard
-labels are the target's greedy choice. The draft vocabulary is the most frequent response
-tokens (d2t/t2d of the published format); the LM head and final norm start from the
-target's rows, the MLP from the target's last layer.
+Training-time test: the head is unrolled on its own outputs for `--ttt-steps` steps (default:
+its draft length, 6), as it runs when drafting. At step j, the row anchored at t sits at
+position t+j, takes its own step-(j-1) output as hidden input and the embedding of x_{t+1+j},
+and attends to the step-0 rows at positions <= t plus its own chain's rows of steps 1..j
+(exactly what a query sees while drafting). Step j predicts x_{t+2+j}; losses are weighted
+`--step-decay`^j. The data are the target's own greedy answers, so the next token of the
+text is the target's argmax: hard labels are the target's greedy choice. With `--kd`, part
+of the loss is distillation against the target's whole next-token distribution (its final
+norm and LM head on its cached last hidden state, over the draft vocabulary). The draft
+vocabulary is the most frequent response tokens (d2t/t2d of the published format); `--init`
+says what starts from the target (LM head rows and final norm; the last layer's MLP; its
+attention). The loop, schedule, checkpoints and held-out checks: common.run_training.
 """
 from __future__ import annotations
 
-import math
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 from transformers import LlamaConfig
 
 from ..cli import Parser
 from ..drafters.ar import ARDrafter, default_aux_layers
-from ..errors import exit_code
+from ..errors import UserError, exit_code
 from ..models.transformer import apply_rope, rope_parameters
-from .common import finish_training, Sequence, cosine_lr, frequent_tokens, load_sequences, target_features
+from .common import (Sequence, add_recipe_args, check_recipe, default_ckpt_dir, finish_training, frequent_tokens,
+                     heldout_check, load_sequences, mixed_loss, run_training, teacher_logits, with_last_hidden)
 
 DEFAULT_OUT = "ar-drafter"
 
 
-def new_drafter(target, vocab_ids: torch.Tensor, intermediate: int | None = None) -> ARDrafter:
+INIT_CHOICES = ("none", "head", "mlp", "full")
+
+
+def new_drafter(target, vocab_ids: torch.Tensor, intermediate: int | None = None, init: str = "mlp") -> ARDrafter:
+    """A fresh EAGLE-3 head for `target` over the draft vocabulary `vocab_ids`, initialised from
+    the target as far as `init` says: "none" (random), "head" (LM head rows over the draft
+    vocabulary and the final norm), "mlp" (also the last layer's MLP and its norm), "full" (also
+    the last layer's o_proj; q/k/v's hidden half and hidden_norm from the last layer, their
+    embedding half and input_layernorm from the first, which reads embeddings too; fc passing
+    the deepest feature through, so the residual starts as the target's own stream)."""
+    if init not in INIT_CHOICES:
+        raise UserError(f"--init {init!r}: choose from {', '.join(INIT_CHOICES)}")
     tc = target.config
     config = LlamaConfig(
         hidden_size=tc.hidden_size, intermediate_size=intermediate or tc.intermediate_size, num_hidden_layers=1,
@@ -40,6 +51,7 @@ def new_drafter(target, vocab_ids: torch.Tensor, intermediate: int | None = None
         max_position_embeddings=tc.max_position_embeddings, rope_parameters=dict(rope_parameters(tc)))
     config.draft_vocab_size = len(vocab_ids)
     drafter = ARDrafter(config, target.model.embed_tokens, tc.num_hidden_layers, target.head_dim)
+    H = tc.hidden_size
     with torch.no_grad():
         for p in drafter.parameters():
             if p.dim() == 2:
@@ -47,12 +59,26 @@ def new_drafter(target, vocab_ids: torch.Tensor, intermediate: int | None = None
         drafter.d2t.copy_(vocab_ids - torch.arange(len(vocab_ids)))
         drafter.t2d.zero_()
         drafter.t2d[vocab_ids] = True
+        if init == "none":
+            return drafter
         drafter.lm_head.weight.copy_(target.lm_head.weight[vocab_ids])
         drafter.norm.weight.copy_(target.model.norm.weight)
-        last = target.model.layers[-1]
-        if drafter.midlayer.mlp.gate_proj.weight.shape == last.mlp.gate_proj.weight.shape:
-            drafter.midlayer.mlp.load_state_dict(last.mlp.state_dict())
-            drafter.midlayer.post_attention_layernorm.load_state_dict(last.post_attention_layernorm.state_dict())
+        first, last, mine = target.model.layers[0], target.model.layers[-1], drafter.midlayer
+        if init in ("mlp", "full") and mine.mlp.gate_proj.weight.shape == last.mlp.gate_proj.weight.shape:
+            mine.mlp.load_state_dict(last.mlp.state_dict())
+            mine.post_attention_layernorm.load_state_dict(last.post_attention_layernorm.state_dict())
+        if init == "full":
+            attn = mine.self_attn
+            attn.o_proj.weight.copy_(last.self_attn.o_proj.weight)
+            for name in ("q_proj", "k_proj", "v_proj"):
+                w = getattr(attn, name).weight  # [out, embedding half | hidden half]
+                w[:, :H].copy_(getattr(first.self_attn, name).weight)
+                w[:, H:].copy_(getattr(last.self_attn, name).weight)
+            mine.input_layernorm.load_state_dict(first.input_layernorm.state_dict())
+            mine.hidden_norm.load_state_dict(last.input_layernorm.state_dict())
+            if drafter.fc.in_features == len(drafter.feature_layers) * H:
+                drafter.fc.weight.zero_()
+                drafter.fc.weight[:, -H:].copy_(torch.eye(H))
     return drafter
 
 
@@ -98,11 +124,15 @@ def ttt_forward(drafter: ARDrafter, embed, feats, tokens, steps: int):
         g = normed if drafter.norm_output else h
 
 
-def ttt_loss(drafter: ARDrafter, embed, feats, tokens, lengths, response_start, target_to_draft, steps: int):
-    """Weighted training-time-test loss over a right-padded batch; also top-1 accuracy per step."""
+def ttt_loss(drafter: ARDrafter, embed, feats, tokens, lengths, response_start, target_to_draft, steps: int,
+             decay: float = 0.8, teacher=None, kd: float = 0.0, temperature: float = 1.0):
+    """Weighted training-time-test loss over a right-padded batch (step j weighs decay^j); also
+    top-1 accuracy and hard-label cross-entropy per step. With distillation (kd > 0),
+    `teacher(j, valid)` gives the target's logits over the draft vocabulary for the valid rows of
+    step j (at the positions whose next token they predict); see common.mixed_loss."""
     R = tokens.shape[1] - 1
     rows = torch.arange(R)
-    total, accs = 0.0, []
+    total, accs, ces = 0.0, [], []
     for j, normed in ttt_forward(drafter, embed, feats, tokens, steps):
         # labels x_{t+2+j}: inside the sequence, inside the response, inside the draft vocabulary
         label_pos = rows + 2 + j
@@ -110,25 +140,26 @@ def ttt_loss(drafter: ARDrafter, embed, feats, tokens, lengths, response_start, 
         valid = (label_pos[None, :] < lengths[:, None]) & (label_pos[None, :] >= response_start[:, None]) & (labels >= 0)
         if valid.any():
             logits = drafter.lm_head(normed[valid]).float()
-            total = total + (0.8 ** j) * F.cross_entropy(logits, labels[valid])
+            soft = teacher(j, valid) if teacher is not None and kd > 0 else None
+            loss, hard = mixed_loss(logits, labels[valid], soft, kd, temperature)
+            total = total + (decay ** j) * loss.mean()
             accs.append((logits.argmax(-1) == labels[valid]).float().mean().item())
-    return total, accs
+            ces.append(hard.mean().item())
+    return total, accs, ces
 
 
-def batches(sequences: list[Sequence], feats: list[torch.Tensor], batch: int, generator: torch.Generator):
-    order = torch.randperm(len(sequences), generator=generator).tolist()
-    for i in range(0, len(order), batch):
-        group = order[i:i + batch]
-        T = max(len(sequences[g].tokens) for g in group)
-        tokens = torch.zeros(len(group), T, dtype=torch.long)
-        f = torch.zeros(len(group), T, feats[group[0]].shape[-1], dtype=torch.float16)
-        for r, g in enumerate(group):
-            n = len(sequences[g].tokens)
-            tokens[r, :n] = sequences[g].tokens
-            f[r, :n] = feats[g]
-        lengths = torch.tensor([len(sequences[g].tokens) for g in group])
-        starts = torch.tensor([sequences[g].response_start for g in group])
-        yield tokens, f, lengths, starts
+def collate(sequences: list[Sequence], feats: list[torch.Tensor], group: list[int]):
+    """A right-padded batch of training items: tokens [B, T], features [B, T, C], lengths, response starts."""
+    T = max(len(sequences[g].tokens) for g in group)
+    tokens = torch.zeros(len(group), T, dtype=torch.long)
+    f = torch.zeros(len(group), T, feats[group[0]].shape[-1], dtype=torch.float16)
+    for r, g in enumerate(group):
+        n = len(sequences[g].tokens)
+        tokens[r, :n] = sequences[g].tokens
+        f[r, :n] = feats[g]
+    lengths = torch.tensor([len(sequences[g].tokens) for g in group])
+    starts = torch.tensor([sequences[g].response_start for g in group])
+    return tokens, f, lengths, starts
 
 
 @torch.enable_grad()
@@ -136,65 +167,72 @@ def train(args) -> Path:
     from ..models.loading import load_target
     from .data import default_data_dir
 
+    check_recipe(args)
+    if args.ttt_steps < 1:
+        raise UserError(f"--ttt-steps must be at least 1, got {args.ttt_steps}")
     torch.manual_seed(args.seed)
     data_dir = Path(args.data) if args.data else default_data_dir()
     target, _, eos = load_target(args.target, load_tokenizer=False)
     target.requires_grad_(False)
     train_seqs = load_sequences(data_dir, "train")
     layers = default_aux_layers(target.config.num_hidden_layers)
-    feats = target_features(target, train_seqs, layers, data_dir / "features")
+    feats, last = with_last_hidden(target, train_seqs, layers, data_dir / "features", last=args.kd > 0)
     vocab_ids = frequent_tokens(train_seqs, args.draft_vocab)
     target_to_draft = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
     target_to_draft[vocab_ids] = torch.arange(len(vocab_ids))
-    drafter = new_drafter(target, vocab_ids, args.intermediate)
+    head_rows = target.lm_head.weight[vocab_ids].detach()
+    drafter = new_drafter(target, vocab_ids, args.intermediate, args.init)
     drafter.reset(max(len(s.tokens) for s in train_seqs) + args.ttt_steps + 8)
     drafter.train()
-    params = [p for p in drafter.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(train_seqs) / args.batch)
-    total = steps_per_epoch * args.epochs
-    gen = torch.Generator().manual_seed(args.seed)
-    log = []
-    bar = tqdm(total=total, desc="train ar", unit="step")
-    step = 0
-    t0 = time.time()
-    for epoch in range(args.epochs):
-        for tokens, f, lengths, starts in batches(train_seqs, feats, args.batch, gen):
-            for group in opt.param_groups:
-                group["lr"] = cosine_lr(step, total, args.lr, warmup=max(1, total // 20))
-            loss, accs = ttt_loss(drafter, target.model.embed_tokens, f, tokens, lengths, starts, target_to_draft,
-                                  args.ttt_steps)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 0.5)
-            opt.step()
-            step += 1
-            log.append({"step": step, "epoch": epoch, "loss": round(loss.item(), 4), "acc": [round(a, 4) for a in accs]})
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc0=f"{accs[0]:.2f}" if accs else "-")
-            bar.update()
-            if args.max_minutes and time.time() - t0 > args.max_minutes * 60:
-                break
-        if args.max_minutes and time.time() - t0 > args.max_minutes * 60:
-            break
-    bar.close()
-    return finish_training(drafter, args, log, target, eos, data_dir, k=6)
+    embed = target.model.embed_tokens
+
+    def step_fn(group, generator):
+        tokens, f, lengths, starts = collate(train_seqs, feats, group)
+        teacher = None
+        if last is not None:
+            h = collate(train_seqs, last, group)[1]  # [B, T, H]
+
+            def teacher(j, valid):  # row t at step j predicts x_{t+2+j}: the target's logits at t+1+j
+                return teacher_logits(target, shifted(h, 1 + j, tokens.shape[1] - 1)[valid], head_rows)
+        loss, accs, ces = ttt_loss(drafter, embed, f, tokens, lengths, starts, target_to_draft, args.ttt_steps,
+                                   args.step_decay, teacher, args.kd, args.kd_temperature)
+        loss.backward()
+        return {"loss": loss.item(), "acc": accs, "ce": ces}
+
+    identity = {"sequences": len(train_seqs), "tokens": sum(len(s.tokens) for s in train_seqs),
+                "vocab": int(vocab_ids.sum()), "draft_vocab": len(vocab_ids), "batch": args.batch,
+                "ttt_steps": args.ttt_steps, "kd": args.kd, "init": args.init, "seed": args.seed, "lr": args.lr,
+                "steps": args.steps, "epochs": args.epochs}
+    evaluate = heldout_check(target, eos, drafter, ARDrafter.default_k, data_dir, args.eval_prompts)
+    log, complete = run_training("ar", drafter, len(train_seqs), step_fn, args, evaluate, identity,
+                                 lengths=[len(s.tokens) for s in train_seqs])  # padded batches: group by length
+    if not complete:
+        print(f"stopped at step {log[-1]['step']}; --resume continues", file=sys.stderr)
+        return Path(args.ckpt_dir) if args.ckpt_dir else default_ckpt_dir("ar")
+    return finish_training(drafter, args, log, target, eos, data_dir, k=ARDrafter.default_k)
 
 
 def main(argv=None) -> int:
+    from ..cli import nonnegative_float, nonnegative_int, out_dir, positive_float, positive_int, seed  # argument checks
     p = Parser(prog="python -m hybrid_sd.train.ar", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="data directory from hybrid_sd.train.data (default: user cache)")
     p.add_argument("--target", default=None, help="target checkpoint directory (default: embedded SmolLM2)")
-    p.add_argument("--out", default=DEFAULT_OUT)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=6e-4)
-    p.add_argument("--ttt-steps", type=int, default=4)
-    p.add_argument("--draft-vocab", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=None, help="MLP width (default: the target's)")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop early after this long")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-per-category", type=int, default=2,
+    p.add_argument("--out", default=DEFAULT_OUT, type=out_dir, help="drafter directory (checked before training)")
+    p.add_argument("--epochs", type=positive_int, default=2)
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--lr", type=positive_float, default=6e-4)
+    p.add_argument("--ttt-steps", type=positive_int, default=ARDrafter.default_k,
+                   help="training-time-test steps: the head unrolled on its own outputs (default: its draft length)")
+    p.add_argument("--step-decay", type=nonnegative_float, default=0.8, help="loss weight of TTT step j: decay^j")
+    p.add_argument("--init", default="mlp", choices=INIT_CHOICES,
+                   help="what starts from the target (see new_drafter)")
+    p.add_argument("--draft-vocab", type=positive_int, default=2048)
+    p.add_argument("--intermediate", type=positive_int, default=None, help="MLP width (default: the target's)")
+    p.add_argument("--max-minutes", type=positive_float, default=None, help="stop early after this long")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--eval-per-category", type=nonnegative_int, default=2,
                    help="held-out prompts per category to measure tokens per round on after training (0: skip)")
+    add_recipe_args(p, kd=0.0, clip=0.5)
     return exit_code(train, p.parse_args(argv))
 
 

@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from ..errors import UserError
 from .data import read_split
 
 
@@ -39,21 +43,27 @@ def target_features(target, sequences: list[Sequence], layers: tuple[int, ...], 
     Each layer is cached in its own file under `cache_dir` (written atomically), so the AR and
     block trainers share the layers they both read and no epoch or run recomputes them. Missing
     layers are computed together, in right-padded batches (causal attention keeps the padding
-    out of real rows).
+    out of real rows). Layers are read (and written) one file at a time straight into the
+    per-sequence outputs, so memory peaks at the features plus one layer, not twice the features.
     """
     def path(layer):
         return cache_dir / f"hidden-{layer}.safetensors" if cache_dir is not None else None
 
-    per_layer: dict[int, list[torch.Tensor]] = {}
-    for layer in layers:
+    H = target.config.hidden_size
+    out = [torch.empty(len(s.tokens), len(layers) * H, dtype=torch.float16) for s in sequences]
+    have = set()
+    for c, layer in enumerate(layers):
         if path(layer) is not None and path(layer).is_file():
             stored = load_file(str(path(layer)))
-            if len(stored) == len(sequences) and all(stored[f"s{i}"].shape[0] == len(s.tokens)
+            if len(stored) == len(sequences) and all(stored[f"s{i}"].shape == (len(s.tokens), H)
                                                      for i, s in enumerate(sequences)):
-                per_layer[layer] = [stored[f"s{i}"] for i in range(len(sequences))]
-    missing = tuple(sorted(set(layers) - set(per_layer)))
+                for i in range(len(sequences)):
+                    out[i][:, c * H:(c + 1) * H] = stored.pop(f"s{i}")
+                have.add(layer)
+            del stored
+    missing = tuple(sorted(set(layers) - have))
     if missing:
-        computed = {layer: [None] * len(sequences) for layer in missing}
+        columns = [layers.index(layer) for layer in missing]
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].tokens))
         bar = tqdm(total=len(sequences), desc=f"target features {missing}", unit="seq")
         i = 0
@@ -69,20 +79,19 @@ def target_features(target, sequences: list[Sequence], layers: tuple[int, ...], 
             _, f = target(batch, torch.arange(width), capture=missing)
             f = f.view(len(group), width, len(missing), -1)
             for r, g in enumerate(group):
-                for c, layer in enumerate(missing):
-                    computed[layer][g] = f[r, :len(sequences[g].tokens), c].to(torch.float16).clone()
+                for m, c in enumerate(columns):
+                    out[g][:, c * H:(c + 1) * H] = f[r, :len(sequences[g].tokens), m]
             bar.update(len(group))
             i = j
         bar.close()
-        for layer, feats in computed.items():
-            per_layer[layer] = feats
-            if cache_dir is not None:
-                cache_dir.mkdir(parents=True, exist_ok=True)
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            for layer, c in zip(missing, columns):
                 fd, tmp = tempfile.mkstemp(prefix=path(layer).name + ".", dir=cache_dir)
                 os.close(fd)
-                save_file({f"s{i}": x for i, x in enumerate(feats)}, tmp)
+                save_file({f"s{i}": x[:, c * H:(c + 1) * H].contiguous() for i, x in enumerate(out)}, tmp)
                 os.replace(tmp, path(layer))
-    return [torch.cat([per_layer[layer][i] for layer in layers], dim=-1) for i in range(len(sequences))]
+    return out
 
 
 def frequent_tokens(sequences: list[Sequence], size: int, always: tuple[int, ...] = ()) -> torch.Tensor:
@@ -119,5 +128,227 @@ def finish_training(drafter, args, log: list[dict], target, eos, data_dir: Path,
         tau = heldout_tau(target, eos, drafter, k, data_dir, args.eval_per_category)
         record["heldout_tau"] = {"k": k, **tau}
         print(f"held-out tokens per round at k={k}: " + ", ".join(f"{c} {t:.2f}" for c, t in tau.items()))
-    (out / "training_log.json").write_text(json.dumps(record, indent=1) + "\n")
+    (out / "training_log.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
     return out
+
+
+# ---- the training recipe both trainers share ---------------------------------------------
+def add_recipe_args(p, *, kd: float, clip: float = 1.0, steps_per_eval: int = 200) -> None:
+    """Flags of the shared recipe: distillation, schedule, clipping, held-out checks during
+    training, checkpoints and resuming."""
+    p.add_argument("--kd", type=float, default=kd,
+                   help="weight of distillation against the target's own next-token distribution (its final norm "
+                        f"and LM head on its last hidden state, over the drafter's vocabulary); 1 - kd goes to the "
+                        f"hard label (default {kd})")
+    p.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature of the distillation")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps in all (default: --epochs passes over the data); the schedule spans them")
+    p.add_argument("--warmup", type=float, default=0.05, help="linear warm-up, as a fraction of the steps, then cosine")
+    p.add_argument("--clip", type=float, default=clip, help=f"gradient norm clipping (default {clip})")
+    p.add_argument("--eval-every", type=int, default=steps_per_eval,
+                   help="measure held-out tokens per round every N steps (0: only at the end)")
+    p.add_argument("--eval-prompts", type=int, default=1, help="held-out prompts per category for those checks")
+    p.add_argument("--ckpt-dir", default=None,
+                   help="where training checkpoints go (default: the user cache, hybrid_sd/ckpt/KIND)")
+    p.add_argument("--ckpt-every", type=int, default=100, help="save a training checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --ckpt-dir")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop (with a checkpoint) after this many steps; --resume continues to the end")
+
+
+def default_ckpt_dir(kind: str) -> Path:
+    from ..models.embedded import cache_root
+    return cache_root() / "ckpt" / kind
+
+
+def with_last_hidden(target, sequences: list[Sequence], layers: tuple[int, ...], cache_dir: Path | None,
+                     last: bool) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """The drafter's features and, when `last`, the target's last hidden state (before its final
+    norm: the distillation teacher) per sequence, from one cached pass."""
+    L = target.config.num_hidden_layers
+    wanted = tuple(layers) + ((L,) if last and L not in layers else ())
+    feats = target_features(target, sequences, wanted, cache_dir)
+    if not last:
+        return feats, None
+    H = target.config.hidden_size
+    col = wanted.index(L)
+    width = len(layers) * H
+    return [f[:, :width] for f in feats], [f[:, col * H:(col + 1) * H] for f in feats]
+
+
+def teacher_logits(target, last_hidden: torch.Tensor, head_rows: torch.Tensor) -> torch.Tensor:
+    """The target's logits over a vocabulary subset (`head_rows` = its LM head's rows) from its
+    last hidden state [N, H]."""
+    with torch.no_grad():
+        return (target.model.norm(last_hidden.float()) @ head_rows.T).float()
+
+
+def mixed_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None, kd: float,
+               temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss (1 - kd) * CE(hard label) + kd * T^2 * CE(softmax(teacher / T)), and the
+    hard-label CE alone (comparable across kd)."""
+    hard = F.cross_entropy(logits, labels, reduction="none")
+    if teacher is None or kd <= 0:
+        return hard, hard.detach()
+    soft = F.cross_entropy(logits / temperature, torch.softmax(teacher / temperature, dim=-1),
+                           reduction="none") * temperature ** 2
+    return (1 - kd) * hard + kd * soft, hard.detach()
+
+
+def check_recipe(args) -> None:
+    if not 0 <= args.kd <= 1:
+        raise UserError(f"--kd must be between 0 and 1, got {args.kd}")
+    if not args.kd_temperature > 0:  # NaN too
+        raise UserError(f"--kd-temperature must be positive, got {args.kd_temperature}")
+    if not 0 <= args.warmup < 1:
+        raise UserError(f"--warmup must be a fraction in [0, 1), got {args.warmup}")
+    for flag in ("steps", "stop_at"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("eval_every", "eval_prompts"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 0, got {getattr(args, flag)}")
+    if args.ckpt_every < 1:
+        raise UserError(f"--ckpt-every must be at least 1, got {args.ckpt_every}")
+    if not args.clip > 0:  # NaN too
+        raise UserError(f"--clip must be positive, got {args.clip}")
+
+
+class Checkpoints:
+    """One training checkpoint per run directory (`last.pt`: model, optimizer, step, position in
+    the epoch, random states, log), replaced atomically."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self.path = self.dir / "last.pt"
+
+    def save(self, state: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="last.pt.", dir=self.dir)
+        os.close(fd)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load(self) -> dict:
+        if not self.path.is_file():
+            raise UserError(f"no training checkpoint to resume in {self.dir}; drop --resume to start a new run")
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as e:  # a cut-short or foreign file
+            raise UserError(f"{self.path}: not a readable training checkpoint ({type(e).__name__})") from None
+
+
+def epoch_batches(n_items: int, batch: int, generator: torch.Generator, lengths: list[int] | None = None,
+                  group: int = 16) -> list[list[int]]:
+    """One epoch's batches of item indices in random order. With `lengths`, items are shuffled,
+    sorted by length within spans of `group` batches and cut there, and the batches shuffled
+    again: each batch holds items of similar length, so right padding wastes little."""
+    order = torch.randperm(n_items, generator=generator).tolist()
+    if lengths is None:
+        return [order[i:i + batch] for i in range(0, n_items, batch)]
+    batches = []
+    for i in range(0, n_items, batch * group):
+        span = sorted(order[i:i + batch * group], key=lambda g: lengths[g])
+        batches += [span[j:j + batch] for j in range(0, len(span), batch)]
+    return [batches[b] for b in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def run_training(kind: str, drafter, n_items: int, step_fn, args, evaluate=None,
+                 identity: dict | None = None, lengths: list[int] | None = None) -> tuple[list[dict], bool]:
+    """The optimisation loop both trainers share: AdamW, linear warm-up then cosine, gradient
+    clipping, a tqdm bar with ETA, held-out checks every --eval-every steps, and a checkpoint
+    every --ckpt-every steps (and when stopping) that --resume continues from exactly.
+
+    `step_fn(indices, generator)` runs forward and backward on those training items and returns
+    its metrics (with "loss"); all of its randomness must come from `generator`. `evaluate()`
+    returns held-out tokens per round. `identity` (data size, vocabulary, settings that shape
+    the run) must match to resume; with `lengths`, batches hold items of similar length
+    (epoch_batches). Returns the log and whether the run is complete (False when
+    --stop-at stopped it before the end)."""
+    import json
+
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    total = args.steps or math.ceil(n_items / args.batch) * args.epochs
+    warmup = max(1, round(total * args.warmup))
+    gen = torch.Generator().manual_seed(args.seed)
+    ckpt = Checkpoints(Path(args.ckpt_dir) if args.ckpt_dir else default_ckpt_dir(kind))
+    identity = json.loads(json.dumps(identity or {}))  # comparable after a round trip
+    state = {"step": 0, "epoch": -1, "order": [], "pos": 0, "log": [], "seconds": 0.0}
+    if args.resume:
+        saved = ckpt.load()
+        theirs = saved.get("identity", {})
+        if theirs != identity:
+            diff = ", ".join(f"{k}: {theirs.get(k)} there, {v} here" for k, v in identity.items() if theirs.get(k) != v)
+            raise UserError(f"{ckpt.path} is from another run ({diff or 'different settings'}); "
+                            "use another --ckpt-dir or drop --resume")
+        drafter.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        state = {k: saved[k] for k in state}
+        total = saved["total"]
+        print(f"resuming {kind} from step {state['step']}/{total} ({ckpt.path})", file=sys.stderr)
+
+    def save():
+        state["seconds"] = base + time.time() - t0
+        ckpt.save({"model": drafter.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                   "torch_rng": torch.get_rng_state(), "total": total, "identity": identity,
+                   "args": vars(args), **state})
+
+    bar = tqdm(total=total, initial=state["step"], desc=f"train {kind}", unit="step", dynamic_ncols=True)
+    t0, base = time.time(), state["seconds"]
+    while state["step"] < total:
+        if state["pos"] >= len(state["order"]):
+            state["order"] = epoch_batches(n_items, args.batch, gen, lengths)
+            state["pos"], state["epoch"] = 0, state["epoch"] + 1
+        indices = state["order"][state["pos"]]
+        state["pos"] += 1
+        lr = cosine_lr(state["step"], total, args.lr, warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        metrics = step_fn(indices, gen)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
+        opt.step()
+        state["step"] += 1
+        step = state["step"]
+        rounded = {k: round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v] for k, v in metrics.items()}
+        record = {"step": step, "epoch": state["epoch"], "seconds": round(base + time.time() - t0, 1),
+                  "lr": round(lr, 7), "grad_norm": round(grad_norm, 3), **rounded}
+        state["log"].append(record)
+        bar.set_postfix({k: f"{v:.3f}" if isinstance(v, float) else f"{v[0]:.2f}" if v else "-"
+                         for k, v in metrics.items() if k in ("loss", "acc", "acc1")}, refresh=False)
+        bar.update()
+        if evaluate is not None and args.eval_every and step % args.eval_every == 0 and step < total:
+            tau = evaluate()
+            state["log"].append({"step": step, "seconds": round(base + time.time() - t0, 1), "heldout_tau": tau})
+            bar.write(f"step {step}: held-out tokens per round " + ", ".join(f"{c} {t:.2f}" for c, t in tau.items()))
+        stop = bool(args.stop_at and step >= args.stop_at) or bool(
+            args.max_minutes and time.time() - t0 > args.max_minutes * 60)
+        if step % args.ckpt_every == 0 or stop or step == total:
+            save()
+        if stop:
+            break
+    bar.close()
+    return state["log"], not (args.stop_at and state["step"] < total)
+
+
+def heldout_check(target, eos, drafter, k: int, data_dir: Path, per_category: int):
+    """A quick held-out tokens-per-round measurement in the middle of training (the drafter goes
+    back to training mode, with any rope tables the engine grew made trainable again)."""
+    def evaluate():
+        from ..eval.acceptance import heldout_tau
+        drafter.eval()
+        tau = heldout_tau(target, eos, drafter, k, data_dir, per_category)
+        drafter.train()
+        for name in ("rope_cos", "rope_sin"):  # grown inside inference mode: clone to train on
+            t = getattr(drafter, name, None)
+            if t is not None and t.is_inference():
+                setattr(drafter, name, t.clone())
+        return tau
+    return evaluate

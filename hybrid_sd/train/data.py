@@ -1,15 +1,25 @@
 """Self-distilled training data: the target answers prompts; its greedy answers are the text.
 
-`python -m hybrid_sd.train.data [--out DIR] [--per-category N] [--heldout N]`
+`python -m hybrid_sd.train.data [--out DIR] [--per-category N] [--heldout N] [--batch N] [--shard-size N]`
 
 A drafter must imitate the target, not the internet, so every response is the target's own
-greedy continuation. Generation is batched (transformers' `generate` over the packed target,
-left padding), which is ~9x the single-stream throughput on the CPU; batching can change a
-rare near-tie against single-stream decoding, which does not matter for training text.
-Shards of `--batch` prompts are written atomically and skipped when present (resumable); a
-larger `--per-category` later grows the stored data set, keeping what is there.
-Held-out prompts (per category) come from separate seeds / HumanEval problems and are never
-used for training.
+greedy continuation, computed in batches by the project's own compact target
+(train/generate.py). Prompts come from the sources in prompts.py, mapped onto the four
+benchmark categories (`category`) with the finer mix kept per row (`source`); multi-turn
+sources are answered turn by turn, the target continuing its own dialogue, and every turn it
+answers is a row. The whole prompt plan is built first and stored (prompts.json); the
+target's own questions (Magpie) are sampled as the shards that use them come up and kept in
+magpie.json. Categories are interleaved in the plan, so a partial run is balanced.
+
+Shards of `--shard-size` prompts are written atomically and skipped when present, so a killed
+run resumes where it stopped; a larger `--per-category` later appends to the plan and keeps
+every answered shard. mix.json (next to the shards, rewritten after each) reports planned and
+answered prompts, answers and tokens per category and source.
+
+The held-out split (per category: the benchmark's HumanEval problems, templated math and JSON
+requests from separate seeds, the shipped chat questions) never reaches training, nor does any
+benchmark workload or router-trace prompt: a training prompt that equals or contains one is
+drawn again.
 """
 from __future__ import annotations
 
@@ -18,15 +28,24 @@ import os
 import random
 import sys
 import tempfile
+import time
+import zlib
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from ..cli import Parser
-from ..models.loading import encode_prompt
 from ..errors import UserError, exit_code
-from .prompts import CATEGORIES, code_prompts, humaneval_split, math_prompts, structured_prompts
+from ..models.loading import encode_chat
+from .prompts import (CATEGORIES, MAGPIE_LEADS, QUESTION_RE, category_items, chat_prompts, code_prompts,
+                      humaneval_split, math_prompts, structured_prompts, user)
+
+PLAN_VERSION = 2
+WORKLOAD_PROMPTS = 64  # benchmark prompts per category kept out of training (more than any run uses)
+TRACE_PROMPTS = 400    # router-trace prompts per category kept out of training
+MAGPIE_NEW_TOKENS = 80
 
 
 def default_data_dir() -> Path:
@@ -43,10 +62,22 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1 if path.name == "mix.json" else None)
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
 def read_split(data_dir: Path, split: str) -> list[dict]:
     rows = []
     for shard in sorted((Path(data_dir) / split).glob("*.jsonl")):
-        rows.extend(json.loads(line) for line in shard.read_text().splitlines() if line)
+        rows.extend(read_jsonl(shard))
     if not rows:
         raise UserError(f"no {split} data in {data_dir}; run python -m hybrid_sd.train.data first")
     return rows
@@ -63,7 +94,8 @@ def user_turn_prefix(tokenizer) -> str:
 @torch.inference_mode()
 def batched_generate(model, tokenizer, prompts_ids: list[list[int]], max_new: int, eos: tuple[int, ...],
                      sample: bool = False, seed: int = 0) -> list[list[int]]:
-    """Greedy (or sampled) continuations, cut after the first EOS."""
+    """transformers' `generate` over a Hugging Face model (left padding), cut after the first EOS;
+    the router traces answer their prompts with it. The data command uses train/generate.py."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     width = max(len(p) for p in prompts_ids)
     ids = torch.full((len(prompts_ids), width), pad, dtype=torch.long)
@@ -82,71 +114,290 @@ def batched_generate(model, tokenizer, prompts_ids: list[list[int]], max_new: in
     return results
 
 
-def templated_prompts(per_category: int, heldout: int, seed: int) -> dict:
-    """{split: [(category, text)]} for the categories built from templates and HumanEval. Each
-    list is a prefix of the list for a larger `per_category`, so a data set can grow."""
-    splits = {"train": [], "heldout": []}
-    code_heldout, code_rest = humaneval_split(seed, heldout)
-    code_train = code_rest[:per_category]
-    code_train += code_prompts(random.Random(seed + 1), max(0, per_category - len(code_train)))
-    splits["heldout"] += [("code", p) for p in code_heldout]
-    splits["train"] += [("code", p) for p in code_train]
+# --- the prompt plan ----------------------------------------------------------------------
+
+def chat_heldout() -> list[str]:
+    return json.loads((Path(__file__).parent.parent / "eval" / "chat_heldout.json").read_text())
+
+
+def item(category: str, source: str, messages: list[dict]) -> dict:
+    return {"category": category, "source": source, "messages": messages}
+
+
+def heldout_items(heldout: int, seed: int) -> list[dict]:
+    """Per category, as the drafter data has always held out: HumanEval problems, templated
+    math and JSON requests from separate seeds, and the target's own chat questions."""
+    code, _ = humaneval_split(seed, heldout)
+    items = [item("code", "humaneval", [user(p)]) for p in code]
     for cat, make in (("math", math_prompts), ("structured", structured_prompts)):
-        splits["train"] += [(cat, p) for p in make(random.Random(seed + 10 + len(cat)), per_category)]
-        splits["heldout"] += [(cat, p) for p in make(random.Random(seed + 1000 + len(cat)), heldout)]
-    return splits
+        items += [item(cat, f"{cat}_template", [user(p)]) for p in make(random.Random(seed + 1000 + len(cat)), heldout)]
+    return items + [item("chat", "chat_magpie", [user(q)]) for q in chat_heldout()[:heldout]]
 
 
-def chat_questions(tokenizer, model, eos, want: int, seed: int, batch: int, avoid=()) -> list[str]:
-    """Magpie: the target completes its own user turn (sampled, for variety); new questions only."""
-    prefix = tokenizer.encode(user_turn_prefix(tokenizer), add_special_tokens=False)
-    seen, questions = set(avoid), []
-    bar = tqdm(total=want, desc="chat questions", unit="q")
-    for attempt in range(40 + want // max(batch // 4, 1)):
-        if len(questions) >= want:
-            break
-        for out in batched_generate(model, tokenizer, [prefix] * batch, 64, eos, sample=True, seed=seed + attempt):
-            if not out or out[-1] not in eos:  # an unfinished question is not a question
-                continue
-            text = tokenizer.decode(out, skip_special_tokens=True).strip()
-            if len(text) >= 12 and text not in seen and len(questions) < want:
-                seen.add(text)
-                questions.append(text)
-                bar.update()
-    bar.close()
-    return questions
+class Exclusions:
+    """Texts no training prompt may equal or contain: the held-out split, the benchmark's
+    workloads and the router traces' prompts; and the benchmark's tool names."""
+
+    def __init__(self, heldout: list[dict]):
+        from ..eval.workloads import TOOLS, workloads
+        from .traces import TRACE_SEED
+        texts = {m["content"] for it in heldout for m in it["messages"] if m["role"] == "user"}
+        texts |= {m["content"] for convs in workloads(WORKLOAD_PROMPTS).values() for conv in convs for m in conv
+                  if m["role"] == "user"}
+        rng = random.Random
+        texts |= set(code_prompts(rng(TRACE_SEED + 1), TRACE_PROMPTS) + math_prompts(rng(TRACE_SEED + 2), TRACE_PROMPTS)
+                     + structured_prompts(rng(TRACE_SEED + 3), TRACE_PROMPTS) + chat_prompts(rng(TRACE_SEED + 4), TRACE_PROMPTS))
+        texts |= {name for name, *_ in TOOLS}
+        # indexed by their first HEAD characters: one dict probe per position of a prompt
+        self.short = [t for t in texts if len(t) < self.HEAD]
+        self.heads: dict[str, list[str]] = defaultdict(list)
+        for t in sorted(texts):
+            if len(t) >= self.HEAD:
+                self.heads[t[:self.HEAD]].append(t)
+
+    HEAD = 12
+
+    def hit(self, text: str) -> bool:
+        if any(t in text for t in self.short):
+            return True
+        for i in range(len(text) - self.HEAD + 1):
+            for t in self.heads.get(text[i:i + self.HEAD], ()):
+                if text.startswith(t, i):
+                    return True
+        return False
 
 
-def build_prompts(tokenizer, model, eos, per_category: int, heldout: int, seed: int, batch: int) -> dict:
-    """{split: [(category, text)]}; chat questions are written by the target itself."""
-    splits = templated_prompts(per_category, heldout, seed)
-    questions = chat_questions(tokenizer, model, eos, per_category + heldout, seed, batch)
-    splits["heldout"] += [("chat", q) for q in questions[:heldout]]
-    splits["train"] += [("chat", q) for q in questions[heldout:]]
-    return splits
+def next_turn(messages: list[dict]) -> int:
+    """Index of the first assistant turn the target has yet to answer (len: only the last)."""
+    return next((i for i, m in enumerate(messages) if m["role"] == "assistant" and m["content"] is None), len(messages))
 
 
-def grow_prompts(splits: dict, tokenizer, model, eos, per_category: int, seed: int, batch: int) -> dict:
-    """Extend a stored plan to `per_category` training prompts per category, keeping every
-    stored prompt (and so every answered shard) and the held-out split as they are."""
-    have = {cat: [t for c, t in splits["train"] if c == cat] for cat in CATEGORIES}
-    heldout = sum(1 for c, _ in splits["heldout"] if c == "code")
-    fresh = templated_prompts(per_category, heldout, seed)
-    grown = {"train": [], "heldout": list(splits["heldout"])}
+def stage_keys(messages: list[dict]) -> list[str]:
+    """One key per conversation the target answers: two prompts sharing one get the same answer."""
+    cuts = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m["content"] is None] + [len(messages)]
+    return [json.dumps(messages[:c]) for c in cuts]
+
+
+def acceptor(exclusions: Exclusions):
+    """accept(item): a prompt new to its category that quotes nothing held out."""
+    seen: set[str] = set()
+
+    def accept(it: dict) -> bool:
+        keys = stage_keys(it["messages"])
+        if any(k in seen for k in keys):
+            return False
+        if any(m["content"] and exclusions.hit(m["content"]) for m in it["messages"]):
+            return False
+        seen.update(keys)
+        return True
+    return accept
+
+
+def interleave(per_category: dict[str, list[dict]]) -> list[dict]:
+    """code, math, structured, chat, code, ...: every shard holds every category."""
+    out = []
+    for i in range(max((len(v) for v in per_category.values()), default=0)):
+        out += [per_category[cat][i] for cat in CATEGORIES if i < len(per_category.get(cat, []))]
+    return out
+
+
+def train_items(per_category: int, heldout: list[dict], settings: dict, have: dict | None = None) -> dict:
+    """{category: the first max(per_category, have) training prompts}."""
+    exclusions = Exclusions(heldout)
+    have = have or {}
+    return {cat: category_items(cat, max(per_category, have.get(cat, 0)), settings["seed"], settings["heldout"],
+                                acceptor(exclusions)) for cat in CATEGORIES}
+
+
+def new_plan(per_category: int, settings: dict) -> dict:
+    held = heldout_items(settings["heldout"], settings["seed"])
+    return {"version": PLAN_VERSION, "settings": settings, "heldout": held,
+            "train": interleave(train_items(per_category, held, settings))}
+
+
+def grow_plan(plan: dict, per_category: int) -> dict:
+    """Append prompts up to `per_category` per category; stored prompts (and so every answered
+    shard) stay where they are."""
+    have = Counter(it["category"] for it in plan["train"])
+    if all(have[cat] >= per_category for cat in CATEGORIES):
+        return plan
+    fresh = train_items(per_category, plan["heldout"], plan["settings"], have)
     for cat in CATEGORIES:
-        if cat == "chat":
-            continue
-        texts = [t for c, t in fresh["train"] if c == cat]
-        if texts[:len(have[cat])] != have[cat][:len(texts)]:
-            raise UserError(f"the stored prompt plan's {cat} prompts were built with other settings; "
-                            "grow it with the same --seed or build a new data set with --out")
-        grown["train"] += [(cat, t) for t in (have[cat] if len(have[cat]) >= per_category else texts)]
-    extra = max(0, per_category - len(have["chat"]))
-    # seeds far from the ones the stored questions were sampled with; never a held-out question
-    avoid = have["chat"] + [t for c, t in splits["heldout"] if c == "chat"]
-    new = chat_questions(tokenizer, model, eos, extra, seed + 100_000, batch, avoid) if extra else []
-    grown["train"] += [("chat", q) for q in have["chat"] + new]
-    return grown
+        stored = [it for it in plan["train"] if it["category"] == cat]
+        if fresh[cat][:len(stored)] != stored:
+            raise UserError(f"the stored prompt plan's {cat} prompts differ from what this version builds; "
+                            "build a new data set with another --out")
+    return {**plan, "train": plan["train"] + interleave({cat: fresh[cat][have[cat]:] for cat in CATEGORIES})}
+
+
+def load_or_build_plan(out: Path, args) -> dict:
+    settings = {"seed": args.seed, "heldout": args.heldout, "shard_size": args.shard_size,
+                "max_new_tokens": args.max_new_tokens}
+    path = out / "prompts.json"
+    if not path.is_file():
+        plan = new_plan(args.per_category, settings)
+    else:
+        plan = json.loads(path.read_text())
+        if plan.get("version") != PLAN_VERSION:
+            raise UserError(f"{path} was written by an older version of this command; use another --out")
+        for key, value in plan["settings"].items():
+            if settings[key] != value:
+                raise UserError(f"{out} was built with --{key.replace('_', '-')} {value}; resume it with the same value")
+        plan = grow_plan(plan, args.per_category)
+    write_json_atomic(path, plan)
+    return plan
+
+
+# --- the target's own questions (Magpie) --------------------------------------------------
+
+def magpie_batch(model, tokenizer, eos, lead: str, batch: int, seed: int) -> list[str | None]:
+    """`batch` questions the target writes after the user-turn prefix of its chat template and
+    a lead phrase (sampled, for variety); None where it did not finish one."""
+    from .generate import Sampler, generate_sorted
+    rng = random.Random(seed)
+    prefix = user_turn_prefix(tokenizer)
+    leads = [rng.choice(MAGPIE_LEADS[lead]) for _ in range(batch)]
+    prompts = [tokenizer.encode(prefix + lead_text, add_special_tokens=False) for lead_text in leads]
+    outs = generate_sorted(model, prompts, MAGPIE_NEW_TOKENS, eos, batch, Sampler(seed=seed))
+    return [(lead_text + tokenizer.decode(o[:-1])).strip() if o and o[-1] in eos else None
+            for lead_text, o in zip(leads, outs)]
+
+
+def question_pool(out: Path, model, tokenizer, eos, lead: str, need: int, args, exclusions: Exclusions) -> list[str]:
+    """At least `need` distinct questions under `lead`, sampled batch by batch and stored after
+    each (magpie.json), so a resumed run continues the same sequence."""
+    path = out / "magpie.json"
+    pools = json.loads(path.read_text()) if path.is_file() else {}
+    pool = pools.setdefault(lead, {"questions": [], "batches": 0})
+    seen = set(pool["questions"])
+    start = pool["batches"]
+    while len(pool["questions"]) < need:
+        if pool["batches"] - start > 40 + 4 * need:
+            raise UserError(f"the target wrote too few usable {lead} questions ({len(pool['questions'])} of {need})")
+        seed = zlib.crc32(f"{args.seed}:{lead}:{pool['batches']}".encode())
+        for q in magpie_batch(model, tokenizer, eos, lead, args.batch, seed):
+            if q and len(q) >= 12 and q not in seen and not exclusions.hit(q):
+                seen.add(q)
+                pool["questions"].append(q)
+        pool["batches"] += 1
+        write_json_atomic(path, pools)
+    if pool["batches"] > start:
+        print(f"{time.strftime('%H:%M:%S')} {lead} questions: {len(pool['questions'])} "
+              f"({pool['batches']} batches sampled)", file=sys.stderr, flush=True)
+    return pool["questions"]
+
+
+def resolve(items: list[dict], pools: dict[str, list[str]]) -> list[dict]:
+    """Items with their question placeholders replaced by the target's questions."""
+    def fill(text):
+        return QUESTION_RE.sub(lambda m: pools[m.group(1)][int(m.group(2))], text) if text else text
+    return [{**it, "messages": [{**m, "content": fill(m["content"])} for m in it["messages"]]} for it in items]
+
+
+def questions_needed(items: list[dict]) -> dict[str, int]:
+    need: dict[str, int] = defaultdict(int)
+    for it in items:
+        for m in it["messages"]:
+            for lead, i in QUESTION_RE.findall(m["content"] or ""):
+                need[lead] = max(need[lead], int(i) + 1)
+    return need
+
+
+# --- answering ----------------------------------------------------------------------------
+
+def answer(model, tokenizer, eos, items: list[dict], first: int, max_new: int, batch: int, on_tokens=None) -> list[dict]:
+    """Rows for every turn the target answers, turn by turn: a multi-turn conversation goes on
+    with the target's own previous answer."""
+    from .generate import generate_sorted
+    convs = [[dict(m) for m in it["messages"]] for it in items]
+    rows, pending, turn = [], list(range(len(items))), 0
+    while pending:
+        stages = [convs[i][:next_turn(convs[i])] for i in pending]
+        prompts = [encode_chat(tokenizer, s) for s in stages]
+        answers = generate_sorted(model, prompts, max_new, eos, batch, on_tokens=on_tokens)
+        going_on = []
+        for i, stage, p, a in zip(pending, stages, prompts, answers):
+            rows.append({"item": first + i, "category": items[i]["category"], "source": items[i]["source"],
+                         "turn": turn, "prompt": stage[-1]["content"], "messages": stage,
+                         "prompt_ids": p, "response_ids": a})
+            k = next_turn(convs[i])
+            if k < len(convs[i]):
+                text = tokenizer.decode(a[:-1] if a and a[-1] in eos else a, skip_special_tokens=True)
+                convs[i][k] = {"role": "assistant", "content": text}
+                going_on.append(i)
+        pending, turn = going_on, turn + 1
+    return sorted(rows, key=lambda r: (r["item"], r["turn"]))
+
+
+def shard_jobs(plan: dict, size: int) -> list[tuple[Path, int, list[dict]]]:
+    """(relative path, first plan index, items) per shard: the held-out split first."""
+    return [(Path(split) / f"{s // size:05d}.jsonl", s, plan[split][s:s + size])
+            for split in ("heldout", "train") for s in range(0, len(plan[split]), size)]
+
+
+def shard_done(path: Path, first: int, items: list[dict]) -> bool:
+    if not path.is_file():
+        return False
+    rows = read_jsonl(path)
+    return sorted({r.get("item") for r in rows}) == list(range(first, first + len(items))) and \
+        all(r["source"] == items[r["item"] - first]["source"] for r in rows)
+
+
+def brief(rows: list[dict]) -> list[dict]:
+    """What the mix report needs of answered rows (the token ids stay on disk)."""
+    return [{"item": r["item"], "category": r["category"], "source": r["source"],
+             "prompt_tokens": len(r["prompt_ids"]), "response_tokens": len(r["response_ids"])} for r in rows]
+
+
+def tally(rows: list[dict]) -> dict:
+    return {"answers": len(rows), "prompts": len({r["item"] for r in rows}),
+            "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
+            "response_tokens": sum(r["response_tokens"] for r in rows)}
+
+
+def mix_report(plan: dict, done: dict[str, list[dict]]) -> dict:
+    """Planned prompts and answered rows (`brief`) per split, category and source."""
+    report = {}
+    for split in ("train", "heldout"):
+        planned = Counter((it["category"], it["source"]) for it in plan[split])
+        rows = [r for key, rs in done.items() if key.startswith(split + "/") for r in rs]
+        cats = {}
+        for cat in CATEGORIES:
+            mine = [r for r in rows if r["category"] == cat]
+            srcs = sorted({s for c, s in planned if c == cat})
+            cats[cat] = {"planned_prompts": sum(n for (c, _), n in planned.items() if c == cat), **tally(mine),
+                         "sources": {s: {"planned_prompts": planned[(cat, s)],
+                                         **tally([r for r in mine if r["source"] == s])} for s in srcs}}
+        total = {"planned_prompts": len(plan[split]), **tally(rows)}
+        report[split] = {"total": total, "categories": cats}
+    return report
+
+
+def print_mix(report: dict) -> None:
+    for split, part in report.items():
+        t = part["total"]
+        print(f"{split}: {t['prompts']}/{t['planned_prompts']} prompts answered, {t['answers']} answers, "
+              f"{t['response_tokens']} response tokens", flush=True)
+        for cat, c in part["categories"].items():
+            srcs = ", ".join(f"{s} {v['prompts']}/{v['planned_prompts']}" for s, v in c["sources"].items())
+            print(f"  {cat:10s} {c['prompts']:6d}/{c['planned_prompts']:<6d} {c['response_tokens']:9d} tokens  ({srcs})",
+                  flush=True)
+
+
+def check_args(args) -> None:
+    if args.per_category < 1:
+        raise UserError(f"--per-category must be at least 1, got {args.per_category}")
+    if not 0 <= args.heldout <= len(chat_heldout()):
+        raise UserError(f"--heldout must be between 0 and {len(chat_heldout())} (the shipped chat questions), got {args.heldout}")
+    if not 1 <= args.max_new_tokens <= 2048:
+        raise UserError(f"--max-new-tokens must be between 1 and 2048, got {args.max_new_tokens}")
+    for flag in ("batch", "shard_size"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    from ..cli import SEED_MAX, check_out_dir
+    check_out_dir(args.out if args.out else default_data_dir(), "--out")  # before any work: a file, no permission
+    if not 0 <= args.seed <= SEED_MAX:
+        raise UserError(f"--seed must be an integer in [0, 2**64 - 1], got {args.seed}")
 
 
 def main(argv=None) -> int:
@@ -155,53 +406,58 @@ def main(argv=None) -> int:
     p.add_argument("--target", default=None, help="target checkpoint directory (default: embedded SmolLM2)")
     p.add_argument("--per-category", type=int, default=512, help="training prompts per category")
     p.add_argument("--heldout", type=int, default=16, help="held-out prompts per category")
-    p.add_argument("--max-new-tokens", type=int, default=160)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=192, help="longest answer per turn")
+    p.add_argument("--batch", type=int, default=32, help="prompts answered together")
+    p.add_argument("--shard-size", type=int, default=128, help="prompts per shard file (the unit of resuming)")
     p.add_argument("--seed", type=int, default=0)
     return exit_code(build, p.parse_args(argv))
 
 
 def build(args) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..models.embedded import default_target_dir
-    from ..models.loading import eos_ids
+    from ..models.loading import load_target
     from ..models.packed_linear import pack_linears
 
-    target_dir = Path(args.target) if args.target else default_target_dir()
+    check_args(args)
     out = Path(args.out) if args.out else default_data_dir()
-    tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    model = pack_linears(AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval())
-    eos = eos_ids(target_dir, model.config)
-    plan_file = out / "prompts.json"
-    if plan_file.is_file():  # resume (or grow) with exactly the same prompts
-        splits = {k: [tuple(x) for x in v] for k, v in json.loads(plan_file.read_text()).items()}
-        if any(sum(1 for c, _ in splits["train"] if c == cat) < args.per_category for cat in CATEGORIES):
-            splits = grow_prompts(splits, tokenizer, model, eos, args.per_category, args.seed, args.batch)
-    else:
-        splits = build_prompts(tokenizer, model, eos, args.per_category, args.heldout, args.seed, args.batch)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = plan_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(splits))
-    os.replace(tmp, plan_file)
-    jobs = []
-    for split, items in splits.items():
-        for cat in CATEGORIES:
-            texts = [t for c, t in items if c == cat]
-            for s in range(0, len(texts), args.batch):
-                jobs.append((split, cat, s // args.batch, texts[s:s + args.batch]))
-    for split, cat, shard, texts in tqdm(jobs, desc="answering", unit="shard"):
-        path = out / split / f"{cat}-{shard:03d}.jsonl"
-        if path.is_file() and [json.loads(line)["prompt"] for line in path.read_text().splitlines()] == texts:
-            continue  # answered before (a grown plan keeps every full shard)
-        prompt_ids = [encode_prompt(tokenizer, t, chat=True) for t in texts]
-        order = sorted(range(len(texts)), key=lambda i: len(prompt_ids[i]))  # less padding
-        answers = [None] * len(texts)
-        for i, ans in zip(order, batched_generate(model, tokenizer, [prompt_ids[i] for i in order],
-                                                  args.max_new_tokens, eos)):
-            answers[i] = ans
-        write_jsonl_atomic(path, [{"category": cat, "prompt": t, "prompt_ids": p, "response_ids": a}
-                                  for t, p, a in zip(texts, prompt_ids, answers)])
+    plan = load_or_build_plan(out, args)
+    jobs = shard_jobs(plan, args.shard_size)
+    done = {str(rel): brief(read_jsonl(out / rel)) for rel, first, items in jobs if shard_done(out / rel, first, items)}
+    report = mix_report(plan, done)
+    write_json_atomic(out / "mix.json", report)
+    print_mix(report)
+    todo = [(rel, first, items) for rel, first, items in jobs if str(rel) not in done]
+    if not todo:
+        return out
+    model, tokenizer, eos = load_target(args.target, load_tokenizer=True)
+    pack_linears(model)
+    exclusions = Exclusions(plan["heldout"])
+    # on a terminal a live bar; in a log file one line per shard with the same meter and ETA
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=sum(len(items) for _, _, items in todo), desc="answering", unit="prompt", smoothing=0,
+               file=sys.stderr if tty else open(os.devnull, "w"))
+    tokens, start = [0], time.perf_counter()
+
+    def counted(n):
+        tokens[0] += n
+
+    for rel, first, items in todo:
+        pools = {lead: question_pool(out, model, tokenizer, eos, lead, n, args, exclusions)
+                 for lead, n in sorted(questions_needed(items).items())}
+        rows = answer(model, tokenizer, eos, resolve(items, pools), first, args.max_new_tokens, args.batch, counted)
+        write_jsonl_atomic(out / rel, rows)
+        done[str(rel)] = brief(rows)
+        write_json_atomic(out / "mix.json", mix_report(plan, done))
+        rate = tokens[0] / (time.perf_counter() - start)
+        bar.set_postfix_str(f"{tokens[0]} tokens, {rate:.0f} tok/s", refresh=False)
+        bar.update(len(items))
+        if not tty:
+            print(f"{time.strftime('%H:%M:%S')} {rel}: {len(items)} prompts, {len(rows)} answers, "
+                  f"{sum(len(r['response_ids']) for r in rows)} tokens | {bar}", file=sys.stderr, flush=True)
+    bar.close()
+    report = mix_report(plan, done)
+    write_json_atomic(out / "mix.json", report)
+    print_mix(report)
     return out
 
 

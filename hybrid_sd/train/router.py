@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..cli import Parser
+from ..cli import Parser, out_dir, positive_float, positive_int, seed, write_atomic
 from ..errors import UserError, exit_code
 from ..router.entropy import Calibration, signals_from_row
 from ..router.learned import RouterMLP
@@ -54,11 +54,12 @@ def mean_abs_error(predict, rows, n_drafters, k_max) -> float:
 def main(argv=None) -> int:
     p = Parser(prog="python -m hybrid_sd.train.router", description=__doc__.split("\n\n")[0])
     p.add_argument("--traces", default=None, help="traces file (default: DATA/traces.jsonl in the user cache)")
-    p.add_argument("--out", default="router", help="directory for entropy.json and learned.*")
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="router", type=out_dir,
+                   help="directory for entropy.json and learned.* (checked before training)")
+    p.add_argument("--epochs", type=positive_int, default=200)
+    p.add_argument("--hidden", type=positive_int, default=64)
+    p.add_argument("--lr", type=positive_float, default=3e-3)
+    p.add_argument("--seed", type=seed, default=0)
     return exit_code(train, p.parse_args(argv))
 
 
@@ -116,7 +117,7 @@ def train(args) -> dict:
               "mae_tokens_per_round": {name: round(mean_abs_error(f, val_rows, len(names), k_max), 4)
                                        for name, f in (("signal-free average", constant), ("entropy rule", rule),
                                                        ("learned", learned))}}
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
     print(json.dumps(report["mae_tokens_per_round"]))
     return report
 
