@@ -131,9 +131,13 @@ def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
     """An output directory that exists or can be created: not a file, no file on its path, and a
     writable nearest existing ancestor. Checked before any work, so that nothing expensive is
     lost at the end. Creates nothing. Raises UserError."""
+    return _as_user_error(_out_dir, path, flag)
+
+
+def _as_user_error(check, path: str | Path, flag: str) -> Path:
     from .errors import UserError
     try:
-        return _out_dir(path, f"{flag} ")
+        return check(path, f"{flag} ")
     except OutputError as e:
         raise UserError(str(e)) from None
 
@@ -153,11 +157,7 @@ def _out_dir(path: str | Path, flag: str) -> Path:
 def check_out_file(path: str | Path, flag: str = "--out") -> Path:
     """An output file that can be (re)written: not a directory, and its directory exists or can
     be created and is writable. Creates nothing. Raises UserError."""
-    from .errors import UserError
-    try:
-        return _out_file(path, f"{flag} ")
-    except OutputError as e:
-        raise UserError(str(e)) from None
+    return _as_user_error(_out_file, path, flag)
 
 
 def _out_file(path: str | Path, flag: str) -> Path:
