@@ -43,7 +43,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench-out", type=out_dir,
                    help="directory for results.json, results.md and the plots (checked before the run)")
     p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma-separated subset of {','.join(METHODS)}; a drafter may name its k, e.g. ar@4")
+                   help=f"comma-separated subset of {','.join(METHODS)}; a drafter may name its k, e.g. ar@4, "
+                        "and a drafter or hybrid may draft trees: ar:tree (budget cut by cost) or ar:tree16 "
+                        "(16 nodes)")
     p.add_argument("--per-category", type=positive_int, default=None, help="prompts per category (at most 16)")
     p.add_argument("--max-new-tokens", type=positive_int, default=None)
     p.add_argument("--repeats", type=positive_int, default=None, help="passes over the prompts (median time kept)")
@@ -52,14 +54,28 @@ def main(argv=None) -> int:
     return exit_code(run, p.parse_args(argv))
 
 
+def method_spec(name: str) -> tuple[str, int | None, bool, int | None] | None:
+    """`kind[@k][:tree[N]]` -> (kind, k, tree, node budget); None when malformed."""
+    base, _, tree = name.partition(":")
+    kind, at, k = base.partition("@")
+    if kind not in METHODS or (at and (kind not in DRAFTERS or not k.isdigit() or int(k) < 1)):
+        return None
+    if not tree:
+        return kind, int(k) if at else None, False, None
+    budget = tree[len("tree"):]
+    if not tree.startswith("tree") or kind in ("plain", "hf", "hf-lookup") or (budget and (
+            not budget.isdigit() or int(budget) < 1)):
+        return None
+    return kind, int(k) if at else None, True, int(budget) if budget else None
+
+
 def parse_methods(text: str) -> list[str]:
     methods = [m for m in text.split(",") if m]
-    bad = [m for m in methods if m.split("@")[0] not in METHODS
-           or ("@" in m and (m.split("@")[0] not in DRAFTERS or not m.split("@")[1].isdigit()
-                             or int(m.split("@")[1]) < 1))]
+    bad = [m for m in methods if method_spec(m) is None]
     if bad or not methods:
         raise UserError(f"unknown method(s) {bad} (choose from {', '.join(METHODS)}; "
-                        f"{', '.join(DRAFTERS)} optionally @k with k >= 1)")
+                        f"{', '.join(DRAFTERS)} optionally @k with k >= 1; drafters and hybrids optionally "
+                        ":tree or :treeN with N >= 1 nodes)")
     if "plain" not in methods:
         methods.insert(0, "plain")  # the reference every output is checked against
     return list(dict.fromkeys(methods))
@@ -76,15 +92,16 @@ class Methods:
         self.hf = self.hf_model() if any(m.startswith("hf") for m in names) else None
         self.engines = {}
         for name in names:
-            kind, _, k = name.partition("@")
+            kind, k, tree, budget = method_spec(name)
             if kind.startswith("hf"):
                 continue
             if kind.startswith("hybrid"):
                 router = "learned" if kind == "hybrid-learned" else "entropy"
-                self.engines[name] = factory.build_hybrid(self.target, eos, EngineConfig(EVAL_CONTEXT), router, lam)
+                config = EngineConfig(EVAL_CONTEXT, tree=tree, tree_budget=budget)
+                self.engines[name] = factory.build_hybrid(self.target, eos, config, router, lam)
                 continue
             kind = factory.PLAIN if kind == "plain" else kind
-            config = EngineConfig(EVAL_CONTEXT, draft_k={kind: int(k)} if k else {})
+            config = EngineConfig(EVAL_CONTEXT, draft_k={kind: k} if k else {}, tree=tree, tree_budget=budget)
             self.engines[name] = factory.build_engine(self.target, eos, kind, config, embedded=True)
 
     @staticmethod
@@ -203,7 +220,10 @@ def markdown(result: dict) -> str:
         for c in cats:
             tau = result["tau"].get(m, {}).get(c)
             cells.append(f"{result['speedup'][m][c]:.2f}x" + (f" ({tau:.2f})" if tau is not None else ""))
-        lines.append(f"| {LABELS.get(m.split('@')[0], m)}{'' if '@' not in m else ' k=' + m.split('@')[1]} | "
+        kind, k, tree, budget = method_spec(m)
+        label = LABELS.get(kind, kind) + (f" k={k}" if k else "") + (
+            f", tree {budget if budget else 'by cost'}" if tree else "")
+        lines.append(f"| {label} | "
                      + " | ".join(cells) + f" | {result['tokens_per_s'][m]['mix']:.2f} |")
     lines += ["", "Milliseconds per round by phase (mix):", "",
               "| method | " + " | ".join(PHASES) + " | total |", "|---" * (len(PHASES) + 2) + "|"]

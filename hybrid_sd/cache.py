@@ -27,3 +27,11 @@ class KVCache:
         self.k[layer].index_copy_(2, positions, k)
         self.v[layer].index_copy_(2, positions, v)
         return self.k[layer], self.v[layer]
+
+    def move(self, sources: torch.Tensor, start: int) -> None:
+        """Rows at positions `sources` [a] to positions start..start+a-1, in every layer (a draft
+        tree's accepted path into place; the gather copies first, so the ranges may overlap)."""
+        end = start + sources.numel()
+        for k, v in zip(self.k, self.v):
+            k[:, :, start:end] = k[:, :, sources]
+            v[:, :, start:end] = v[:, :, sources]

@@ -9,6 +9,9 @@ from typing import Mapping
 DEFAULT_CONTEXT = 4096  # KV cache positions of the CLI (prompt + answer)
 EVAL_CONTEXT = 2048     # the benchmark's, the evaluation's and the traces' cache: their prompts are short
 DEFAULT_NGRAM_MAX = 4   # longest n-gram the prompt-lookup drafter matches
+TREE_BUDGET = 32        # nodes a tree round drafts before the cost-aware cut (--budget auto)
+TREE_WIDTH = 8          # AR trees: children per expanded node, and nodes expanded per depth (EAGLE-2's top-k)
+TREE_TOP = 8            # block trees (DDTree): best tokens per slot a tree may branch over
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,8 @@ class EngineConfig:
     profile_sync: bool = False       # wait for the device at each phase boundary (exact phase times)
     pad: bool | None = None          # pad prefill and catch-up chunks to buckets (None: iff graphs)
     draft_k: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # per drafter name; else its default
+    tree: bool = False               # draft trees (hybrid_sd/tree.py) instead of chains
+    tree_budget: int | None = None   # tree nodes per round; None: draft TREE_BUDGET, keep what pays (needs latency)
 
     def __post_init__(self):
         object.__setattr__(self, "draft_k", MappingProxyType(dict(self.draft_k)))

@@ -59,6 +59,12 @@ def build_parser() -> Parser:
     p.add_argument("--block-draft", help="hybrid: block drafter directory (default: shipped for the embedded target)")
     p.add_argument("--k", type=int, default=None,
                    help="tokens drafted per round (default: the drafter's own: 8 for ngram, 6 for ar, block size-1 for block)")
+    p.add_argument("--tree", default="off", choices=("auto", "off"),
+                   help="auto: draft trees (several guesses per position, verified in one pass) and verify as "
+                        "many nodes as pay for themselves on this machine; off: chains")
+    p.add_argument("--budget", type=int, default=None,
+                   help="with --tree auto: verify exactly this many tree nodes per round (1..64) instead of "
+                        "choosing by cost")
     p.add_argument("--ngram-max", type=int, default=DEFAULT_NGRAM_MAX, help="longest n-gram the prompt-lookup drafter matches")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
@@ -94,6 +100,12 @@ def check_args(args) -> None:
         raise UserError(f"unknown drafter {args.drafter!r} (choose from {', '.join(drafter_choices())})")
     if args.ngram_max < 1:
         raise UserError(f"--ngram-max must be >= 1, got {args.ngram_max}")
+    if args.budget is not None:
+        from .graphs import TREE_BUCKETS
+        if args.tree == "off":
+            raise UserError("--budget sets the tree size: add --tree auto")
+        if not 1 <= args.budget <= TREE_BUCKETS[-1]:
+            raise UserError(f"--budget must be 1..{TREE_BUCKETS[-1]} tree nodes, got {args.budget}")
 
 
 def resolve_device(name: str):
@@ -169,7 +181,8 @@ class Streamer:
 def engine_config(args):
     from .config import EngineConfig
     return EngineConfig(max_len=args.max_context, graphs=args.graphs, profile_sync=args.profile,
-                        draft_k={args.drafter: args.k} if args.k is not None else {})
+                        draft_k={args.drafter: args.k} if args.k is not None else {},
+                        tree=args.tree == "auto", tree_budget=args.budget)
 
 
 def run(args) -> int:
@@ -191,6 +204,10 @@ def run(args) -> int:
     target, tokenizer, eos = factory.load_packed_target(args.target, device=device, dtype=dtype)
     if args.max_context > target.max_len:
         raise UserError(f"--max-context {args.max_context} exceeds the model's {target.max_len} positions")
+    ids = encode_prompt(tokenizer, prompt, chat=not args.no_chat)
+    if len(ids) >= args.max_context:  # before the drafters load and the latency table is measured
+        raise UserError(f"the prompt has {len(ids)} tokens but the context holds {args.max_context}; "
+                        "shorten the prompt or raise --max-context")
     if args.drafter is None:
         args.drafter = factory.default_drafter(embedded)
     options = DraftOptions(ngram_max=args.ngram_max)
@@ -204,7 +221,6 @@ def run(args) -> int:
             for report in engine.warm_up():
                 print(f"[graphs] {report['name']}: {report['keys']} {report['mode']} buckets in "
                       f"{report['seconds']:.1f} s, {report['memory_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
-    ids = encode_prompt(tokenizer, prompt, chat=not args.no_chat)
     sampling = Sampling(args.temperature, args.top_p, args.seed)
     streamer = None if args.json else Streamer(tokenizer)
     with torch.inference_mode():
@@ -229,6 +245,8 @@ def run(args) -> int:
         print(phase_table([r.times for r in gen.rounds]), file=sys.stderr)
     if hybrid:
         result.update(router=args.router, lam=args.lam, **gen.routing_stats())
+    if args.tree == "auto":
+        result.update(tree=gen.tree_stats())
     emit(json.dumps(result) + "\n" if args.json else "\n")
     if args.stats:
         print(f"[{args.drafter}] prompt {gen.prompt_tokens} tok | new {len(gen.token_ids)} tok | "
@@ -239,6 +257,10 @@ def run(args) -> int:
             per = ", ".join(f"{d} {st['share'][d]:.0%} x{st['tokens_per_round'][d]:.2f}" for d in st["share"])
             print(f"[hybrid/{args.router} lam={args.lam}] rounds: {per} | switches {st['switches']} | "
                   f"catch-up {st['catchup_tokens']} tok | switching overhead {st['switching_overhead']:.1%}",
+                  file=sys.stderr)
+        if args.tree == "auto":
+            per = ", ".join(f"{d} {t['nodes']:.1f} nodes, depth {t['depth']:.2f}" for d, t in gen.tree_stats().items())
+            print(f"[tree {'budget ' + str(args.budget) if args.budget else 'by cost'}] per round: {per}",
                   file=sys.stderr)
     return 0
 

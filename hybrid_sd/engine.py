@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .config import EngineConfig
+from .config import TREE_BUDGET, EngineConfig
 from .drafters.base import Context, Draft, Drafter
 from .errors import UserError
 from .graphs import (
@@ -27,6 +27,7 @@ from .graphs import (
     GRAPH_KV_BLOCK,
     KV_BLOCK,
     PREFILL_BUCKETS,
+    TREE_BUCKETS,
     BucketedGraphs,
     bucket_for,
     chunks,
@@ -45,7 +46,9 @@ from .router import (
     target_confidence,
 )
 from .router.signals import DrafterState
-from .verify import Sampling, judge, target_probs
+from .router.tree import TreeBudget
+from .tree import ancestor_mask, depths
+from .verify import Sampling, judge, judge_tree, target_probs
 
 PLAIN = "none"  # the label of a round without a draft (a plain decoding step)
 
@@ -58,6 +61,7 @@ class RoundRecord:
     committed: int  # tokens committed this round (accepted + the target's own token), before stop truncation
     times: dict[str, float]
     catchup_tokens: int = 0  # positions the drafter consumed before drafting (its lag)
+    tree: bool = False       # the draft was a tree (k = its nodes, accepted = the depth reached)
 
 
 @dataclass
@@ -120,6 +124,15 @@ class Generation:
         """Tokens committed per verify round (accepted drafts + the target's token): the papers' tau."""
         return RoundStats.of(self.rounds).tau
 
+    def tree_stats(self) -> dict:
+        """Per drafter, over its tree rounds: mean nodes verified and mean depth accepted."""
+        by: dict[str, list[RoundRecord]] = {}
+        for r in self.rounds:
+            if r.tree:
+                by.setdefault(r.drafter, []).append(r)
+        return {d: {"nodes": round(sum(r.k for r in v) / len(v), 2), "depth": round(sum(r.accepted for r in v) / len(v), 3)}
+                for d, v in by.items()}
+
     def routing_stats(self) -> dict:
         """Per drafter: share of rounds and tokens per round; switches between drafters;
         catch-up tokens; switching overhead = catch-up time / round time."""
@@ -169,11 +182,20 @@ class Engine:
         # attention spans: fine buckets when eager, coarse ones when each is a captured graph
         self.kv_block = config.kv_block or (KV_BLOCK if self.graphs_mode == "eager" else GRAPH_KV_BLOCK)
         self.verify_graphs = BucketedGraphs(self.verify_step, self.graphs_mode, self.device, "verify")
+        # tree verifies: keyed by (rows, span); rows padded to a node bucket when steps are graphs
+        self.tree_graphs = BucketedGraphs(self.tree_verify_step, self.graphs_mode, self.device, "verify:tree")
+        self.pads_trees = config.pad if config.pad is not None else self.graphs_mode != "eager"
+        self.budgets: TreeBudget | None = None  # the cost-aware tree cut, once a latency table is given
         # prefill as CUDA graphs too (no launch gaps in TTFT); not compiled: on the CPU a compile
         # costs ~1 min per chunk shape and a compute-bound prefill gains nothing from it
         prefill_mode = "cuda" if self.graphs_mode == "cuda" else "eager"
         self.prefill_graphs = BucketedGraphs(self.prefill_step, prefill_mode, self.device, "prefill")
         self.pads_prefill = config.pad if config.pad is not None else prefill_mode == "cuda"
+
+    def use_latency(self, latency: LatencyTable) -> None:
+        """Cut each drafted tree where expected tokens per second peak (router/tree.py), with the
+        verify costs of this machine (config.tree_budget None: draft TREE_BUDGET nodes first)."""
+        self.budgets = TreeBudget(latency)
 
     @property
     def routed(self) -> bool:
@@ -218,7 +240,8 @@ class Engine:
 
         @torch.inference_mode()
         def verify(k):
-            logits, _ = self.verify_forward(self.tokens[n:n + 1 + k], n)
+            start = min(n, self.max_len - 1 - k)  # a tree-sized verify may need an earlier start
+            logits, _ = self.verify_forward(self.tokens[start:start + 1 + k], start)
             int(logits[:1].argmax())  # read the result, as a round does (waits for the device)
             self.cache.length = n
 
@@ -255,7 +278,7 @@ class Engine:
         """Warm-up: time the target's verify of k+1 tokens and each drafter's draft of k and
         catch-up over each lag bucket, on a dummy context on this machine."""
         verify, drafters = self.latency_probes(context)
-        table = LatencyTable.measure(verify, drafters, repeats)
+        table = LatencyTable.measure(verify, drafters, repeats, longest_verify=self.max_len - 2)
         self.cache.length = 0
         return table
 
@@ -307,6 +330,39 @@ class Engine:
         logits, feats = self.verify_graphs((T, kv_bucket(start + T, self.max_len, self.kv_block)), tokens, positions)
         return logits, (feats[0].view(T, len(self.capture), -1) if feats is not None else None)
 
+    def tree_verify_step(self, key: tuple[int, int], tokens: torch.Tensor, positions: torch.Tensor,
+                         slots: torch.Tensor, mask: torch.Tensor):
+        """The captured tree verify: rows at RoPE `positions` write K/V at cache `slots` and see
+        the cache slots `mask` [rows, span] allows; returns what verify_step returns."""
+        hidden, feats = self.target(tokens[None], positions, self.cache, None, self.capture, tree=(slots, mask))
+        return self.target.logits(hidden[0]), feats
+
+    def verify_tree(self, parents: list[int], n: int):
+        """Verify the bonus and a draft tree (self.tokens[n + 1:] holds its nodes) in one forward:
+        row i + 1 (node i) at position n + depth, cache slot n + i + 1, attending to the committed
+        context and its own ancestors. Returns (logits [k+1, V], features [k+1, C, H] or None)."""
+        T = len(parents) + 1
+        rows = T
+        if self.pads_trees:  # graphs: a few shapes, so pad to the next node bucket
+            bucket = next((b + 1 for b in TREE_BUCKETS if b + 1 >= T and n + b + 1 <= self.max_len), T)
+            rows = bucket
+        full = parents + [-1] * (rows - T)  # padding rows: leaves of the bonus, never walked
+        positions = n + torch.tensor([0] + depths(full), device=self.device)
+        slots = torch.arange(n, n + rows, device=self.device)
+        span = kv_bucket(n + rows, self.max_len, self.kv_block)
+        mask = torch.zeros(rows, span, dtype=torch.bool, device=self.device)
+        mask[:, :n] = True
+        mask[:, n:n + rows] = ancestor_mask(full, self.device)
+        tokens = self.tokens[n:n + T]
+        if rows > T:
+            tokens = torch.cat([tokens, tokens.new_zeros(rows - T)])
+        logits, feats = self.tree_graphs((rows, span), tokens, positions, slots, mask)
+        return logits[:T], (feats[0, :T].view(T, len(self.capture), -1) if feats is not None else None)
+
+    def node_budget(self, n: int) -> int:
+        """Tree nodes a round may draft after a context of n positions."""
+        return max(0, min(self.config.tree_budget or TREE_BUDGET, self.max_len - n - 1))
+
     @torch.inference_mode()
     def warm_up(self) -> list[dict]:
         """Run every bucket of every step once -- on CUDA, capture its graph -- so that no
@@ -315,6 +371,15 @@ class Engine:
         examples = {(T, kv): (self.tokens[:T], torch.arange(T, device=self.device))
                     for T in range(1, self.k_max + 2) for kv in spans if kv >= T}
         reports = [self.verify_graphs.warm_up(examples)]  # writes scratch K/V at 0..T-1: prefill overwrites it
+        if self.config.tree:  # every padded tree verify (rows = a node bucket + 1) at every span
+            examples = {}
+            for rows in (b + 1 for b in TREE_BUCKETS if b + 1 <= self.max_len):
+                index = torch.arange(rows, device=self.device)
+                for kv in spans:
+                    if kv >= rows:
+                        examples[(rows, kv)] = (self.tokens[:rows], index, index,
+                                                torch.ones(rows, kv, dtype=torch.bool, device=self.device))
+            reports.append(self.tree_graphs.warm_up(examples))
         if self.pads_prefill:  # else prefill is one unpadded pass: nothing to warm
             # every key a prompt can meet: chunks start at multiples of the largest bucket
             chunk = PREFILL_BUCKETS[-1]
@@ -416,25 +481,56 @@ class Engine:
             with self.clock.phase("catchup", f"catchup:{name}"):
                 drafter.catch_up(ctx, n)
             with self.clock.phase("draft", f"draft:{name}"):
-                draft = drafter.draft(ctx, k, sampling, generator)
+                if self.config.tree:
+                    draft = drafter.draft_tree(ctx, self.node_budget(n), k, generator)
+                else:
+                    draft = drafter.draft(ctx, k, sampling, generator)
+            if draft.scores is not None and self.budgets is not None:
+                with self.clock.phase("route"):
+                    draft = draft.first(self.budgets.cut(name, draft.scores, self.budgets.latency.draft_seconds(name, k)))
+        tree = draft.parents is not None
         kd = draft.tokens.numel()
         with self.clock.phase("verify"):
             self.tokens[n + 1:n + 1 + kd] = draft.tokens
-            logits, feats = self.verify_forward(self.tokens[n:n + 1 + kd], n)
+            if tree:
+                logits, feats = self.verify_tree(draft.parents, n)
+            else:
+                logits, feats = self.verify_forward(self.tokens[n:n + 1 + kd], n)
         with self.clock.phase("accept"):  # the round's host sync: accepted count and the router's signals
-            verdict = judge(draft.tokens, draft.probs, logits, sampling, generator, signals=self.routed,
-                            draft_confidence=draft.confidence)
+            if tree:
+                drafted = draft.tokens.tolist()
+                verdict = judge_tree(draft.parents, drafted, logits, sampling, generator, signals=self.routed,
+                                     draft_confidence=draft.confidence)
+            else:
+                verdict = judge(draft.tokens, draft.probs, logits, sampling, generator, signals=self.routed,
+                                draft_confidence=draft.confidence)
             a, token = verdict.accepted, verdict.token
         with self.clock.phase("commit"):
-            new = draft.tokens[:a].tolist() + [token]
+            if tree:
+                new = [drafted[row - 1] for row in verdict.path] + [token]
+                feats = self.gather_path(n, verdict.path, feats)
+            else:
+                new = draft.tokens[:a].tolist() + [token]
             self.commit(ctx, n, a + 1, feats, new)
+        if tree and draft.scores is not None and self.budgets is not None:
+            self.budgets.observe(name, draft.scores, {row - 1 for row in verdict.path})
         if self.routed:
             with self.clock.phase("route"):  # signals for the next round's choice
                 self.signals.top1, self.signals.entropy = verdict.top1, verdict.entropy
-                if drafter is not None:
-                    observe_draft(self.signals.drafters[index], kd, a, verdict.draft_confidence)
+                if drafter is not None:  # a tree reads as a chain as long as it is deep
+                    observe_draft(self.signals.drafters[index], max(depths(draft.parents), default=0) if tree else kd,
+                                  a, verdict.draft_confidence)
         self.clock.end_round()
-        return RoundRecord(name, kd, a, len(new), times, lag)
+        return RoundRecord(name, kd, a, len(new), times, lag, tree)
+
+    def gather_path(self, n: int, path: list[int], feats):
+        """A tree's accepted rows move to positions n + 1.. in the target cache (a few rows; the
+        rest stays as scratch); returns the features of the rows that become context."""
+        rows = [0] + path
+        if path == list(range(1, len(path) + 1)):  # the path is the first nodes: already in place
+            return feats
+        self.cache.move(torch.tensor([n + r for r in path], device=self.device), n + 1)
+        return feats[torch.tensor(rows, device=feats.device)] if feats is not None else None
 
     def commit(self, ctx: Context, n: int, rows: int, feats, new: list[int]) -> None:
         """The first `rows` verified positions (n..) become context; `new` tokens follow."""

@@ -18,6 +18,7 @@ from .drafters import DRAFTERS, Drafter
 from .drafters.registry import DrafterKind
 from .engine import Engine
 from .errors import UserError
+from .graphs import DRAFT_BUCKETS, TREE_BUCKETS
 from .models.loading import load_target
 from .models.packed_linear import pack_linears
 from .router import FixedRouter, LatencyTable, load_router, router_names
@@ -77,9 +78,15 @@ def build_drafter(name: str, target, path: str | Path | None = None, options: Dr
 def build_engine(target, eos, drafter: str = PLAIN, config: EngineConfig = EngineConfig(),
                  path: str | Path | None = None, options: DraftOptions = DraftOptions(),
                  embedded: bool = False) -> Engine:
-    """Plain decoding (`none`) or one registered drafter at its k (config.draft_k or its default)."""
-    drafters = [] if drafter == PLAIN else [build_drafter(drafter, target, path, options, embedded)]
-    return Engine(target, eos, drafters, config=config)
+    """Plain decoding (`none`) or one registered drafter at its k (config.draft_k or its default).
+    Trees with no fixed budget are cut by cost: this machine's latency table, measured once."""
+    if drafter == PLAIN:
+        return Engine(target, eos, [], config=config)
+    path = checkpoint_of(drafter, path, embedded)
+    engine = Engine(target, eos, [drafter_kind(drafter).cls.load(target, path, options)], config=config)
+    if config.tree and config.tree_budget is None:
+        engine.use_latency(cached_latency(engine, {drafter: path}))
+    return engine
 
 
 def build_hybrid(target, eos, config: EngineConfig = EngineConfig(), router: str = "entropy", lam: float = 1.0,
@@ -94,6 +101,8 @@ def build_hybrid(target, eos, config: EngineConfig = EngineConfig(), router: str
     engine = Engine(target, eos, drafters, router=FixedRouter(0, 1), config=config)
     latency = cached_latency(engine, paths)
     engine.use_router(load_router(router, router_dir, latency, names, lam))
+    if config.tree and config.tree_budget is None:
+        engine.use_latency(latency)
     return engine
 
 
@@ -113,7 +122,8 @@ def cached_latency(engine: Engine, paths: Mapping[str, Path | None]) -> LatencyT
     target, w = engine.target, engine.target.lm_head.weight
     key = json.dumps([target.config.to_json_string(), [[name, *stamp(p)] for name, p in paths.items()],
                       str(w.device), str(w.dtype), torch.get_num_threads(), engine.max_len,
-                      platform.processor() or platform.machine(), engine.graphs_mode])
+                      platform.processor() or platform.machine(), engine.graphs_mode,
+                      DRAFT_BUCKETS, TREE_BUCKETS])  # the sizes measured
     path = latency_cache_dir() / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     if path.is_file():
         try:

@@ -12,6 +12,7 @@ import torch
 
 from .kernels import accept as accept_kernels
 from .kernels import row_argmax, row_stats, triton_usable
+from .tree import walk
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Verdict:
     top1: float | None = None      # with signals: target's top-1 probability at the new bonus row
     entropy: float | None = None   # ... and the entropy there (nats)
     draft_confidence: float | None = None  # ... and the drafter's probability of its first token
+    path: list[int] | None = None  # a tree's accepted verify rows (node i is row i + 1), root excluded
 
 
 def judge(draft: torch.Tensor, draft_probs: torch.Tensor | None, logits: torch.Tensor, s: Sampling,
@@ -77,6 +79,30 @@ def judge(draft: torch.Tensor, draft_probs: torch.Tensor | None, logits: torch.T
         return Verdict(a, token)
     _, _, entropy, top1 = row_stats(logits[a:a + 1])
     return Verdict(a, token, float(top1[0]), float(entropy[0]), float(draft_confidence[0]) if with_conf else None)
+
+
+def judge_tree(parents: list[int], tokens: list[int], logits: torch.Tensor, s: Sampling,
+               generator: torch.Generator | None = None, signals: bool = False,
+               draft_confidence: torch.Tensor | None = None) -> Verdict:
+    """Accept a path of a draft tree (tree.py: node i at verify row i + 1) against the verify
+    logits [k+1, V]. Greedy: descend while a child holds the target's argmax. Sampling: at each
+    row draw the target's own token from its distribution there and descend while that token is
+    a child -- every committed token is a sample of the target's conditional, so the output
+    follows the target exactly whatever the tree holds (the drafts need no proposal)."""
+    if s.greedy:
+        argmax = row_argmax(logits).tolist()  # the round's sync
+        path, token = walk(parents, tokens, argmax.__getitem__)
+    else:
+        probs = target_probs(logits, s)
+        path, token = walk(parents, tokens, lambda row: int(torch.multinomial(probs[row], 1, generator=generator)))
+    a = len(path)
+    if not signals:
+        return Verdict(a, token, path=path)
+    last = path[-1] if path else 0
+    _, _, entropy, top1 = row_stats(logits[last:last + 1])
+    with_conf = draft_confidence is not None and draft_confidence.numel() > 0
+    return Verdict(a, token, float(top1[0]), float(entropy[0]), float(draft_confidence[0]) if with_conf else None,
+                   path=path)
 
 
 def greedy_accept(draft: torch.Tensor, logits: torch.Tensor) -> tuple[int, int]:

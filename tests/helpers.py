@@ -15,6 +15,7 @@ from hybrid_sd.engine import Engine
 from hybrid_sd.models.loading import load_target
 from hybrid_sd.models.packed_linear import pack_linears
 from hybrid_sd.models.transformer import Transformer
+from hybrid_sd.verify import Sampling, target_probs
 
 VOCAB = 96
 EOS = 3
@@ -271,6 +272,25 @@ class MixedDrafter(Drafter):
     def warm_up(self, max_len, k_max):
         return self.inner.warm_up(max_len, k_max)
 
+    def draft_tree(self, ctx, budget, depth, generator=None):
+        """The inner tree with the truth written along the path to a random node, up to a
+        random depth: accepted paths that are not the first nodes (their rows move in the cache)."""
+        d = self.inner.draft_tree(ctx, budget, depth, generator)
+        if not d.parents:
+            return d
+        n = ctx.n
+        path, node = [], int(torch.randint(0, len(d.parents), (1,), generator=self.g))
+        while node >= 0:
+            path.append(node)
+            node = d.parents[node]
+        path.reverse()
+        truth = self.reference[n + 1:n + 1 + len(path)]
+        m = int(torch.randint(0, len(truth) + 1, (1,), generator=self.g))
+        tokens = d.tokens.clone()
+        for node, t in zip(path[:m], truth[:m]):
+            tokens[node] = t
+        return Draft(tokens, None, d.confidence, d.parents, d.scores)
+
     def draft(self, ctx, k, sampling, generator=None):
         d = self.inner.draft(ctx, k, sampling, generator)
         n, kd = ctx.n, d.tokens.numel()
@@ -315,3 +335,29 @@ def make_drafter(kind: str, target, tmp_path: Path) -> Drafter:
         return pack_linears(BlockDrafter.from_pretrained(
             write_dflash_checkpoint(tmp_path / "bl", target.config, block_size=8), target))
     raise ValueError(kind)
+
+
+def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """p-value of Pearson's test, bins with expected count < 5 pooled."""
+    n = counts.sum()
+    expected = probs * n
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
+    if exp[-1] < 5:  # the pooled bin may still be tiny
+        obs, exp = obs[:-1], exp[:-1]
+    stat = ((obs - exp) ** 2 / exp).sum()
+    df = obs.numel() - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0), stat / 2.0))
+
+
+def second_token_marginal(target, prompt, s: Sampling) -> torch.Tensor:
+    """Exact P(second generated token) = sum_x1 p(x1 | prompt) p(x2 | prompt, x1)."""
+    V = target.config.vocab_size
+    P = len(prompt)
+    hidden, _ = target(torch.tensor([prompt]), torch.arange(P))
+    p1 = target_probs(target.logits(hidden[0, -1]), s)
+    batch = torch.cat([torch.tensor(prompt).expand(V, P), torch.arange(V)[:, None]], dim=1)
+    hidden, _ = target(batch, torch.arange(P + 1))
+    p2 = target_probs(target.logits(hidden[:, -1]), s)
+    return p1 @ p2

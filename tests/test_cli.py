@@ -28,6 +28,22 @@ def test_json_output(drafter):
             assert key in out, key
 
 
+@pytest.mark.parametrize("budget", [None, pytest.param("8", marks=pytest.mark.slow)])
+def test_tree_json_and_stats(budget):
+    """--tree auto on the hybrid (cut by cost, or a fixed budget): the same text as chains, and
+    the tree's size and accepted depth per drafter reported."""
+    args = ["--json", "--stats", "--tree", "auto", "--max-new-tokens", "24", "What is the capital of France?"]
+    run = decode(*args, *(["--budget", budget] if budget else []))
+    chain = decode("--json", "--drafter", "none", "--max-new-tokens", "24", "What is the capital of France?")
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["token_ids"] == json.loads(chain.stdout)["token_ids"]
+    assert out["tree"] and all(t["nodes"] >= 1 for t in out["tree"].values())
+    if budget:
+        assert all(t["nodes"] <= int(budget) for t in out["tree"].values())
+    assert "[tree " in run.stderr and "depth" in run.stderr
+
+
 def test_stream_from_stdin_with_stats():
     run = decode("--stats", "--max-new-tokens", "8", "--no-chat", stdin="The capital of France is")
     assert run.returncode == 0, run.stderr
@@ -55,6 +71,9 @@ def test_sampling_is_seeded():
     pytest.param(("--device", "cuda", "x"), "CUDA", marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is present")),
     (("--dtype", "int3", "x"), "dtype"),
     (("--max-context", "16", "x" * 400), "context"),
+    (("--budget", "8", "x"), "--tree auto"),
+    (("--tree", "auto", "--budget", "0", "x"), "--budget"),
+    (("--tree", "sometimes", "x"), "--tree"),
     (("--no-such-flag",), "unrecognized"),
 ])
 def test_user_errors_are_one_line(args, message):

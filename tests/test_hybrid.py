@@ -70,8 +70,11 @@ def test_forced_switching_every_round_is_lossless(target, mixed):
     assert any(r.catchup_tokens > 1 for r in gen.rounds)  # and drafters really lagged
 
 
-@pytest.mark.parametrize("lam", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("lam", [pytest.param(0.0, marks=pytest.mark.slow), 0.5,
+                                 pytest.param(2.0, marks=pytest.mark.slow)])
 def test_routers_are_lossless(target, drafters, mixed, lam):
+    """Both routers at the default lam on both families; the lam grid (other lengths and
+    plain steps chosen) in the slow suite, on the llama target."""
     if target.config.model_type != "llama" and lam != 0.5:
         pytest.skip("the lam grid runs on the llama target; qwen3 covers the routers at one lam")
     for name, router in routers(target, drafters, lam).items():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import TargetAsDrafter, write_eagle3_checkpoint
+from helpers import TargetAsDrafter, chi_square_p_value, second_token_marginal, write_eagle3_checkpoint
 from helpers import engine as make_engine
 from hybrid_sd.drafters import ARDrafter, NgramDrafter
 from hybrid_sd.verify import Sampling, greedy_accept, speculative_accept, target_probs
@@ -31,20 +31,6 @@ def test_top_p_keeps_smallest_nucleus():
     assert torch.equal(target_probs(logits, Sampling(1.0, top_p=0.01)), torch.tensor([1.0, 0, 0, 0, 0]))
 
 
-def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """p-value of Pearson's test, bins with expected count < 5 pooled."""
-    n = counts.sum()
-    expected = probs * n
-    big = expected >= 5
-    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
-    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
-    if exp[-1] < 5:  # the pooled bin may still be tiny
-        obs, exp = obs[:-1], exp[:-1]
-    stat = ((obs - exp) ** 2 / exp).sum()
-    df = obs.numel() - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2.0), stat / 2.0))
-
-
 @pytest.mark.parametrize("with_q", [True, False])
 def test_rejection_sampling_first_token_follows_target(with_q):
     g = torch.Generator().manual_seed(0)
@@ -61,18 +47,6 @@ def test_rejection_sampling_first_token_follows_target(with_q):
     assert chi_square_p_value(counts, p0) > 1e-3
     # the same counts are far from the unfiltered distribution: the test can tell them apart
     assert chi_square_p_value(counts, torch.softmax(logits[0], -1)) < 1e-6
-
-
-def second_token_marginal(target, prompt, s: Sampling) -> torch.Tensor:
-    """Exact P(second generated token) = sum_x1 p(x1 | prompt) p(x2 | prompt, x1)."""
-    V = target.config.vocab_size
-    P = len(prompt)
-    hidden, _ = target(torch.tensor([prompt]), torch.arange(P))
-    p1 = target_probs(target.logits(hidden[0, -1]), s)
-    batch = torch.cat([torch.tensor(prompt).expand(V, P), torch.arange(V)[:, None]], dim=1)
-    hidden, _ = target(batch, torch.arange(P + 1))
-    p2 = target_probs(target.logits(hidden[:, -1]), s)
-    return p1 @ p2
 
 
 @pytest.mark.parametrize("drafter_kind", ["self", "ngram", "ar"])

@@ -19,6 +19,7 @@ import torch.nn as nn
 from transformers import LlamaConfig
 
 from ..cache import KVCache
+from ..config import TREE_WIDTH
 from ..errors import UserError
 from ..graphs import kv_bucket
 from ..models.transformer import MLP, RMSNorm, apply_rope, attend, rope_inv_freq, rope_tables
@@ -69,12 +70,15 @@ class Eagle3Attention(nn.Module):
         v = self.v_proj(a).view(1, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(k, cos, sin), v
 
-    def forward(self, a, cos, sin, cache: KVCache, positions, kv_len: int):
+    def forward(self, a, cos, sin, cache: KVCache, positions, kv_len: int, tree=None):
+        """`tree` = (slots, mask [T, kv_len]): tree rows write at `slots` and see what the mask allows."""
         T = a.shape[0]
         k, v = self.kv(a, cos, sin)
-        k_all, v_all = cache.write(0, positions, k, v)
+        slots, mask = tree if tree is not None else (positions, None)
+        k_all, v_all = cache.write(0, slots, k, v)
         q = apply_rope(self.q_proj(a).view(1, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
-        mask = torch.arange(kv_len, device=a.device)[None, :] <= positions[:, None]
+        if mask is None:
+            mask = torch.arange(kv_len, device=a.device)[None, :] <= positions[:, None]
         y = attend(q, k_all[:, :, :kv_len], v_all[:, :, :kv_len], mask)
         return self.o_proj(y.transpose(1, 2).reshape(T, -1))
 
@@ -227,7 +231,7 @@ class ARDrafter(GraphedStep, nn.Module):
         write_checkpoint(path, self.config_dict(), state, dtype=dtype)
 
     # ---- drafting ----------------------------------------------------------------------
-    def reset(self, max_len: int, k_max: int = 32) -> None:
+    def reset(self, max_len: int, k_max: int = 64) -> None:
         p = self.lm_head.weight
         size = max_len + k_max
         if self.cache is None or self.cache.max_len < size:
@@ -254,12 +258,13 @@ class ARDrafter(GraphedStep, nn.Module):
         k, v = self.midlayer.self_attn.kv(a, self.rope_cos[positions], self.rope_sin[positions])
         self.cache.write(0, positions, k, v)
 
-    def step(self, g, emb, positions, kv_len):
-        """Full computation of rows (g, emb) at `positions`: new hidden g and draft-vocab logits."""
+    def step(self, g, emb, positions, kv_len, tree=None):
+        """Full computation of rows (g, emb) at `positions` (a tree's rows: with (slots, mask)):
+        new hidden g and draft-vocab logits."""
         layer = self.midlayer
         a, residual = layer.row_input(g, emb)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        h = residual + layer.self_attn(a, cos, sin, self.cache, positions, kv_len)
+        h = residual + layer.self_attn(a, cos, sin, self.cache, positions, kv_len, tree)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         normed = self.norm(h)
         return (normed if self.norm_output else h), self.lm_head(normed).float()
@@ -287,6 +292,68 @@ class ARDrafter(GraphedStep, nn.Module):
 
     def draft_key(self, n: int, k: int, sampled: bool) -> tuple[int, int, int]:
         return k, kv_bucket(n + k, self.cache.max_len, self.kv_block), int(sampled)
+
+    def tree_step(self, key: tuple[int, int], g, tokens, positions, slots, mask):
+        """One depth of a tree draft, key (rows, span): rows (g [R, H], token [R]) at RoPE
+        `positions`, writing K/V at `slots` and attending where `mask` [R, span] allows. Returns
+        (new g [R, H], log-probabilities [R, TREE_WIDTH] and target ids [R, TREE_WIDTH] of each
+        row's best next tokens)."""
+        g, logits = self.step(g, self.embed[0](tokens), positions, key[1], (slots, mask))
+        logp, ids = torch.log_softmax(logits, dim=-1).topk(TREE_WIDTH, dim=-1)
+        return g, logp, self.to_target_ids(ids)
+
+    def draft_tree(self, ctx: Context, budget: int, depth: int, generator=None) -> Draft:
+        """EAGLE-2's dynamic tree: the root row predicts depth 1; at each further depth the
+        TREE_WIDTH most probable new nodes (by path probability) are run, each proposing its
+        TREE_WIDTH best children; finally the `budget` most probable nodes of all proposed are
+        kept, best first (a child is never more probable than its parent, so they form a tree).
+        The frontier's rows sit in scratch slots past the context, each seeing the context and
+        its own ancestors."""
+        n, device = ctx.n, self.lm_head.weight.device
+        if budget <= 0 or depth <= 0 or n == 0:
+            return Draft(torch.empty(0, dtype=torch.long, device=device), parents=[], scores=[])
+        W = TREE_WIDTH
+        depth = min(depth, 1 + (self.cache.max_len - n) // W - 1)  # the frontier's scratch slots must fit
+        span = kv_bucket(n + (depth - 1) * W, self.cache.max_len, self.kv_block)
+        context = torch.arange(span, device=device) < n
+        g = self.fuse(ctx.feature_rows(self.feature_layers, n - 1, n))
+        start = torch.full((1,), n - 1, dtype=torch.long, device=device)
+        g, logp, ids = self.tree_graphs((1, span), g, ctx.tokens[n:n + 1], start, start, context[None])
+        tokens, parents, scores = [], [], []  # all proposed nodes; scores: path log-probability
+
+        def propose(token: int, parent: int, score: float) -> int:
+            tokens.append(token)
+            parents.append(parent)
+            scores.append(score)
+            return len(tokens) - 1
+
+        # (node, row of g holding its parent's output, its ancestors' slots)
+        frontier = [(propose(t, -1, lp), 0, []) for lp, t in zip(logp[0].tolist(), ids[0].tolist())]
+        for d in range(1, depth):
+            slots = [n + (d - 1) * W + i for i in range(len(frontier))]
+            mask = context.expand(len(frontier), span).clone()
+            for i, (_, _, ancestors) in enumerate(frontier):
+                mask[i, ancestors + [slots[i]]] = True
+            rows = torch.tensor([node for node, _, _ in frontier], device=device)
+            g, logp, ids = self.tree_graphs(
+                (len(frontier), span), g[torch.tensor([r for _, r, _ in frontier], device=device)],
+                torch.tensor(tokens, device=device)[rows], torch.full((len(frontier),), n - 1 + d, device=device),
+                torch.tensor(slots, device=device), mask)
+            candidates = []
+            for i, (node, _, ancestors) in enumerate(frontier):
+                for lp, t in zip(logp[i].tolist(), ids[i].tolist()):
+                    child = propose(t, node, scores[node] + lp)
+                    candidates.append((scores[child], child, i, ancestors + [slots[i]]))
+            best = sorted(candidates, key=lambda c: -c[0])[:W]
+            frontier = [(child, i, ancestors) for _, child, i, ancestors in best]
+        # the budget most probable nodes, parents before children (ties: the earlier node)
+        order = sorted(range(len(tokens)), key=lambda i: (-scores[i], i))[:budget]
+        new_index = {old: i for i, old in enumerate(order)}
+        kept_parents = [new_index[parents[i]] if parents[i] >= 0 else -1 for i in order]
+        path_logp = [scores[i] for i in order]
+        own = [scores[i] - (scores[parents[i]] if parents[i] >= 0 else 0.0) for i in order]
+        return Draft(torch.tensor([tokens[i] for i in order], dtype=torch.long, device=device), None,
+                     torch.tensor(own).exp(), kept_parents, torch.tensor(path_logp).exp().tolist())
 
     def draft_example(self, k: int) -> tuple[torch.Tensor, ...]:
         """Scratch (features, token, start) for the warm-up."""

@@ -18,6 +18,7 @@ from torch import nn
 from ..config import DraftOptions
 from ..graphs import CATCHUP_BUCKETS, KV_BLOCK, BucketedGraphs, chunks
 from ..models.packed_linear import pack_linears
+from ..tree import chain_parents
 from ..verify import Sampling
 
 
@@ -52,6 +53,14 @@ class Draft:
     tokens: torch.Tensor             # [k] target ids, on the device
     probs: torch.Tensor | None = None  # [k, V] proposal the tokens were sampled from; None = deterministic
     confidence: torch.Tensor | None = None  # [k] drafter's probability of each drafted token
+    # a tree (hybrid_sd/tree.py): each node's parent (-1 = the bonus), best node first; None = a chain
+    parents: list[int] | None = None
+    scores: list[float] | None = None  # per tree node: the drafter's probability of its whole path
+
+    def first(self, n: int) -> "Draft":
+        """The first n nodes (of a tree: again a tree, the n best)."""
+        cut = lambda x: x[:n] if x is not None else None  # noqa: E731
+        return Draft(self.tokens[:n], cut(self.probs), cut(self.confidence), cut(self.parents), cut(self.scores))
 
 
 class Drafter(ABC):
@@ -99,6 +108,14 @@ class Drafter(ABC):
     def draft(self, ctx: Context, k: int, sampling: Sampling, generator: torch.Generator | None = None) -> Draft:
         """Up to k tokens to follow ctx.ids (may be fewer, or none)."""
 
+    def draft_tree(self, ctx: Context, budget: int, depth: int, generator: torch.Generator | None = None) -> Draft:
+        """Up to `budget` nodes, at most `depth` deep, best first (a Draft with `parents`): what
+        tree rounds verify. Tree drafts are deterministic (the tree's acceptance samples the
+        target itself, so it needs no proposal distribution). Here: the greedy chain."""
+        draft = self.draft(ctx, min(budget, depth), Sampling(), generator)
+        k = draft.tokens.numel()
+        return Draft(draft.tokens, None, draft.confidence, chain_parents(k), None)
+
     def available(self, ctx: Context, k_max: int) -> int | None:
         """What a router may read before choosing: how many tokens this drafter would propose
         now, if it knows without drafting (prompt lookup: its match); None = up to k_max."""
@@ -125,10 +142,10 @@ def pick_tokens(p: torch.Tensor, u: torch.Tensor, greedy: bool) -> torch.Tensor:
 
 class GraphedStep(Drafter):
     """A drafter that reads target features and fuses them with `fc`, and whose device work is
-    two step functions run through BucketedGraphs, one pair per (mode, span block, device),
-    so that engines of different modes can share the drafter: `graph_step`, its whole draft,
-    keyed by `draft_key(n, k, sampled)` = (k, span, sampled), and `catchup_step`, KV-only
-    context rows. Call `init_graphs()` in __init__ and `forget_graphs()` when the buffers the
+    step functions run through BucketedGraphs, one set per (mode, span block, device), so that
+    engines of different modes can share the drafter: `graph_step`, its whole draft, keyed by
+    `draft_key(n, k, sampled)` = (k, span, sampled), `catchup_step`, KV-only context rows, and
+    `tree_step`, the device part of a tree draft (`draft_tree`). Call `init_graphs()` in __init__ and `forget_graphs()` when the buffers the
     steps close over are reallocated."""
 
     fc: nn.Linear  # fuses the target features: its input width and device shape the scratch inputs
@@ -146,6 +163,11 @@ class GraphedStep(Drafter):
     def graph_step(self, key: tuple[int, int, int], *inputs):
         """(key, *draft inputs, u [k], inv_temperature [1]) -> (target ids [k], probabilities [k],
         proposals [k, V] or None)."""
+
+    @abstractmethod
+    def tree_step(self, key: tuple[int, int], *inputs):
+        """The device work of a tree draft, keyed by (rows, attention span): what `draft_tree`
+        replays (a block drafter: once; an AR drafter: once per depth)."""
 
     @abstractmethod
     def catchup_step(self, key: tuple[int], features, next_tokens, positions) -> None:
@@ -169,9 +191,11 @@ class GraphedStep(Drafter):
             # draft outputs are read after the verify replays, which may reuse their memory
             self.graph_sets[key] = (BucketedGraphs(self.graph_step, mode, device, f"draft:{self.name}",
                                                    copy_outputs=True),
-                                    BucketedGraphs(self.catchup_step, mode, device, f"catchup:{self.name}"))
+                                    BucketedGraphs(self.catchup_step, mode, device, f"catchup:{self.name}"),
+                                    BucketedGraphs(self.tree_step, mode, device, f"tree:{self.name}",
+                                                   copy_outputs=True))
         self.kv_block = kv_block
-        self.step_graphs, self.catchup_graphs = self.graph_sets[key]
+        self.step_graphs, self.catchup_graphs, self.tree_graphs = self.graph_sets[key]
         self.pad_catchup = pad if pad is not None else self.catchup_graphs.mode != "eager"
 
     def forget_graphs(self) -> None:

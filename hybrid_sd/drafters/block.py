@@ -16,9 +16,11 @@ import torch.nn as nn
 from transformers import Qwen3Config
 
 from ..cache import KVCache
+from ..config import TREE_TOP
 from ..errors import UserError
 from ..graphs import kv_bucket
 from ..models.transformer import MLP, RMSNorm, apply_rope, attend, rope_inv_freq, rope_tables
+from ..tree import best_first
 from ..verify import Sampling
 from .base import Context, Draft, GraphedStep, pick_tokens
 from .checkpoint import (build_config, check_architecture, check_fits, config_int, layer_id_list, load_strict,
@@ -194,6 +196,29 @@ class BlockDrafter(GraphedStep, nn.Module):
 
     def draft_key(self, n: int, k: int, sampled: bool) -> tuple[int, int, int]:
         return k, kv_bucket(n + self.block_size, self.cache.max_len, self.kv_block), int(sampled)
+
+    def tree_step(self, key: tuple[int, int], bonus, positions):
+        """One block forward, key (depth, span): the log-probabilities and ids of the TREE_TOP
+        best tokens of slots 1..depth, [depth, TREE_TOP] each."""
+        depth, kv_len = key
+        logits = self.target_io[1](self.forward_block(bonus, positions, kv_len)[1:1 + depth]).float()
+        return torch.log_softmax(logits, dim=-1).topk(TREE_TOP, dim=-1)
+
+    def draft_tree(self, ctx: Context, budget: int, depth: int, generator=None) -> Draft:
+        """DDTree: from the slots' distributions of one block forward, the `budget` most probable
+        prefixes (best-first over the product of the slots' marginals), best first."""
+        device = self.fc.weight.device
+        depth = min(depth, self.max_draft)
+        if budget <= 0 or depth <= 0:
+            return Draft(torch.empty(0, dtype=torch.long, device=device), parents=[], scores=[])
+        n = ctx.n
+        positions = torch.arange(n, n + self.block_size, device=device)
+        key = (depth, kv_bucket(n + self.block_size, self.cache.max_len, self.kv_block))
+        top_logp, top_ids = self.tree_graphs(key, ctx.tokens[n:n + 1], positions)
+        tokens, parents, logp = best_first(top_logp.cpu(), top_ids.cpu(), budget)
+        own = [lp - (logp[p] if p >= 0 else 0.0) for lp, p in zip(logp, parents)]
+        return Draft(torch.tensor(tokens, dtype=torch.long, device=device), None, torch.tensor(own).exp(), parents,
+                     torch.tensor(logp).exp().tolist())
 
     def forward_block(self, bonus: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """norm(h) [block, H] of the block [bonus, MASK...] at `positions`, after the cached context."""

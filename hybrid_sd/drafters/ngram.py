@@ -8,8 +8,11 @@ from __future__ import annotations
 import torch
 
 from ..config import DraftOptions
+from ..tree import depths, trie
 from ..verify import Sampling
 from .base import Context, Draft, Drafter
+
+TREE_MATCHES = 8  # earlier occurrences a tree merges (the most recent of the longest n-grams first)
 
 
 class NgramDrafter(Drafter):
@@ -55,3 +58,37 @@ class NgramDrafter(Drafter):
     def draft(self, ctx: Context, k: int, sampling: Sampling, generator=None) -> Draft:
         found = self.lookup(ctx.ids, k) if k > 0 else []
         return Draft(torch.tensor(found, dtype=torch.long, device=self.device))
+
+    def continuations(self, ids: list[int], depth: int, limit: int = TREE_MATCHES) -> list[list[int]]:
+        """Up to `limit` distinct continuations of earlier occurrences of the context's last
+        n-grams: longest n first, most recent first within an n (the chain's match leads)."""
+        found: list[list[int]] = []
+        for n in range(min(self.max_n, len(ids) - 1), self.min_n - 1, -1):
+            pattern = ids[-n:]
+            for start in range(len(ids) - n - 1, -1, -1):
+                if ids[start:start + n] == pattern:
+                    cont = ids[start + n:start + n + depth]
+                    if cont and cont not in found:
+                        found.append(cont)
+                        if len(found) >= limit:
+                            return found
+        return found
+
+    def draft_tree(self, ctx: Context, budget: int, depth: int, generator=None) -> Draft:
+        """The continuations merged into a trie. A node's score is the share of continuations
+        through it, decayed with depth (prompt lookup has no probabilities; the tree cut
+        calibrates these against what the target accepted)."""
+        conts = self.continuations(ctx.ids, depth) if budget > 0 and depth > 0 else []
+        tokens, parents = trie(conts, budget)
+        through = [0] * len(tokens)
+        for cont in conts:  # how many continuations pass each node
+            parent = -1
+            for t in cont:
+                node = next((i for i, (p, x) in enumerate(zip(parents, tokens)) if p == parent and x == t), None)
+                if node is None:
+                    break
+                through[node] += 1
+                parent = node
+        scores = [0.8 ** (d - 1) * c / max(1, len(conts)) for d, c in zip(depths(parents), through)]
+        return Draft(torch.tensor(tokens, dtype=torch.long, device=self.device), None,
+                     torch.tensor(scores), parents, scores)

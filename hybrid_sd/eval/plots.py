@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -107,6 +108,44 @@ def plot_routing(result: dict, method: str, plt):
     return fig
 
 
+TREE_METHOD = re.compile(r"^(?P<kind>[a-z-]+)(@\d+)?:tree(?P<budget>\d+)$")
+
+
+def budget_sweeps(result: dict) -> dict[str, list[tuple[int, str]]]:
+    """Per drafter, its fixed-budget tree methods (budget, method name), by budget."""
+    sweeps: dict[str, list[tuple[int, str]]] = {}
+    for m in result["methods"]:
+        match = TREE_METHOD.match(m)
+        if match and m in result["tau"]:
+            sweeps.setdefault(match["kind"], []).append((int(match["budget"]), m))
+    return {k: sorted(v) for k, v in sweeps.items() if len(v) > 1}
+
+
+def plot_budget(result: dict, plt):
+    """Tokens per round and tokens/s (mix) against the tree's node budget, per drafter; the
+    chain version of each drafter as a dashed line."""
+    fig, (ax_tau, ax_speed) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (kind, points) in enumerate(budget_sweeps(result).items()):
+        color = DRAFTER_COLORS.get(kind, f"C{i}")
+        budgets = [b for b, _ in points]
+        ax_tau.plot(budgets, [result["tau"][m]["mix"] for _, m in points], "o-", color=color, label=f"{kind} tree")
+        ax_speed.plot(budgets, [result["tokens_per_s"][m]["mix"] for _, m in points], "o-", color=color,
+                      label=f"{kind} tree")
+        if kind in result["tau"]:
+            ax_tau.axhline(result["tau"][kind]["mix"], color=color, ls="--", lw=1, label=f"{kind} chain")
+            ax_speed.axhline(result["tokens_per_s"][kind]["mix"], color=color, ls="--", lw=1, label=f"{kind} chain")
+    if "plain" in result["tokens_per_s"]:
+        ax_speed.axhline(result["tokens_per_s"]["plain"]["mix"], color="black", lw=0.8, label="plain")
+    for ax, label in ((ax_tau, "tokens per round (mix)"), (ax_speed, "tokens/s (mix)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tree node budget")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.suptitle("Draft trees: accepted length and speed against the node budget")
+    fig.tight_layout()
+    return fig
+
+
 def plot_all(result: dict, out: Path) -> list[Path]:
     plt = require_matplotlib()
     figures = {"speedup.png": plot_speedup(result, plt)}
@@ -114,8 +153,10 @@ def plot_all(result: dict, out: Path) -> list[Path]:
         figures["accepted.png"] = plot_accepted(result, plt)
     if result["phases_ms_per_round"]:
         figures["phases.png"] = plot_phases(result, plt)
+    if budget_sweeps(result):
+        figures["tree-budget.png"] = plot_budget(result, plt)
     for method in result["routing"]:
-        figures[f"routing-{method}.png"] = plot_routing(result, method, plt)
+        figures[f"routing-{method.replace(':', '-')}.png"] = plot_routing(result, method, plt)
     paths = []
     from ..cli import write_atomic
     for name, fig in figures.items():

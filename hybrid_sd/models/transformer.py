@@ -98,14 +98,14 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = nn.Identity()
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, positions, kv_len: int | None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, slots, kv_len: int | None):
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k_all, v_all = cache.write(self.layer_idx, positions, k, v)
+            k_all, v_all = cache.write(self.layer_idx, slots, k, v)
             k, v = k_all[:, :, :kv_len], v_all[:, :, :kv_len]
         y = attend(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -130,8 +130,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size, bool(getattr(config, "mlp_bias", False)))
 
-    def forward(self, h, cos, sin, mask, cache, positions, kv_len):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, positions, kv_len)
+    def forward(self, h, cos, sin, mask, cache, slots, kv_len):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, slots, kv_len)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -192,7 +192,8 @@ class Transformer(nn.Module):
                        self.head_dim, p.dtype, p.device)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-                kv_len: int | None = None, capture: tuple[int, ...] = (), causal: bool = False):
+                kv_len: int | None = None, capture: tuple[int, ...] = (), causal: bool = False,
+                tree: tuple[torch.Tensor, torch.Tensor] | None = None):
         """tokens [B, T] at `positions` [T].
 
         With a cache (B = 1): K/V are written at `positions`, queries attend to cache
@@ -204,10 +205,17 @@ class Transformer(nn.Module):
         cache): attention is causal over those T cache positions (SDPA's is_causal skips the
         masked half: the same keys and, measured, the same result as the positional mask, at
         a third of the time for a 2k-token prompt on the CPU).
+        `tree` = (slots [T], mask [T, kv_len]): a draft tree's rows, whose RoPE positions repeat
+        (siblings share a depth) -- K/V are written at the cache `slots` instead of `positions`
+        and the mask (True = may attend) says which cache slots each row sees.
         Returns (final-normed hidden [B, T, H], features or None).
         """
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        if cache is not None and causal:
+        slots = positions
+        if cache is not None and tree is not None:
+            slots, mask = tree
+            kv_len = mask.shape[-1]
+        elif cache is not None and causal:
             kv_len, mask = tokens.shape[1], None
         elif cache is not None:
             kv_len = kv_len or cache.max_len
@@ -218,7 +226,7 @@ class Transformer(nn.Module):
         h = self.model.embed_tokens(tokens)
         kept = {0: h} if 0 in capture else {}
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, mask, cache, positions, kv_len)
+            h = layer(h, cos, sin, mask, cache, slots, kv_len)
             if i + 1 in capture:
                 kept[i + 1] = h
         features = torch.cat([kept[i] for i in capture], dim=-1) if capture else None

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from ..graphs import CATCHUP_BUCKETS, DRAFT_BUCKETS
+from ..graphs import CATCHUP_BUCKETS, DRAFT_BUCKETS, TREE_BUCKETS
 
 
 def read_json_object(path: Path) -> dict:
@@ -64,6 +64,27 @@ class LatencyTable:
         top = max(table)
         return table[top] * lag / top  # beyond the largest bucket: linear in the missed tokens
 
+    def verify_seconds(self, k: int) -> float:
+        """A verify of k drafts (k + 1 rows, a chain or a tree): measured, or interpolated
+        linearly between the measured sizes (linear past the largest)."""
+        if k in self.verify:
+            return self.verify[k]
+        sizes = sorted(self.verify)
+        lo = max((s for s in sizes if s < k), default=sizes[0])
+        hi = min((s for s in sizes if s > k), default=None)
+        if hi is None:
+            below = max((s for s in sizes if s < lo), default=None)
+            if below is None:
+                return self.verify[lo]
+            slope = (self.verify[lo] - self.verify[below]) / (lo - below)
+            return self.verify[lo] + slope * (k - lo)
+        return self.verify[lo] + (self.verify[hi] - self.verify[lo]) * (k - lo) / (hi - lo)
+
+    def draft_seconds(self, name: str, k: int) -> float:
+        """A k-token draft by `name` (its longest measured one past the buckets; 0 if unknown)."""
+        row = self.draft.get(name, {})
+        return row.get(k, row[max(row)] if row else 0.0)
+
     def round_cost(self, name: str, k: int, lag: int = 0) -> float:
         """Draft + verify (+ catch-up) of one round, in plain decoding steps."""
         seconds = self.draft[name][k] + self.verify[k] + self.catchup_seconds(name, lag)
@@ -71,9 +92,10 @@ class LatencyTable:
 
     @classmethod
     def measure(cls, verify_fn: Callable[[int], None], drafters: dict[str, tuple[Callable, Callable]],
-                repeats: int = 3) -> "LatencyTable":
+                repeats: int = 3, longest_verify: int | None = None) -> "LatencyTable":
         """`verify_fn(k)` runs a (k+1)-token verify; per drafter name, `(draft_fn(k), catchup_fn(lag))`
-        run a draft and a catch-up over `lag` missed positions. Median of `repeats` after one warm-up."""
+        run a draft and a catch-up over `lag` missed positions. Median of `repeats` after one warm-up.
+        Verifies are timed for the chain and tree buckets up to `longest_verify` drafts."""
         def timed(fn, *args) -> float:
             fn(*args)
             samples = []
@@ -83,7 +105,8 @@ class LatencyTable:
                 samples.append(time.perf_counter() - t0)
             return statistics.median(samples)
 
-        verify = {k: timed(verify_fn, k) for k in (0, *DRAFT_BUCKETS)}
+        sizes = sorted({0, *DRAFT_BUCKETS, *TREE_BUCKETS})
+        verify = {k: timed(verify_fn, k) for k in sizes if longest_verify is None or k <= max(longest_verify, DRAFT_BUCKETS[-1])}
         draft = {name: {k: timed(d, k) for k in DRAFT_BUCKETS} for name, (d, _) in drafters.items()}
         catchup = {name: {b: timed(c, b) for b in CATCHUP_BUCKETS} for name, (_, c) in drafters.items()
                    if c is not None}

@@ -104,7 +104,8 @@ def block_loss(drafter, head_rows, target_to_sub, feats, seq, anchors, gamma, la
     """Position-weighted loss of the blocks after `anchors` (slot i weighs exp(-(i-1)/gamma),
     DFlash's decay: early slots decide how much of a draft is accepted), with distillation
     against the target's distribution at the position before each label when kd > 0 (`last`:
-    the target's last hidden states of the sequence). Also top-1 accuracy per slot."""
+    the target's last hidden states of the sequence). Also the weighted hard-label cross-entropy
+    (comparable across kd) and top-1 accuracy per slot."""
     B = drafter.block_size
     T = seq.tokens.numel()
     normed = block_forward(drafter, feats, seq.tokens, anchors)[:, 1:]  # slots 1..B-1
@@ -115,12 +116,13 @@ def block_loss(drafter, head_rows, target_to_sub, feats, seq, anchors, gamma, la
     logits = (normed[valid] @ head_rows.T).float()
     teacher = (teacher_logits(target, last[(label_pos - 1)[valid]], head_rows)
                if last is not None and kd > 0 else None)
-    ce, _ = mixed_loss(logits, labels[valid], teacher, kd, temperature)
-    loss = (ce * weights[valid]).sum() / weights[valid].sum()
+    ce, hard = mixed_loss(logits, labels[valid], teacher, kd, temperature)
+    w = weights[valid] / weights[valid].sum()
+    loss = (ce * w).sum()
     hit = torch.zeros_like(label_pos, dtype=torch.float32)
     hit[valid] = (logits.argmax(-1) == labels[valid]).float()
     per_slot = [(hit[:, i][valid[:, i]].mean().item() if valid[:, i].any() else float("nan")) for i in range(B - 1)]
-    return loss, per_slot
+    return loss, (hard * w).sum().item(), per_slot
 
 
 @torch.enable_grad()
@@ -150,19 +152,20 @@ def train(args) -> Path:
     drafter.train()
 
     def step_fn(group, generator):
-        losses, slots = [], []
+        losses, ces, slots = [], [], []
         for g in group:
             seq = seqs[g]
             # anchors: random positions whose next token is in the response (the bonus is x_a)
             candidates = torch.arange(max(1, seq.response_start - 1), seq.tokens.numel() - 1)
             pick = torch.randperm(candidates.numel(), generator=generator)[:args.anchors]
-            loss, per_slot = block_loss(drafter, head_rows, target_to_sub, feats[g], seq, candidates[pick], args.gamma,
+            loss, ce, per_slot = block_loss(drafter, head_rows, target_to_sub, feats[g], seq, candidates[pick], args.gamma,
                                         last[g] if last is not None else None, target, args.kd, args.kd_temperature)
             (loss / len(group)).backward()
             losses.append(loss.item())
+            ces.append(ce)
             slots.append(per_slot)
         acc = torch.tensor(slots).nanmean(0).nan_to_num(0.0).tolist()
-        return {"loss": sum(losses) / len(losses), "acc1": acc[0], "acc": acc}
+        return {"loss": sum(losses) / len(losses), "ce": sum(ces) / len(ces), "acc1": acc[0], "acc": acc}
 
     identity = {"sequences": len(seqs), "tokens": sum(len(s.tokens) for s in seqs), "vocab": int(vocab_ids.sum()),
                 "loss_vocab": len(vocab_ids), "batch": args.batch, "layers": list(drafter.target_layer_ids),

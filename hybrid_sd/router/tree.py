@@ -1,0 +1,68 @@
+"""How many nodes of a drafted tree to verify: the cut that maximises expected tokens per second.
+
+A drafter orders its tree best first and scores each node with its own probability of the
+whole path (tree.py). A node is accepted exactly when its path is, so the expected number of
+tokens a round commits with the first N nodes is 1 + sum of their acceptance probabilities.
+Drafters' own probabilities are not calibrated (a small drafter is over-confident), so each
+score is mapped through an acceptance curve per drafter, learnt online from the rounds already
+verified (every node of a verified tree is one observation: on the accepted path or not).
+The cost is the round's draft time plus the measured verify time of N + 1 rows. Only speed
+depends on the cut; the verify keeps the output the target's own.
+"""
+from __future__ import annotations
+
+import math
+
+from .cost import LatencyTable
+
+BINS = 12          # score bins, by -log2(score): 1, 1/2, 1/4, ... 1/2048 and below
+PRIOR_WEIGHT = 2.0  # pseudo-observations at the drafter's own score until rounds say otherwise
+
+
+class AcceptanceCurve:
+    """P(node accepted | drafter's path score), per score bin: observed hits with a prior at the
+    bin's own score."""
+
+    def __init__(self):
+        self.hits = [0.0] * BINS
+        self.seen = [0.0] * BINS
+
+    @staticmethod
+    def bin(score: float) -> int:
+        if score <= 0:
+            return BINS - 1
+        return min(BINS - 1, int(-math.log2(min(score, 1.0))))
+
+    def __call__(self, score: float) -> float:
+        b = self.bin(score)
+        prior = 2.0 ** -(b + 0.5)
+        return (self.hits[b] + PRIOR_WEIGHT * prior) / (self.seen[b] + PRIOR_WEIGHT)
+
+    def observe(self, scores: list[float], accepted: set[int]) -> None:
+        for i, s in enumerate(scores):
+            b = self.bin(s)
+            self.seen[b] += 1
+            self.hits[b] += i in accepted
+
+
+class TreeBudget:
+    def __init__(self, latency: LatencyTable):
+        self.latency = latency
+        self.curves: dict[str, AcceptanceCurve] = {}
+
+    def curve(self, name: str) -> AcceptanceCurve:
+        return self.curves.setdefault(name, AcceptanceCurve())
+
+    def cut(self, name: str, scores: list[float], draft_seconds: float) -> int:
+        """The N (1..len(scores)) with the most expected tokens per second."""
+        curve = self.curve(name)
+        best_n, best_rate, expected = 1, -1.0, 1.0
+        for n, s in enumerate(scores, start=1):
+            expected += curve(s)
+            rate = expected / (draft_seconds + self.latency.verify_seconds(n))
+            if rate > best_rate:
+                best_n, best_rate = n, rate
+        return best_n
+
+    def observe(self, name: str, scores: list[float], accepted_nodes: set[int]) -> None:
+        self.curve(name).observe(scores, accepted_nodes)
