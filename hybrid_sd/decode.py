@@ -204,6 +204,9 @@ def run(args) -> int:
     target, tokenizer, eos = factory.load_packed_target(args.target, device=device, dtype=dtype)
     if args.max_context > target.max_len:
         raise UserError(f"--max-context {args.max_context} exceeds the model's {target.max_len} positions")
+    if args.drafter in (None, factory.HYBRID) and (args.drafter or factory.default_drafter(embedded)) == factory.HYBRID:
+        from .engine import check_probe_context
+        check_probe_context(args.max_context)
     ids = encode_prompt(tokenizer, prompt, chat=not args.no_chat)
     if len(ids) >= args.max_context:  # before the drafters load and the latency table is measured
         raise UserError(f"the prompt has {len(ids)} tokens but the context holds {args.max_context}; "

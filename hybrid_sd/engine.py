@@ -51,6 +51,17 @@ from .tree import ancestor_mask, depths
 from .verify import Sampling, judge, judge_tree, target_probs
 
 PLAIN = "none"  # the label of a round without a draft (a plain decoding step)
+# the smallest cache the latency probes fit in: a context of 1, the bonus and the longest draft bucket
+MIN_PROBE_CONTEXT = DRAFT_BUCKETS[-1] + 2
+
+
+def check_probe_context(max_len: int) -> None:
+    """One UserError when a cache of max_len positions cannot hold the hybrid's latency probes
+    (the CLI asks before loading anything)."""
+    if max_len < MIN_PROBE_CONTEXT:
+        raise UserError(f"a context of {max_len} positions is too small to measure the hybrid's latency table "
+                        f"(a verify of {DRAFT_BUCKETS[-1] + 1} tokens after the prompt): raise --max-context to at "
+                        f"least {MIN_PROBE_CONTEXT}")
 
 
 @dataclass
@@ -227,10 +238,7 @@ class Engine:
         The context is cut so that the longest probed verify (k = DRAFT_BUCKETS[-1]) still has
         a cache position for every row; a cache too small for that is one UserError."""
         longest = DRAFT_BUCKETS[-1]
-        if self.max_len < self.min_probe_context:
-            raise UserError(f"a context of {self.max_len} positions is too small to measure the hybrid's latency "
-                            f"table (a verify of {longest + 1} tokens after the prompt): raise --max-context to at "
-                            f"least {self.min_probe_context}")
+        check_probe_context(self.max_len)
         n = max(1, min(context, self.max_len - 1 - longest))
         ids = [(7 * i + 3) % self.target.config.vocab_size for i in range(n + 1)]
         ctx = Context(list(ids), self.tokens, self.features, self.capture)
@@ -266,9 +274,7 @@ class Engine:
 
     @property
     def min_probe_context(self) -> int:
-        """The smallest cache the latency probes fit in: a context of 1, the bonus and the
-        longest draft bucket."""
-        return DRAFT_BUCKETS[-1] + 2
+        return MIN_PROBE_CONTEXT
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

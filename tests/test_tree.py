@@ -156,6 +156,8 @@ def test_trees_are_lossless_on_every_drafter(target, drafters, kind):
 
 @pytest.mark.parametrize("budget", TREE_BUCKETS)
 def test_trees_are_lossless_at_every_budget_bucket(target, drafters, budget):
+    if target.config.model_type != "llama":
+        pytest.skip("qwen3 runs every budget in the slow grid")
     mixed = [MixedDrafter(drafters[kind]) for kind in KINDS]
     for d in mixed:
         check_lossless(target, engine(target, (), d, tree=True, tree_budget=budget), [d], PROMPTS[:8],

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import TargetAsDrafter, chi_square_p_value, second_token_marginal, write_eagle3_checkpoint
+from helpers import TargetAsDrafter, chi_square_p_value, second_token_marginal, tiny_target, write_eagle3_checkpoint
 from helpers import engine as make_engine
 from hybrid_sd.drafters import ARDrafter, NgramDrafter
 from hybrid_sd.verify import Sampling, greedy_accept, speculative_accept, target_probs
@@ -49,10 +49,22 @@ def test_rejection_sampling_first_token_follows_target(with_q):
     assert chi_square_p_value(counts, torch.softmax(logits[0], -1)) < 1e-6
 
 
-@pytest.mark.parametrize("drafter_kind", ["self", "ngram", "ar"])
+@pytest.mark.parametrize("drafter_kind", ["self", pytest.param("ngram", marks=pytest.mark.slow), "ar"])
 def test_spec_sampling_matches_target_distribution(target, tmp_path, drafter_kind):
-    if target.config.model_type != "llama" and drafter_kind != "self":
-        pytest.skip("one family per drafter keeps the default run short; the verifier is shared")
+    """The target drafting for itself (accept and residual paths) and the AR drafter (its
+    proposals) on the llama target; qwen3 and the n-gram drafter (one-hot drafts, also covered
+    by test_rejection_sampling_first_token_follows_target) in the slow suite."""
+    if target.config.model_type != "llama":
+        pytest.skip("one family keeps the default run short (the verifier is shared); qwen3: the slow suite")
+    check_sampling(target, tmp_path, drafter_kind)
+
+
+@pytest.mark.slow
+def test_spec_sampling_on_qwen3(session_tmp, tmp_path):
+    check_sampling(tiny_target(session_tmp, "qwen3")[0], tmp_path, "self")
+
+
+def check_sampling(target, tmp_path, drafter_kind):
     prompt = [5, 9, 5, 9, 5]
     s = Sampling(temperature=1.3, top_p=0.95)
     drafter = {"self": lambda: TargetAsDrafter(target), "ngram": lambda: NgramDrafter(max_n=2),
