@@ -334,10 +334,9 @@ class ARDrafter(GraphedStep, nn.Module):
             mask = context.expand(len(frontier), span).clone()
             for i, (_, _, ancestors) in enumerate(frontier):
                 mask[i, ancestors + [slots[i]]] = True
-            rows = torch.tensor([node for node, _, _ in frontier], device=device)
             g, logp, ids = self.tree_graphs(
                 (len(frontier), span), g[torch.tensor([r for _, r, _ in frontier], device=device)],
-                torch.tensor(tokens, device=device)[rows], torch.full((len(frontier),), n - 1 + d, device=device),
+                torch.tensor([tokens[node] for node, _, _ in frontier], device=device), torch.full((len(frontier),), n - 1 + d, device=device),
                 torch.tensor(slots, device=device), mask)
             candidates = []
             for i, (node, _, ancestors) in enumerate(frontier):

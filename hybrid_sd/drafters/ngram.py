@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..config import DraftOptions
-from ..tree import depths, trie
+from ..tree import children_of, depths, trie
 from ..verify import Sampling
 from .base import Context, Draft, Drafter
 
@@ -80,15 +80,15 @@ class NgramDrafter(Drafter):
         calibrates these against what the target accepted)."""
         conts = self.continuations(ctx.ids, depth) if budget > 0 and depth > 0 else []
         tokens, parents = trie(conts, budget)
+        children = children_of(parents, tokens)  # (parent row, token) -> child row (node + 1)
         through = [0] * len(tokens)
         for cont in conts:  # how many continuations pass each node
-            parent = -1
+            row = 0
             for t in cont:
-                node = next((i for i, (p, x) in enumerate(zip(parents, tokens)) if p == parent and x == t), None)
-                if node is None:
+                row = children.get((row, t))
+                if row is None:
                     break
-                through[node] += 1
-                parent = node
+                through[row - 1] += 1
         scores = [0.8 ** (d - 1) * c / max(1, len(conts)) for d, c in zip(depths(parents), through)]
         return Draft(torch.tensor(tokens, dtype=torch.long, device=self.device), None,
                      torch.tensor(scores), parents, scores)
