@@ -28,8 +28,12 @@ from .engine import RoundStats
 from .errors import UserError, exit_code
 from .profiling import PHASES
 
-METHODS = ("plain", "hf", "hf-lookup", *DRAFTERS, "hybrid", "hybrid-learned")  # drafters: every registered kind
+# llama.cpp's methods run when llama-cpp-python is installed (eval/llamacpp.py)
+LLAMACPP = ("llamacpp", "llamacpp-lookup")
+PEERS = ("hf", "hf-lookup", *LLAMACPP)  # other libraries: no rounds to look into
+METHODS = ("plain", "hf", "hf-lookup", *LLAMACPP, *DRAFTERS, "hybrid", "hybrid-learned")  # drafters: every registered kind
 LABELS = {"plain": "plain (this engine)", "hf": "transformers generate", "hf-lookup": "transformers prompt lookup",
+          "llamacpp": "llama.cpp, F32 GGUF", "llamacpp-lookup": "llama.cpp prompt lookup, F32 GGUF",
           "ngram": "n-gram", "ar": "AR drafter", "block": "block drafter", "hybrid": "hybrid, entropy router",
           "hybrid-learned": "hybrid, learned router"}
 HF_LOOKUP_TOKENS = 10  # transformers' documented example for prompt_lookup_num_tokens
@@ -42,8 +46,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="CI profile: 1 prompt per category, 24 tokens, 1 pass")
     p.add_argument("--out", default="bench-out", type=out_dir,
                    help="directory for results.json, results.md and the plots (checked before the run)")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma-separated subset of {','.join(METHODS)}; a drafter may name its k, e.g. ar@4, "
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated subset of {','.join(METHODS)} (default: all; llama.cpp's where "
+                        "llama-cpp-python is installed); a drafter may name its k, e.g. ar@4, "
                         "and a drafter or hybrid may draft trees: ar:tree (budget cut by cost) or ar:tree16 "
                         "(16 nodes)")
     p.add_argument("--per-category", type=positive_int, default=None, help="prompts per category (at most 16)")
@@ -63,13 +68,16 @@ def method_spec(name: str) -> tuple[str, int | None, bool, int | None] | None:
     if not tree:
         return kind, int(k) if at else None, False, None
     budget = tree[len("tree"):]
-    if not tree.startswith("tree") or kind in ("plain", "hf", "hf-lookup") or (budget and (
+    if not tree.startswith("tree") or kind == "plain" or kind in PEERS or (budget and (
             not budget.isdigit() or int(budget) < 1)):
         return None
     return kind, int(k) if at else None, True, int(budget) if budget else None
 
 
-def parse_methods(text: str) -> list[str]:
+def parse_methods(text: str | None) -> list[str]:
+    if text is None:
+        from .eval import llamacpp
+        text = ",".join(m for m in METHODS if m not in LLAMACPP or llamacpp.available())
     methods = [m for m in text.split(",") if m]
     bad = [m for m in methods if method_spec(m) is None]
     if bad or not methods:
@@ -90,10 +98,11 @@ class Methods:
         self.target, self.tokenizer, eos = factory.load_packed_target(None, max_len=EVAL_CONTEXT)
         self.eos = eos
         self.hf = self.hf_model() if any(m.startswith("hf") for m in names) else None
+        self.llamacpp = {m: self.llamacpp_model(m == "llamacpp-lookup") for m in names if m in LLAMACPP}
         self.engines = {}
         for name in names:
             kind, k, tree, budget = method_spec(name)
-            if kind.startswith("hf"):
+            if kind in PEERS:
                 continue
             if kind.startswith("hybrid"):
                 router = "learned" if kind == "hybrid-learned" else "entropy"
@@ -111,8 +120,16 @@ class Methods:
         from .models.embedded import default_target_dir
         return AutoModelForCausalLM.from_pretrained(default_target_dir(), dtype=torch.float32).eval()
 
+    @staticmethod
+    def llamacpp_model(lookup: bool):
+        from .eval import llamacpp
+        return llamacpp.LlamaCpp(llamacpp.f32_gguf(), EVAL_CONTEXT, torch.get_num_threads(), lookup)
+
     def decode(self, name: str, ids: list[int], max_new: int):
         t0 = time.perf_counter()
+        if name in self.llamacpp:
+            out = self.llamacpp[name].generate(ids, max_new, self.eos)
+            return out, time.perf_counter() - t0, None
         if name.startswith("hf"):
             extra = {"prompt_lookup_num_tokens": HF_LOOKUP_TOKENS} if name == "hf-lookup" else {}
             out = self.hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -136,6 +153,9 @@ def run(args) -> dict:
     if profile["max_new_tokens"] < 1 or profile["repeats"] < 1:
         raise UserError("--max-new-tokens and --repeats must be at least 1")
     names = parse_methods(args.methods)
+    if any(m in LLAMACPP for m in names):
+        from .eval import llamacpp
+        llamacpp.require()
     if not args.no_plots:
         from .eval import plots  # fail before the long part when matplotlib is missing
         plots.require_matplotlib()
@@ -145,7 +165,8 @@ def run(args) -> dict:
     max_new, repeats = profile["max_new_tokens"], profile["repeats"]
 
     times = defaultdict(list)   # (method, prompt index) -> seconds per pass
-    tokens = {}                 # prompt index -> new tokens (the same for every method)
+    tokens = {}                 # (method, prompt index) -> new tokens (the same for every method but llama.cpp's)
+    equal = defaultdict(int)    # method -> prompts whose output equals plain decoding's
     gens = {}                   # (method, prompt index) -> Generation of the first pass
     with torch.inference_mode():
         for name in names:  # warm-up: first calls pay one-time costs
@@ -163,12 +184,16 @@ def run(args) -> dict:
                         gens[name, j] = gen
                     bar.update()
                 for name, out in outputs.items():
-                    if out != outputs["plain"]:
+                    tokens[name, j] = len(out)
+                    if rep == 0:
+                        equal[name] += out == outputs["plain"]
+                    # another library's fp32 kernels may flip a near-tie: counted, not fatal
+                    if out != outputs["plain"] and name not in LLAMACPP:
                         raise SystemExit(f"bench: {name} output differs from plain decoding on {cat} prompt "
                                          f"{prompts[j][1]} (at token {first_difference(out, outputs['plain'])})")
-                tokens[j] = len(outputs["plain"])
         bar.close()
     result = summarize(names, prompts, times, tokens, gens, profile)
+    result["equal_outputs"] = {m: f"{equal[m]}/{len(prompts)}" for m in names}
     write(result, Path(args.out), plots=not args.no_plots)
     return result
 
@@ -191,11 +216,12 @@ def summarize(names, prompts, times, tokens, gens, profile) -> dict:
     for m in names:
         result["tokens_per_s"][m], result["speedup"][m] = {}, {}
         for g, js in groups.items():
-            seconds = sum(median[m, j] for j in js)
-            result["tokens_per_s"][m][g] = round(sum(tokens[j] for j in js) / seconds, 2)
-            result["speedup"][m][g] = round(sum(median["plain", j] for j in js) / seconds, 3)
+            rate = sum(tokens[m, j] for j in js) / sum(median[m, j] for j in js)
+            plain = sum(tokens["plain", j] for j in js) / sum(median["plain", j] for j in js)
+            result["tokens_per_s"][m][g] = round(rate, 2)
+            result["speedup"][m][g] = round(rate / plain, 3)
         if (m, 0) not in gens:
-            continue  # transformers' methods: no rounds to look into
+            continue  # other libraries' methods: no rounds to look into
         result["tau"][m], result["phases_ms_per_round"][m] = {}, {}
         for g, js in groups.items():
             stats = RoundStats.of(r for j in js for r in gens[m, j].rounds)
@@ -225,6 +251,10 @@ def markdown(result: dict) -> str:
             f", tree {budget if budget else 'by cost'}" if tree else "")
         lines.append(f"| {label} | "
                      + " | ".join(cells) + f" | {result['tokens_per_s'][m]['mix']:.2f} |")
+    peers = [m for m in result["methods"] if m in LLAMACPP]
+    if peers:  # this engine's methods always equal plain decoding (the run fails otherwise)
+        lines += ["", "Outputs equal to plain decoding: " + ", ".join(
+            f"{LABELS[m]} {result['equal_outputs'][m]}" for m in peers) + "."]
     lines += ["", "Milliseconds per round by phase (mix):", "",
               "| method | " + " | ".join(PHASES) + " | total |", "|---" * (len(PHASES) + 2) + "|"]
     for m, by in result["phases_ms_per_round"].items():

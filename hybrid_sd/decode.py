@@ -68,6 +68,8 @@ def build_parser() -> Parser:
     p.add_argument("--ngram-max", type=int, default=DEFAULT_NGRAM_MAX, help="longest n-gram the prompt-lookup drafter matches")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the model's ops (default: torch's, one per core; docs/performance.md)")
     p.add_argument("--max-context", type=int, default=DEFAULT_CONTEXT, help="KV cache length in tokens (prompt + answer)")
     p.add_argument("--graphs", default="auto", choices=MODES,
                    help="how each step runs: cuda (captured CUDA graphs), compile (torch.compile), eager; "
@@ -100,6 +102,8 @@ def check_args(args) -> None:
         raise UserError(f"unknown drafter {args.drafter!r} (choose from {', '.join(drafter_choices())})")
     if args.ngram_max < 1:
         raise UserError(f"--ngram-max must be >= 1, got {args.ngram_max}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
     if args.budget is not None:
         from .graphs import TREE_BUCKETS
         if args.tree == "off":
@@ -201,6 +205,8 @@ def run(args) -> int:
     if not prompt.strip():
         raise UserError("empty prompt: pass it as an argument or on stdin")
     embedded = args.target is None
+    if args.threads is not None:  # before packing: the one-row linears cut one slab per thread
+        torch.set_num_threads(args.threads)
     target, tokenizer, eos = factory.load_packed_target(args.target, device=device, dtype=dtype)
     if args.max_context > target.max_len:
         raise UserError(f"--max-context {args.max_context} exceeds the model's {target.max_len} positions")

@@ -399,7 +399,7 @@ class Engine:
             reports.append(self.prefill_graphs.warm_up(examples))
         self.reset_drafters()
         for d in self.drafters:
-            reports += d.warm_up(self.max_len, self.k_max)
+            reports += d.warm_up(self.max_len, self.k_max, trees=self.config.tree)
         self.cache.length = 0
         return reports
 

@@ -20,7 +20,7 @@ from .engine import Engine
 from .errors import UserError
 from .graphs import DRAFT_BUCKETS, TREE_BUCKETS
 from .models.loading import load_target
-from .models.packed_linear import pack_linears
+from .models.packed_linear import LAYOUT_VERSION, pack_linears
 from .router import FixedRouter, LatencyTable, load_router, router_names
 from .weights import shipped_router
 
@@ -123,7 +123,7 @@ def cached_latency(engine: Engine, paths: Mapping[str, Path | None]) -> LatencyT
     key = json.dumps([target.config.to_json_string(), [[name, *stamp(p)] for name, p in paths.items()],
                       str(w.device), str(w.dtype), torch.get_num_threads(), engine.max_len,
                       platform.processor() or platform.machine(), engine.graphs_mode,
-                      DRAFT_BUCKETS, TREE_BUCKETS])  # the sizes measured
+                      DRAFT_BUCKETS, TREE_BUCKETS, LAYOUT_VERSION])  # the sizes measured, the kernels
     path = latency_cache_dir() / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     if path.is_file():
         try:

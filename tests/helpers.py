@@ -269,8 +269,8 @@ class MixedDrafter(Drafter):
     def use_graphs(self, mode, kv_block, device, pad=None):
         self.inner.use_graphs(mode, kv_block, device, pad)
 
-    def warm_up(self, max_len, k_max):
-        return self.inner.warm_up(max_len, k_max)
+    def warm_up(self, max_len, k_max, trees=False):
+        return self.inner.warm_up(max_len, k_max, trees)
 
     def draft_tree(self, ctx, budget, depth, generator=None):
         """The inner tree with the truth written along the path to a random node, up to a

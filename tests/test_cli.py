@@ -74,6 +74,7 @@ def test_sampling_is_seeded():
     (("--budget", "8", "x"), "--tree auto"),
     (("--tree", "auto", "--budget", "0", "x"), "--budget"),
     (("--tree", "sometimes", "x"), "--tree"),
+    (("--threads", "0", "x"), "--threads"),
     (("--no-such-flag",), "unrecognized"),
 ])
 def test_user_errors_are_one_line(args, message, capsys):

@@ -60,6 +60,25 @@ def test_prefill_then_steps_equal_one_long_forward(name, packed):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["llama", "llama-tied-bias", "qwen2", "qwen3"])
+def test_packing_keeps_outputs_and_state_dict(name):
+    """Packed (q|k|v and gate|up fused; one row through the per-thread slabs, several through
+    oneDNN) = unpacked, for one row and for several, and the state dict is unchanged."""
+    config, _, ours = build(name)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    tokens = torch.randint(0, config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(3))
+    expected = [ours.logits(ours(tokens[:, :n], torch.arange(n))[0]) for n in (1, 9)]
+    pack_linears(ours)
+    attn, mlp = ours.model.layers[0].self_attn, ours.model.layers[0].mlp
+    assert attn.qkv is not None and mlp.gate_up is not None
+    assert attn.qkv.out_features == attn.q_proj.out_features + 2 * attn.k_proj.out_features
+    assert (attn.qkv.bias is not None) == (attn.q_proj.bias is not None)
+    for n, ref in zip((1, 9), expected):
+        torch.testing.assert_close(ours.logits(ours(tokens[:, :n], torch.arange(n))[0]), ref, rtol=1e-5, atol=1e-5)
+    after = ours.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3"])
 def test_block_after_rollback_equals_uninterrupted(name):
     """Write a rejected block, roll back by length only, write another: as if never rejected."""
@@ -98,3 +117,37 @@ def test_loader_rejects_mismatched_weights(tmp_path):
     (other / "model.safetensors").rename(path / "model.safetensors")
     with pytest.raises(UserError, match="do not match"):
         load_target(path, load_tokenizer=False)
+
+
+@pytest.mark.parametrize("out_features", [7, 96])
+def test_packed_linear_one_row_and_several(out_features):
+    """A lone PackedLinear (odd outputs: one slab; even: one per thread) = nn.Linear for one row
+    and for several rows, with a bias."""
+    from hybrid_sd.models.packed_linear import PackedLinear, onednn_available
+    if not onednn_available():
+        pytest.skip("oneDNN is not available in this torch build")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        linear = torch.nn.Linear(40, out_features).eval()
+        packed = PackedLinear(linear)
+    finally:
+        torch.set_num_threads(threads)
+    assert packed.slabs.shape[0] == (1 if out_features % 2 else 2)
+    for rows in (1, 5):
+        x = torch.randn(1, rows, 40, generator=torch.Generator().manual_seed(rows))
+        torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_packed_linear_keeps_the_one_row_call():
+    """Under torch.compile the one-row product stays one opaque call (inductor's own loop for
+    it was slower) and gives the eager numbers."""
+    from hybrid_sd.models.packed_linear import PackedLinear, onednn_available
+    if not onednn_available():
+        pytest.skip("oneDNN is not available in this torch build")
+    packed = PackedLinear(torch.nn.Linear(64, 96)).eval()
+    x = torch.randn(1, 1, 64)
+    with torch.inference_mode():
+        compiled = torch.compile(packed, dynamic=False)
+        torch.testing.assert_close(compiled(x), packed(x), rtol=1e-5, atol=1e-5)

@@ -90,3 +90,31 @@ def test_latency_suite_runs_in_its_synthetic_configuration(tmp_path):
     names = {b["name"] for b in json.loads(out.read_text())["benchmarks"]}
     assert {"test_verify[7]", "test_draft[ar-6]", "test_draft[block-7]", "test_catch_up[block-16]"} <= names
     assert not any(n.startswith("test_decode") for n in names) and "5 skipped" in run.stdout
+
+
+def test_op_categories():
+    from hybrid_sd.profiling.ops import category
+    assert category("mkldnn::_linear_pointwise") == category("aten::bmm") == "matmuls (linears)"
+    assert category("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert category("aten::index_copy_") == "cache writes"
+    assert category("aten::rsqrt") == category("aten::silu") == "norms, RoPE, activations"
+    assert category("aten::t") == category("aten::as_strided") == "views and allocations"
+    assert category("aten::something_new") == "other ops"
+
+
+def test_step_profile_prints_the_breakdown(tmp_path, capsys):
+    """`python -m hybrid_sd.eval.step_profile` on a tiny checkpoint: one column per (tokens,
+    threads), every category a row, the categories summing to the profiled step."""
+    from helpers import save_hf_checkpoint, tiny_config
+    from hybrid_sd.eval import step_profile
+    from hybrid_sd.profiling.ops import DISPATCH, op_breakdown
+
+    path = save_hf_checkpoint(tmp_path / "tiny", tiny_config("llama"))
+    assert step_profile.main(["--target", str(path), "--threads", "1", "--tokens", "1,3", "--context", "16",
+                              "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "1-token step, 1 thread" in out and "3-token step, 1 thread" in out
+    assert "| matmuls (linears) |" in out and f"| {DISPATCH} |" in out
+    result = op_breakdown(lambda: __import__("torch").ones(64).sum(), repeats=3)
+    assert abs(sum(result["categories"].values()) - result["profiled_ms"]) < 1e-6 + 0.01 * result["profiled_ms"]
+    assert step_profile.main(["--target", str(path), "--context", "100000"]) == 2

@@ -122,6 +122,24 @@ def test_padded_tree_verifies_are_warmed_and_lossless(target):
     assert set(met) <= warmed and len(met) > len(warmed)
 
 
+@pytest.mark.parametrize("kind", ["ar", "block"])
+def test_drafter_tree_steps_are_warmed(target, tmp_path, kind):
+    """With trees on, the warm-up runs every tree-step key a generation then meets (CUDA:
+    captures them), and the drafter still drafts losslessly afterwards."""
+    drafter = make_drafter(kind, target, tmp_path)
+    decoder = engine(target, (), drafter, k=6, max_len=256, kv_block=128, pad=True, tree=True, tree_budget=16)
+    met = []
+    decoder.reset_drafters()  # the drafter's step sets for this engine's mode and spans
+    step = drafter.tree_graphs.step
+    drafter.tree_graphs.step = lambda key, *inputs: (met.append(key), step(key, *inputs))[1]
+    reports = decoder.warm_up()
+    warmed = set(met)
+    assert [r for r in reports if r["name"] == f"tree:{drafter.name}"][0]["keys"] == len(warmed) > 0
+    for prompt in PROMPTS[:4]:
+        assert decoder.generate(prompt * 3, MAX_NEW).token_ids == plain_greedy(target, (), prompt * 3, MAX_NEW)
+    assert set(met) <= warmed and len(met) > len(warmed)
+
+
 # ---- lossless -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def drafters(target, tmp_path_factory):

@@ -360,6 +360,19 @@ class ARDrafter(GraphedStep, nn.Module):
         zero = torch.zeros(1, dtype=torch.long, device=p.device)
         return torch.zeros(1, self.fc.in_features, device=p.device, dtype=p.dtype), zero, zero
 
+    def tree_examples(self, spans: list[int]) -> dict[tuple[int, int], tuple[torch.Tensor, ...]]:
+        """The root (one row) and every later depth (TREE_WIDTH frontier rows) at each span."""
+        p = self.lm_head.weight
+        examples = {}
+        for rows in (1, TREE_WIDTH):
+            index = torch.arange(rows, device=p.device)
+            for span in spans:
+                if span >= rows:
+                    examples[(rows, span)] = (torch.zeros(rows, self.config.hidden_size, device=p.device, dtype=p.dtype),
+                                              torch.zeros(rows, dtype=torch.long, device=p.device), index, index,
+                                              torch.ones(rows, span, dtype=torch.bool, device=p.device))
+        return examples
+
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]
 

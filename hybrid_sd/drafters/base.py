@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..config import DraftOptions
-from ..graphs import CATCHUP_BUCKETS, KV_BLOCK, BucketedGraphs, chunks
+from ..graphs import CATCHUP_BUCKETS, KV_BLOCK, BucketedGraphs, chunks, kv_buckets
 from ..models.packed_linear import pack_linears
 from ..tree import chain_parents
 from ..verify import Sampling
@@ -125,8 +125,9 @@ class Drafter(ABC):
         """Run the device steps as `mode` (graphs.MODES) with attention spans in blocks of
         kv_block; `pad`: pad catch-up chunks to buckets (None: iff the steps are graphs)."""
 
-    def warm_up(self, max_len: int, k_max: int) -> list[dict]:
-        """Run every step shape a context of max_len can meet once (CUDA: capture); reports."""
+    def warm_up(self, max_len: int, k_max: int, trees: bool = False) -> list[dict]:
+        """Run every step shape a context of max_len can meet once (CUDA: capture), the tree
+        steps too when `trees`; reports."""
         return []
 
 
@@ -181,6 +182,11 @@ class GraphedStep(Drafter):
     def draft_example(self, k: int) -> tuple[torch.Tensor, ...]:
         """Scratch draft inputs for key k, for the warm-up."""
 
+    @abstractmethod
+    def tree_examples(self, spans: list[int]) -> dict[tuple[int, int], tuple[torch.Tensor, ...]]:
+        """Scratch inputs of every tree-step key `draft_tree` can meet, given the attention
+        spans of this cache, for the warm-up."""
+
     def init_graphs(self) -> None:
         self.graph_sets: dict[tuple, tuple[BucketedGraphs, BucketedGraphs]] = {}
         self.use_graphs("eager", KV_BLOCK, "cpu")
@@ -210,10 +216,10 @@ class GraphedStep(Drafter):
         inv_t = torch.full((1,), 1.0 / sampling.temperature if sampled else 1.0, device=device)
         return self.step_graphs(self.draft_key(n, k, sampled), *inputs, u, inv_t)
 
-    def warm_up(self, max_len: int, k_max: int) -> list[dict]:
-        """Every greedy draft key a context of max_len can meet and every catch-up bucket, once
-        (CUDA: captured), on scratch inputs; `reset` must have run. Sampled keys capture when
-        first met."""
+    def warm_up(self, max_len: int, k_max: int, trees: bool = False) -> list[dict]:
+        """Every greedy draft key a context of max_len can meet, every catch-up bucket and,
+        with `trees`, every tree-step key, once (CUDA: captured), on scratch inputs; `reset`
+        must have run. Sampled keys capture when first met."""
         keys = {self.draft_key(n, k, False) for n in range(1, max_len)
                 for k in range(1, min(k_max, self.max_draft, max_len - n - 1) + 1)}
         p = self.fc.weight
@@ -223,7 +229,10 @@ class GraphedStep(Drafter):
         for n in CATCHUP_BUCKETS:
             rows[(n,)] = (torch.zeros(n, self.fc.in_features, dtype=p.dtype, device=p.device),
                           torch.zeros(n, dtype=torch.long, device=p.device), torch.arange(n, device=p.device))
-        return [drafts, self.catchup_graphs.warm_up(rows)]
+        reports = [drafts, self.catchup_graphs.warm_up(rows)]
+        if trees:
+            reports.append(self.tree_graphs.warm_up(self.tree_examples(kv_buckets(max_len, self.kv_block))))
+        return reports
 
     def catch_up(self, ctx: Context, end: int) -> None:
         """KV-only pass over context positions [frontier, end); when padding, in chunks padded

@@ -253,6 +253,12 @@ class BlockDrafter(GraphedStep, nn.Module):
         device = self.fc.weight.device
         return torch.zeros(1, dtype=torch.long, device=device), torch.arange(self.block_size, device=device)
 
+    def tree_examples(self, spans: list[int]) -> dict[tuple[int, int], tuple[torch.Tensor, ...]]:
+        """Every tree depth (1..max_draft) at each span the block fits in."""
+        bonus, positions = self.draft_example(self.max_draft)
+        return {(depth, span): (bonus, positions) for depth in range(1, self.max_draft + 1)
+                for span in spans if span >= self.block_size}
+
     def draft(self, ctx: Context, k: int, sampling: Sampling, generator=None) -> Draft:
         """Up to block_size - 1 tokens from one forward of [bonus, MASK...] after the cached context."""
         device = self.fc.weight.device

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ..cache import KVCache
+from .packed_linear import Projections
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -25,6 +26,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        if x.dtype == torch.float32:  # the same arithmetic without two no-op casts per call
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -78,7 +81,9 @@ def attend(q, k, v, mask):
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
-class Attention(nn.Module):
+class Attention(Projections):
+    fused_groups = {"qkv": ("q_proj", "k_proj", "v_proj")}
+
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -98,11 +103,18 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = nn.Identity()
 
+    def project(self, x):
+        if self.qkv is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv = self.n_kv_heads * self.head_dim
+        return self.qkv(x).split((self.n_heads * self.head_dim, kv, kv), dim=-1)
+
     def forward(self, x, cos, sin, mask, cache: KVCache | None, slots, kv_len: int | None):
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = self.q_norm(q.view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k_all, v_all = cache.write(self.layer_idx, slots, k, v)
@@ -111,7 +123,9 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-class MLP(nn.Module):
+class MLP(Projections):
+    fused_groups = {"gate_up": ("gate_proj", "up_proj")}
+
     def __init__(self, hidden: int, inner: int, bias: bool = False):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inner, bias=bias)
@@ -119,7 +133,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
