@@ -272,10 +272,6 @@ class Engine:
         self.reset_drafters()
         return verify, {d.name: pieces(d) for d in self.drafters}
 
-    @property
-    def min_probe_context(self) -> int:
-        return MIN_PROBE_CONTEXT
-
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -348,21 +344,18 @@ class Engine:
         row i + 1 (node i) at position n + depth, cache slot n + i + 1, attending to the committed
         context and its own ancestors. Returns (logits [k+1, V], features [k+1, C, H] or None)."""
         T = len(parents) + 1
-        rows = T
-        if self.pads_trees:  # graphs: a few shapes, so pad to the next node bucket
-            bucket = next((b + 1 for b in TREE_BUCKETS if b + 1 >= T and n + b + 1 <= self.max_len), T)
-            rows = bucket
-        full = parents + [-1] * (rows - T)  # padding rows: leaves of the bonus, never walked
+        rows = T  # graphs: a few shapes, so pad to the next node bucket that fits
+        if self.pads_trees:
+            rows = next((b + 1 for b in TREE_BUCKETS if b + 1 >= T and n + b + 1 <= self.max_len), T)
+        # padding rows: leaves of the bonus holding whatever tokens follow, never walked
+        full = parents + [-1] * (rows - T)
         positions = n + torch.tensor([0] + depths(full), device=self.device)
         slots = torch.arange(n, n + rows, device=self.device)
         span = kv_bucket(n + rows, self.max_len, self.kv_block)
         mask = torch.zeros(rows, span, dtype=torch.bool, device=self.device)
         mask[:, :n] = True
         mask[:, n:n + rows] = ancestor_mask(full, self.device)
-        tokens = self.tokens[n:n + T]
-        if rows > T:
-            tokens = torch.cat([tokens, tokens.new_zeros(rows - T)])
-        logits, feats = self.tree_graphs((rows, span), tokens, positions, slots, mask)
+        logits, feats = self.tree_graphs((rows, span), self.tokens[n:n + rows], positions, slots, mask)
         return logits[:T], (feats[0, :T].view(T, len(self.capture), -1) if feats is not None else None)
 
     def node_budget(self, n: int) -> int:

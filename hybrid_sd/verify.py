@@ -6,7 +6,7 @@ return (number of accepted drafts a, the token to commit after them).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -77,8 +77,16 @@ def judge(draft: torch.Tensor, draft_probs: torch.Tensor | None, logits: torch.T
     a, token = result.tolist()  # the round's sync
     if not signals:
         return Verdict(a, token)
-    _, _, entropy, top1 = row_stats(logits[a:a + 1])
-    return Verdict(a, token, float(top1[0]), float(entropy[0]), float(draft_confidence[0]) if with_conf else None)
+    return with_signals(Verdict(a, token), logits[a:a + 1], draft_confidence)
+
+
+def with_signals(verdict: Verdict, bonus_logits: torch.Tensor, draft_confidence: torch.Tensor | None) -> Verdict:
+    """`verdict` with the router's inputs, read after the result: the target's top-1 and
+    entropy at the new bonus row (`bonus_logits` [1, V]) and the drafter's first confidence."""
+    _, _, entropy, top1 = row_stats(bonus_logits)
+    with_conf = draft_confidence is not None and draft_confidence.numel() > 0
+    return replace(verdict, top1=float(top1[0]), entropy=float(entropy[0]),
+                   draft_confidence=float(draft_confidence[0]) if with_conf else None)
 
 
 def judge_tree(parents: list[int], tokens: list[int], logits: torch.Tensor, s: Sampling,
@@ -95,14 +103,11 @@ def judge_tree(parents: list[int], tokens: list[int], logits: torch.Tensor, s: S
     else:
         probs = target_probs(logits, s)
         path, token = walk(parents, tokens, lambda row: int(torch.multinomial(probs[row], 1, generator=generator)))
-    a = len(path)
+    verdict = Verdict(len(path), token, path=path)
     if not signals:
-        return Verdict(a, token, path=path)
+        return verdict
     last = path[-1] if path else 0
-    _, _, entropy, top1 = row_stats(logits[last:last + 1])
-    with_conf = draft_confidence is not None and draft_confidence.numel() > 0
-    return Verdict(a, token, float(top1[0]), float(entropy[0]), float(draft_confidence[0]) if with_conf else None,
-                   path=path)
+    return with_signals(verdict, logits[last:last + 1], draft_confidence)
 
 
 def greedy_accept(draft: torch.Tensor, logits: torch.Tensor) -> tuple[int, int]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 # first match wins: a needle equals the op's name without its namespace or, from 5

@@ -313,7 +313,7 @@ class ARDrafter(GraphedStep, nn.Module):
         if budget <= 0 or depth <= 0 or n == 0:
             return Draft(torch.empty(0, dtype=torch.long, device=device), parents=[], scores=[])
         W = TREE_WIDTH
-        depth = min(depth, 1 + (self.cache.max_len - n) // W - 1)  # the frontier's scratch slots must fit
+        depth = min(depth, (self.cache.max_len - n) // W)  # the frontier's scratch slots must fit
         span = kv_bucket(n + (depth - 1) * W, self.cache.max_len, self.kv_block)
         context = torch.arange(span, device=device) < n
         g = self.fuse(ctx.feature_rows(self.feature_layers, n - 1, n))

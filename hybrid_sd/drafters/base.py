@@ -146,8 +146,8 @@ class GraphedStep(Drafter):
     step functions run through BucketedGraphs, one set per (mode, span block, device), so that
     engines of different modes can share the drafter: `graph_step`, its whole draft, keyed by
     `draft_key(n, k, sampled)` = (k, span, sampled), `catchup_step`, KV-only context rows, and
-    `tree_step`, the device part of a tree draft (`draft_tree`). Call `init_graphs()` in __init__ and `forget_graphs()` when the buffers the
-    steps close over are reallocated."""
+    `tree_step`, the device part of a tree draft (`draft_tree`). Call `init_graphs()` in
+    __init__ and `forget_graphs()` when the buffers the steps close over are reallocated."""
 
     fc: nn.Linear  # fuses the target features: its input width and device shape the scratch inputs
 
@@ -188,7 +188,7 @@ class GraphedStep(Drafter):
         spans of this cache, for the warm-up."""
 
     def init_graphs(self) -> None:
-        self.graph_sets: dict[tuple, tuple[BucketedGraphs, BucketedGraphs]] = {}
+        self.graph_sets: dict[tuple, tuple[BucketedGraphs, BucketedGraphs, BucketedGraphs]] = {}
         self.use_graphs("eager", KV_BLOCK, "cpu")
 
     def use_graphs(self, mode: str, kv_block: int, device, pad: bool | None = None) -> None:

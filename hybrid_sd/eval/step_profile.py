@@ -36,7 +36,7 @@ def profile_steps(engine, tokens: list[int], context: int, repeats: int, label: 
     results = {}
     for T in tokens:
         draft = engine.tokens[:T].clone()
-        results[f"{T}-token step, {label}"] = op_breakdown(lambda: engine.verify_forward(draft, context), repeats)
+        results[f"{T}-token step, {label}"] = op_breakdown(lambda d=draft: engine.verify_forward(d, context), repeats)
     return results
 
 
