@@ -25,7 +25,7 @@ def test_rows_compute_what_each_computes_alone(tmp_path, family):
         tokens[b, width - len(p):] = torch.tensor(p)
     pad = torch.tensor([width - len(p) for p in prompts])
     cache = KVCache(model.n_layers, width + 4, model.config.num_key_value_heads, model.head_dim, batch=len(prompts))
-    hidden = torch.cat([forward_rows(model, tokens[:, s:s + 5], torch.arange(s, min(s + 5, width)), pad, cache)
+    hidden = torch.cat([forward_rows(model, tokens[:, s:s + 5], torch.arange(s, min(s + 5, width)), pad, cache)[0]
                         for s in range(0, width, 5)], dim=1)  # chunked prefill, as generate does
     for b, p in enumerate(prompts):
         alone, _ = model(torch.tensor([p]), torch.arange(len(p)))
@@ -42,6 +42,26 @@ def test_batched_greedy_equals_one_at_a_time(tiny):
     assert generate(tiny, prompts, 24, eos) == reference
     assert generate_sorted(tiny, prompts, 24, eos, batch=3) == reference
     assert generate(tiny, prompts[:1], 24, eos) == reference[:1]
+
+
+def test_captured_features_are_the_targets_own(tiny):
+    """Features captured while answering: for every row, exactly the prompt's positions and the
+    answer's but its last, equal to a forward of the whole sequence alone (rows ending at
+    different steps, dropped from the batch, sorted into groups)."""
+    prompts = random_prompts(7, seed=8, lo=1, hi=30)
+    eos = (generate_one(tiny, prompts[2], 20, ())[5],)
+    capture = (0, 2, tiny.n_layers)
+    got: dict[int, list[torch.Tensor]] = {}
+    answers = generate_sorted(tiny, prompts, 20, eos, batch=3, capture=capture,
+                              on_features=lambda i, f: got.setdefault(i, []).append(f))
+    assert generate_sorted(tiny, prompts, 20, eos, batch=3) == answers  # capturing changes nothing
+    assert len({len(a) for a in answers}) > 1
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        seq = p + a
+        f = torch.cat([x.reshape(-1, x.shape[-1]) for x in got[i]])
+        _, alone = tiny(torch.tensor([seq]), torch.arange(len(seq)), capture=capture)
+        assert f.dtype == torch.float16 and f.shape[0] == len(seq) - 1
+        torch.testing.assert_close(f.float(), alone[0, :-1].half().float(), rtol=2e-3, atol=2e-3)
 
 
 def test_sampling_is_seeded_and_a_tiny_nucleus_is_greedy(tiny):

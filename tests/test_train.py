@@ -42,6 +42,28 @@ def test_ttt_forward_equals_drafting(setup):
             torch.testing.assert_close(logits[0], ttt[j][t], rtol=1e-4, atol=1e-4, msg=f"t={t} step={j}")
 
 
+def test_ttt_on_loss_rows_equals_all_rows(setup):
+    """Rows that can carry no loss lend only their step-0 K/V: the rows that can compute what
+    they compute when every row runs every step, and the batch's loss is unchanged."""
+    _, _, target = setup
+    vocab = torch.arange(target.config.vocab_size)
+    drafter = train_ar.new_drafter(target, vocab)
+    drafter.reset(64)
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(4, 96, (3, 24), generator=g)
+    lengths, starts = torch.tensor([24, 17, 20]), torch.tensor([12, 3, 15])
+    _, f = target(tokens, torch.arange(24), capture=drafter.feature_layers)
+    steps = 4
+    rows, real = train_ar.loss_rows(lengths, starts, steps)
+    assert rows[0, 0] == 12 - 1 - steps and rows[1, 0] == 0 and int(real[1].sum()) == 17 - 2
+    full = list(train_ar.ttt_forward(drafter, target.model.embed_tokens, f, tokens, steps))
+    part = list(train_ar.ttt_forward(drafter, target.model.embed_tokens, f, tokens, steps, rows))
+    for (_, a), (_, b) in zip(full, part):
+        for item in range(3):
+            picked = rows[item][real[item]]
+            torch.testing.assert_close(b[item][real[item]], a[item, picked], rtol=1e-5, atol=1e-5)
+
+
 def test_block_training_forward_equals_drafting(setup):
     _, _, target = setup
     drafter = train_block.new_drafter(target, 2, 8, mask_token_id=2)
@@ -95,6 +117,42 @@ def tiny_run(setup, kind, name, *extra):
 
 
 @pytest.mark.parametrize("kind", ["ar", "block"])
+def test_training_goes_on_from_a_published_drafter(setup, kind):
+    """--start-from: the run begins where the saved drafter ended (its loss, not a fresh one's),
+    keeps its vocabulary and shapes, and writes a loadable drafter."""
+    tmp, path, target = setup
+    first, again = tmp / f"out-{kind}", tmp / f"again-{kind}"
+    if not (first / "config.json").is_file():
+        pytest.skip("needs test_training_command_end_to_end's drafter")
+    common = ["--data", str(tmp / "data"), "--target", str(path), "--out", str(again), "--steps", "2", "--batch", "4",
+              "--lr", "1e-4", "--ckpt-dir", str(tmp / f"ckpt-again-{kind}"), "--eval-every", "0",
+              "--eval-per-category", "0", "--start-from", str(first)]
+    extra = [] if kind == "ar" else ["--loss-vocab", "64", "--mask-token-id", "2", "--layers", "1"]
+    main = train_ar.main if kind == "ar" else train_block.main
+    assert main(common + extra) == 0
+    before = json.loads((first / "training_log.json").read_text())["log"]
+    after = json.loads((again / "training_log.json").read_text())["log"]
+    fresh_start = sum(r["loss"] for r in before[:2]) / 2
+    assert after[0]["loss"] < 0.8 * fresh_start, (after[0]["loss"], fresh_start)
+    cls = ARDrafter if kind == "ar" else BlockDrafter
+    old, new = cls.from_pretrained(first, target), cls.from_pretrained(again, target)
+    if kind == "ar":
+        assert torch.equal(old.d2t, new.d2t) and new.draft_vocab == 64  # its own
+        # another size: the data's most frequent tokens; rows it had keep their trained weights
+        assert main(["--data", str(tmp / "data"), "--target", str(path), "--out", str(tmp / "resized"),
+                     "--ckpt-dir", str(tmp / "ckpt-resized"), "--steps", "1", "--lr", "1e-9", "--eval-every", "0",
+                     "--eval-per-category", "0", "--start-from", str(first), "--draft-vocab", "32"]) == 0
+        resized = cls.from_pretrained(tmp / "resized", target)
+        ids_old, ids_new = old.d2t + torch.arange(64), resized.d2t + torch.arange(32)
+        assert resized.draft_vocab == 32 and not torch.equal(ids_new, ids_old[:32])
+        for r, t in enumerate(ids_new.tolist()):
+            want = old.lm_head.weight[ids_old.tolist().index(t)] if t in ids_old else target.lm_head.weight[t]
+            torch.testing.assert_close(resized.lm_head.weight[r], want, rtol=1e-2, atol=1e-3)
+    else:
+        assert len(new.layers) == len(old.layers) == 2 and new.block_size == old.block_size
+
+
+@pytest.mark.parametrize("kind", ["ar", "block"])
 def test_distillation_lowers_its_loss(setup, kind):
     """With --kd 1 the whole loss is cross-entropy against the target's own distribution; it falls."""
     ckpt = tiny_run(setup, kind, f"kd-{kind}", "--kd", "1", "--epochs", "8")
@@ -108,7 +166,7 @@ def test_teacher_is_the_targets_distribution(setup):
     from hybrid_sd.train.common import Sequence, teacher_logits, with_last_hidden
     _, _, target = setup
     seq = torch.randint(4, 96, (17,), generator=torch.Generator().manual_seed(3))
-    feats, last = with_last_hidden(target, [Sequence(seq, 5, "chat")], (2, 4), None, last=True)
+    feats, last = with_last_hidden(target, [Sequence(seq, 5, "chat")], (2, 4), last=True)
     rows = torch.tensor([3, 7, 40, 95])
     normed, f = target(seq[None], torch.arange(17), capture=(2, 4))
     torch.testing.assert_close(feats[0].float(), f[0], rtol=1e-2, atol=1e-2)  # fp16 cache
@@ -192,6 +250,35 @@ def test_init_from_target_copies_the_right_tensors(setup):
     assert not torch.equal(fresh.layers[0].mlp.up_proj.weight, target.model.layers[1].mlp.up_proj.weight)
 
 
+def test_features_are_stored_beside_shards_and_reused(tmp_path, setup, monkeypatch):
+    """Features a trainer computes go beside their shard; a later run (more layers, more shards)
+    reads them back and computes only what is missing; a damaged file is recomputed."""
+    from hybrid_sd.train import common
+    from hybrid_sd.train.data import features_path
+    _, _, target = setup
+    data_dir = write_selfdistilled_data(tmp_path / "data", target, n_train=6, n_heldout=1)
+    seqs = common.load_sequences(data_dir, "train")
+    first = common.target_features(target, seqs, (2, 4))
+    assert features_path(seqs[0].shard).is_file()
+    for s, f in zip(seqs, first):  # what the target computes for the sequence alone
+        _, alone = target(s.tokens[None], torch.arange(len(s.tokens)), capture=(2, 4))
+        torch.testing.assert_close(f.float(), alone[0].half().float(), rtol=2e-3, atol=2e-3)
+
+    computed = []
+    real = common._compute_features
+    monkeypatch.setattr(common, "_compute_features", lambda t, s, layers, b: computed.append(layers) or real(t, s, layers, b))
+    again = common.target_features(target, seqs, (4, 2, 5))
+    assert computed == [(5,)]  # only the new layer
+    for a, f in zip(again, first):
+        assert torch.equal(a[:, :a.shape[1] // 3], f[:, f.shape[1] // 2:])  # layer 4, read back
+    computed.clear()
+    assert all(torch.equal(a, b) for a, b in zip(common.target_features(target, seqs, (4, 2, 5)), again))
+    assert computed == []
+    features_path(seqs[0].shard).write_bytes(b"garbage")
+    assert all(torch.equal(a, b) for a, b in zip(common.target_features(target, seqs, (4, 2, 5)), again))
+    assert computed == [(4, 2, 5)]
+
+
 def test_missing_data_is_a_clear_error(setup, capsys):
     tmp, path, _ = setup
     assert train_ar.main(["--data", str(tmp / "nothing"), "--target", str(path), "--out", str(tmp / "x")]) == 2
@@ -236,6 +323,21 @@ def test_data_command_builds_resumes_and_grows(tmp_path, monkeypatch, capsys):
         a = first[r["item"]]["response_ids"]
         assert r["messages"][-2]["content"] == tokenizer.decode(a[:-1] if a[-1] == 2 else a, skip_special_tokens=True)
         assert r["prompt_ids"] == data.encode_chat(tokenizer, r["messages"])
+    # the target features of every training row were stored beside its shard as it was answered
+    from hybrid_sd.models.loading import load_target
+    model, _, _ = load_target(target_dir, load_tokenizer=False)
+    layers = data.capture_layers("auto", model.n_layers)
+    for shard in data.split_shards(out, "train"):
+        stored = data.read_features(data.features_path(shard))
+        for i, r in enumerate(data.read_jsonl(shard)):
+            seq = r["prompt_ids"] + r["response_ids"]
+            _, alone = model(torch.tensor([seq]), torch.arange(len(seq)), capture=layers)
+            for c, layer in enumerate(layers):
+                got = stored[data.feature_key(i, layer)]
+                assert got.shape == (len(seq) - 1, model.config.hidden_size)
+                want = alone[0, :-1, c * model.config.hidden_size:(c + 1) * model.config.hidden_size]
+                torch.testing.assert_close(got.float(), want.half().float(), rtol=2e-3, atol=2e-3)
+    assert not data.features_path(data.split_shards(out, "heldout")[0]).exists()
     mix = json.loads((out / "mix.json").read_text())
     assert mix["train"]["total"]["answers"] == len(train) and mix["train"]["total"]["prompts"] == 24
     assert "train: 24/24 prompts answered" in capsys.readouterr().out
@@ -254,3 +356,27 @@ def test_data_command_builds_resumes_and_grows(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: " + str(out) + " was built with --shard-size 8; resume it with the same value",
                    "error: --per-category must be at least 1, got 0"]
+
+
+def test_training_curve_reads_logs_and_checkpoints(tmp_path, capsys):
+    """The curve command takes finished logs and running checkpoints; a wrong file is one clear error."""
+    pytest.importorskip("matplotlib")
+    from hybrid_sd.eval import training_curve
+    log = [{"step": s, "loss": 4.0 - s / 10} for s in range(1, 11)]
+    log.insert(5, {"step": 5, "heldout_tau": {"chat": 1.2, "mix": 1.5}})
+    log.append({"step": 10, "heldout_tau": {"chat": 1.4, "mix": 1.8}})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "training_log.json").write_text(json.dumps({"args": {}, "log": log,
+                                                                  "heldout_tau": {"k": 6, "mix": 2.0}}))
+    assert training_curve.curves(training_curve.read_log(tmp_path / "a" / "training_log.json"))[0][-1] == (10, 2.0)
+    (tmp_path / "b").mkdir()
+    torch.save({"log": log[:6]}, tmp_path / "b" / "last.pt")
+    taus, losses = training_curve.curves(log, smooth=2)
+    assert taus == [(5, 1.5), (10, 1.8)] and losses[1] == (2, pytest.approx((3.9 + 3.8) / 2))
+    out = tmp_path / "curve.png"
+    assert training_curve.main([str(tmp_path / "a" / "training_log.json"), str(tmp_path / "b" / "last.pt"),
+                                "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert training_curve.main([str(tmp_path / "bad.json"), "--out", str(out)]) == 2
+    assert "is not a training_log.json" in capsys.readouterr().err

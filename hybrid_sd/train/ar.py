@@ -15,6 +15,7 @@ attention). The loop, schedule, checkpoints and held-out checks: common.run_trai
 """
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -22,13 +23,14 @@ import torch
 from transformers import LlamaConfig
 
 from ..cli import Parser
-from ..drafters.ar import ARDrafter, default_aux_layers
+from ..drafters.ar import ARDrafter
 from ..errors import UserError, exit_code
 from ..models.transformer import apply_rope, rope_parameters
 from .common import (Sequence, add_recipe_args, check_recipe, default_ckpt_dir, finish_training, frequent_tokens,
                      heldout_check, load_sequences, mixed_loss, run_training, teacher_logits, with_last_hidden)
 
 DEFAULT_OUT = "ar-drafter"
+DEFAULT_DRAFT_VOCAB = 2048
 
 
 INIT_CHOICES = ("none", "head", "mlp", "full")
@@ -82,6 +84,30 @@ def new_drafter(target, vocab_ids: torch.Tensor, intermediate: int | None = None
     return drafter
 
 
+def with_vocabulary(drafter: ARDrafter, target, vocab_ids: torch.Tensor) -> ARDrafter:
+    """`drafter` over another draft vocabulary: rows of tokens it had keep their trained LM head
+    rows, new tokens start from the target's."""
+    config = copy.copy(drafter.config)
+    config.draft_vocab_size = len(vocab_ids)
+    fresh = ARDrafter(config, target.model.embed_tokens, target.config.num_hidden_layers, target.head_dim,
+                      drafter.feature_layers)
+    state = {k: v for k, v in drafter.state_dict().items() if k not in ("lm_head.weight", "d2t", "t2d")}
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    assert set(missing) == {"lm_head.weight", "d2t", "t2d"} and not unexpected, (missing, unexpected)
+    old_ids = drafter.d2t + torch.arange(drafter.draft_vocab)
+    old_row = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
+    old_row[old_ids] = torch.arange(len(old_ids))
+    with torch.no_grad():
+        rows = old_row[vocab_ids]
+        head = target.lm_head.weight[vocab_ids].clone()
+        head[rows >= 0] = drafter.lm_head.weight[rows[rows >= 0]]
+        fresh.lm_head.weight.copy_(head)
+        fresh.d2t.copy_(vocab_ids - torch.arange(len(vocab_ids)))
+        fresh.t2d.zero_()
+        fresh.t2d[vocab_ids] = True
+    return fresh
+
+
 def shifted(x: torch.Tensor, by: int, length: int) -> torch.Tensor:
     """x[:, by:by+length] along dim 1, zero-padded where it runs past the end."""
     part = x[:, by:by + length]
@@ -89,35 +115,68 @@ def shifted(x: torch.Tensor, by: int, length: int) -> torch.Tensor:
     return torch.cat([part, part.new_zeros(part.shape[0], pad, *part.shape[2:])], dim=1) if pad > 0 else part
 
 
-def ttt_forward(drafter: ARDrafter, embed, feats, tokens, steps: int):
-    """Yield (j, normed hidden [B, R, H]) for TTT steps j = 0..steps-1 (row t at position t+j)."""
+def loss_rows(lengths: torch.Tensor, response_start: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of a right-padded batch that can carry a loss in some TTT step, [B, R'] (padded
+    with the last row), and which of them are real. Row t at step j predicts x_{t+2+j}, which
+    must lie inside the response: t >= response_start - 1 - steps and t <= length - 3. Rows
+    before that only lend their step-0 K/V to the attention."""
+    first = (response_start - 1 - steps).clamp(min=0)
+    count = (lengths - 2 - first).clamp(min=0)
+    width = max(1, int(count.max()))
+    offsets = torch.arange(width)
+    rows = (first[:, None] + offsets[None, :]).clamp(max=int(lengths.max()) - 2)
+    return rows, offsets[None, :] < count[:, None]
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x[b, rows[b, r]] for x [B, T, C] and rows [B, R'] (indices clamped into x)."""
+    rows = rows.clamp(max=x.shape[1] - 1)
+    return x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def ttt_forward(drafter: ARDrafter, embed, feats, tokens, steps: int, rows: torch.Tensor | None = None):
+    """Yield (j, normed hidden [B, R', H]) for TTT steps j = 0..steps-1, row t at position t+j.
+
+    Every row's step-0 keys and values enter the attention (KV-only, as a catch-up computes
+    them); queries, the MLP and later steps run only for `rows` [B, R'] (default: all rows),
+    since the others cannot carry a loss. Output row r of item b is row rows[b, r]."""
     B, T = tokens.shape
     R = T - 1  # row t pairs f_t with x_{t+1}
+    if rows is None:
+        rows = torch.arange(R).expand(B, R)
     layer, attn = drafter.midlayer, drafter.midlayer.self_attn
     nH, nKV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
     cos, sin = drafter.rope_cos, drafter.rope_sin
-    g = drafter.fuse(feats[:, :R].float())
+    g_all = drafter.fuse(feats[:, :R].float())
     emb_all = embed(tokens)
-    rows = torch.arange(R)
-    causal = rows[None, :] <= rows[:, None]  # step-0 keys s <= t
+    scale = hd ** -0.5
+
+    def keys_values(a, pos):  # [B, nH, rows, hd] each, KV heads repeated for the query heads
+        k = apply_rope(attn.k_proj(a).view(B, -1, nKV, hd).transpose(1, 2), cos[pos][:, None], sin[pos][:, None])
+        v = attn.v_proj(a).view(B, -1, nKV, hd).transpose(1, 2)
+        return k.repeat_interleave(nH // nKV, 1), v.repeat_interleave(nH // nKV, 1)
+
+    a_all, _ = layer.row_input(g_all, emb_all[:, 1:1 + R])
+    key0, value0 = keys_values(a_all, torch.arange(R).expand(B, R))
+    causal = (torch.arange(R)[None, None, :] <= rows[:, :, None])[:, None]  # [B, 1, R', R]: step-0 keys s <= t
+    g = gather_rows(g_all, rows)
     keys, values = [], []
     for j in range(steps):
-        emb = shifted(emb_all, 1 + j, R)  # x_{t+1+j}, zero past the end
+        emb = gather_rows(shifted(emb_all, 1 + j, R), rows)  # x_{t+1+j}, zero past the end
         a, residual = layer.row_input(g, emb)
         pos = rows + j
-        q = apply_rope(attn.q_proj(a).view(B, R, nH, hd).transpose(1, 2), cos[pos], sin[pos])
-        k = apply_rope(attn.k_proj(a).view(B, R, nKV, hd).transpose(1, 2), cos[pos], sin[pos])
-        v = attn.v_proj(a).view(B, R, nKV, hd).transpose(1, 2)
-        keys.append(k.repeat_interleave(nH // nKV, 1))
-        values.append(v.repeat_interleave(nH // nKV, 1))
-        scale = hd ** -0.5
-        s0 = (q @ keys[0].transpose(-1, -2) * scale).masked_fill(~causal, float("-inf"))
-        diag = [(q * keys[i]).sum(-1, keepdim=True) * scale for i in range(1, j + 1)]  # own chain
+        q = apply_rope(attn.q_proj(a).view(B, -1, nH, hd).transpose(1, 2), cos[pos][:, None], sin[pos][:, None])
+        if j > 0:  # the own chain's rows of steps 1..j
+            k, v = keys_values(a, pos)
+            keys.append(k)
+            values.append(v)
+        s0 = (q @ key0.transpose(-1, -2) * scale).masked_fill(~causal, float("-inf"))
+        diag = [(q * k).sum(-1, keepdim=True) * scale for k in keys]
         w = torch.softmax(torch.cat([s0] + diag, dim=-1), dim=-1)
-        out = w[..., :R] @ values[0]
-        for i in range(1, j + 1):
-            out = out + w[..., R + i - 1:R + i] * values[i]
-        h = residual + attn.o_proj(out.transpose(1, 2).reshape(B, R, nH * hd))
+        out = w[..., :R] @ value0
+        for i, v in enumerate(values):
+            out = out + w[..., R + i:R + i + 1] * v
+        h = residual + attn.o_proj(out.transpose(1, 2).reshape(B, -1, nH * hd))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         normed = drafter.norm(h)
         yield j, normed
@@ -128,19 +187,19 @@ def ttt_loss(drafter: ARDrafter, embed, feats, tokens, lengths, response_start, 
              decay: float = 0.8, teacher=None, kd: float = 0.0, temperature: float = 1.0):
     """Weighted training-time-test loss over a right-padded batch (step j weighs decay^j); also
     top-1 accuracy and hard-label cross-entropy per step. With distillation (kd > 0),
-    `teacher(j, valid)` gives the target's logits over the draft vocabulary for the valid rows of
-    step j (at the positions whose next token they predict); see common.mixed_loss."""
-    R = tokens.shape[1] - 1
-    rows = torch.arange(R)
+    `teacher(positions)` gives the target's logits over the draft vocabulary at those positions
+    [N] x [N] (batch item, position: the one whose next token is the label); see common.mixed_loss."""
+    rows, real = loss_rows(lengths, response_start, steps)
+    items = torch.arange(tokens.shape[0])[:, None].expand_as(rows)
     total, accs, ces = 0.0, [], []
-    for j, normed in ttt_forward(drafter, embed, feats, tokens, steps):
+    for j, normed in ttt_forward(drafter, embed, feats, tokens, steps, rows):
         # labels x_{t+2+j}: inside the sequence, inside the response, inside the draft vocabulary
         label_pos = rows + 2 + j
-        labels = target_to_draft[shifted(tokens, 2 + j, R)]
-        valid = (label_pos[None, :] < lengths[:, None]) & (label_pos[None, :] >= response_start[:, None]) & (labels >= 0)
+        labels = target_to_draft[tokens.gather(1, label_pos.clamp(max=tokens.shape[1] - 1))]
+        valid = real & (label_pos < lengths[:, None]) & (label_pos >= response_start[:, None]) & (labels >= 0)
         if valid.any():
             logits = drafter.lm_head(normed[valid]).float()
-            soft = teacher(j, valid) if teacher is not None and kd > 0 else None
+            soft = teacher(items[valid], label_pos[valid] - 1) if teacher is not None and kd > 0 else None
             loss, hard = mixed_loss(logits, labels[valid], soft, kd, temperature)
             total = total + (decay ** j) * loss.mean()
             accs.append((logits.argmax(-1) == labels[valid]).float().mean().item())
@@ -175,13 +234,19 @@ def train(args) -> Path:
     target, _, eos = load_target(args.target, load_tokenizer=False)
     target.requires_grad_(False)
     train_seqs = load_sequences(data_dir, "train")
-    layers = default_aux_layers(target.config.num_hidden_layers)
-    feats, last = with_last_hidden(target, train_seqs, layers, data_dir / "features", last=args.kd > 0)
-    vocab_ids = frequent_tokens(train_seqs, args.draft_vocab)
+    if args.start_from:  # go on training a drafter in the published format
+        drafter = ARDrafter.from_pretrained(args.start_from, target)
+        vocab_ids = drafter.d2t + torch.arange(drafter.draft_vocab)
+        if args.draft_vocab not in (None, drafter.draft_vocab):  # another size: the data's own vocabulary
+            vocab_ids = frequent_tokens(train_seqs, args.draft_vocab)
+            drafter = with_vocabulary(drafter, target, vocab_ids)
+    else:
+        vocab_ids = frequent_tokens(train_seqs, args.draft_vocab or DEFAULT_DRAFT_VOCAB)
+        drafter = new_drafter(target, vocab_ids, args.intermediate, args.init)
+    feats, last = with_last_hidden(target, train_seqs, drafter.feature_layers, last=args.kd > 0)
     target_to_draft = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
     target_to_draft[vocab_ids] = torch.arange(len(vocab_ids))
     head_rows = target.lm_head.weight[vocab_ids].detach()
-    drafter = new_drafter(target, vocab_ids, args.intermediate, args.init)
     drafter.reset(max(len(s.tokens) for s in train_seqs) + args.ttt_steps + 8)
     drafter.train()
     embed = target.model.embed_tokens
@@ -192,8 +257,8 @@ def train(args) -> Path:
         if last is not None:
             h = collate(train_seqs, last, group)[1]  # [B, T, H]
 
-            def teacher(j, valid):  # row t at step j predicts x_{t+2+j}: the target's logits at t+1+j
-                return teacher_logits(target, shifted(h, 1 + j, tokens.shape[1] - 1)[valid], head_rows)
+            def teacher(items, positions):  # the target's logits at the position before each label
+                return teacher_logits(target, h[items, positions], head_rows)
         loss, accs, ces = ttt_loss(drafter, embed, f, tokens, lengths, starts, target_to_draft, args.ttt_steps,
                                    args.step_decay, teacher, args.kd, args.kd_temperature)
         loss.backward()
@@ -201,7 +266,7 @@ def train(args) -> Path:
 
     identity = {"sequences": len(train_seqs), "tokens": sum(len(s.tokens) for s in train_seqs),
                 "vocab": int(vocab_ids.sum()), "draft_vocab": len(vocab_ids), "batch": args.batch,
-                "ttt_steps": args.ttt_steps, "kd": args.kd, "init": args.init, "seed": args.seed, "lr": args.lr,
+                "ttt_steps": args.ttt_steps, "kd": args.kd, "init": args.init, "start_from": args.start_from, "seed": args.seed, "lr": args.lr,
                 "steps": args.steps, "epochs": args.epochs}
     evaluate = heldout_check(target, eos, drafter, ARDrafter.default_k, data_dir, args.eval_prompts)
     log, complete = run_training("ar", drafter, len(train_seqs), step_fn, args, evaluate, identity,
@@ -226,7 +291,14 @@ def main(argv=None) -> int:
     p.add_argument("--step-decay", type=nonnegative_float, default=0.8, help="loss weight of TTT step j: decay^j")
     p.add_argument("--init", default="mlp", choices=INIT_CHOICES,
                    help="what starts from the target (see new_drafter)")
-    p.add_argument("--draft-vocab", type=positive_int, default=2048)
+    p.add_argument("--draft-vocab", type=positive_int, default=None,
+                   help=f"draft vocabulary: the data's N most frequent response tokens (default {DEFAULT_DRAFT_VOCAB}; "
+                        "with --start-from, the drafter's own)")
+    p.add_argument("--start-from", default=None, metavar="DIR",
+                   help="go on training this drafter (published EAGLE-3 format) instead of a fresh one; its shapes "
+                        "are kept (--init and --intermediate are not used), and its draft vocabulary unless "
+                        "--draft-vocab asks for another size (then the data's most frequent tokens; rows it had keep "
+                        "their weights)")
     p.add_argument("--intermediate", type=positive_int, default=None, help="MLP width (default: the target's)")
     p.add_argument("--max-minutes", type=positive_float, default=None, help="stop early after this long")
     p.add_argument("--seed", type=seed, default=0)

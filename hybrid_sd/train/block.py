@@ -142,13 +142,16 @@ def train(args) -> Path:
             raise UserError(f"mask token {args.mask_token!r} is not in the tokenizer; pass --mask-token-id")
     seqs = load_sequences(data_dir, "train")
     layer_ids = [int(x) for x in args.target_layer_ids.split(",")] if args.target_layer_ids else None
-    drafter = new_drafter(target, args.layers, args.block_size, mask_id, layer_ids, args.init)
-    feats, last = with_last_hidden(target, seqs, drafter.feature_layers, data_dir / "features", last=args.kd > 0)
+    if args.start_from:  # go on training a drafter in the published format: its shapes and mask token
+        drafter = BlockDrafter.from_pretrained(args.start_from, target)
+    else:
+        drafter = new_drafter(target, args.layers, args.block_size, mask_id, layer_ids, args.init)
+    feats, last = with_last_hidden(target, seqs, drafter.feature_layers, last=args.kd > 0)
     vocab_ids = frequent_tokens(seqs, args.loss_vocab)
     target_to_sub = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
     target_to_sub[vocab_ids] = torch.arange(len(vocab_ids))
     head_rows = target.lm_head.weight[vocab_ids].detach()
-    drafter.reset(max(len(s.tokens) for s in seqs) + args.block_size)
+    drafter.reset(max(len(s.tokens) for s in seqs) + drafter.block_size)
     drafter.train()
 
     def step_fn(group, generator):
@@ -169,7 +172,8 @@ def train(args) -> Path:
 
     identity = {"sequences": len(seqs), "tokens": sum(len(s.tokens) for s in seqs), "vocab": int(vocab_ids.sum()),
                 "loss_vocab": len(vocab_ids), "batch": args.batch, "layers": list(drafter.target_layer_ids),
-                "block_size": args.block_size, "anchors": args.anchors, "kd": args.kd, "init": args.init,
+                "block_size": drafter.block_size, "anchors": args.anchors, "kd": args.kd, "init": args.init,
+                "start_from": args.start_from,
                 "seed": args.seed, "lr": args.lr,
                 "steps": args.steps, "epochs": args.epochs}
     k = drafter.block_size - 1
@@ -203,6 +207,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--init", default="layers", choices=INIT_CHOICES,
                    help="draft layers from evenly spaced target layers, or at random")
+    p.add_argument("--start-from", default=None, metavar="DIR",
+                   help="go on training this drafter (published DFlash format) instead of a fresh one; its layers, "
+                        "layer ids, block size and mask token are kept, --init, --layers, --target-layer-ids, "
+                        "--block-size and --mask-token are not used")
     p.add_argument("--eval-per-category", type=nonnegative_int, default=2,
                    help="held-out prompts per category to measure tokens per round on after training (0: skip)")
     add_recipe_args(p, kd=0.0, clip=1.0)

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..errors import UserError
-from .data import read_split
+from .data import feature_key, features_path, read_features, read_jsonl, split_shards, write_features_atomic
 
 
 @dataclass
@@ -24,73 +23,88 @@ class Sequence:
     tokens: torch.Tensor     # [T] prompt + response
     response_start: int      # first response position
     category: str
+    shard: Path | None = None  # where it came from (its features are stored beside it)
+    row: int = -1              # its row in that shard
 
 
 def load_sequences(data_dir: Path, split: str, max_len: int = 512) -> list[Sequence]:
     out = []
-    for row in read_split(data_dir, split):
-        ids = (row["prompt_ids"] + row["response_ids"])[:max_len]
-        if len(row["response_ids"]) >= 2 and len(row["prompt_ids"]) < len(ids):
-            out.append(Sequence(torch.tensor(ids), len(row["prompt_ids"]), row["category"]))
+    for shard in split_shards(data_dir, split):
+        for i, row in enumerate(read_jsonl(shard)):
+            ids = (row["prompt_ids"] + row["response_ids"])[:max_len]
+            if len(row["response_ids"]) >= 2 and len(row["prompt_ids"]) < len(ids):
+                out.append(Sequence(torch.tensor(ids), len(row["prompt_ids"]), row["category"], shard, i))
     return out
 
 
 @torch.inference_mode()
-def target_features(target, sequences: list[Sequence], layers: tuple[int, ...], cache_dir: Path | None = None,
-                    batch_tokens: int = 4096) -> list[torch.Tensor]:
+def target_features(target, sequences: list[Sequence], layers: tuple[int, ...], batch_tokens: int = 4096,
+                    ) -> list[torch.Tensor]:
     """Per sequence, the target's hidden states `layers` at every position: [T, len(layers) * H] fp16.
 
-    Each layer is cached in its own file under `cache_dir` (written atomically), so the AR and
-    block trainers share the layers they both read and no epoch or run recomputes them. Missing
-    layers are computed together, in right-padded batches (causal attention keeps the padding
-    out of real rows). Layers are read (and written) one file at a time straight into the
-    per-sequence outputs, so memory peaks at the features plus one layer, not twice the features.
+    They are read from the feature file beside each sequence's shard (written by the data
+    command as it generates, or here the first time a trainer needs a layer it lacks); missing
+    ones are computed in right-padded batches (causal attention keeps the padding out of real
+    rows) and added to those files (atomically), so no epoch, run or later growth of the data
+    recomputes them. A position the file does not hold (an answer's last, never read) is zero.
     """
-    def path(layer):
-        return cache_dir / f"hidden-{layer}.safetensors" if cache_dir is not None else None
+    H = target.config.hidden_size
+    out = [torch.zeros(len(s.tokens), len(layers) * H, dtype=torch.float16) for s in sequences]
+    by_shard: dict[Path | None, list[int]] = {}
+    for i, s in enumerate(sequences):
+        by_shard.setdefault(s.shard, []).append(i)
+    todo: dict[tuple[int, ...], list[int]] = {}  # missing layers -> sequences
+    for shard, idx in by_shard.items():
+        stored = read_features(features_path(shard)) if shard is not None else {}
+        for i in idx:
+            s, missing = sequences[i], []
+            for c, layer in enumerate(layers):
+                f = stored.get(feature_key(s.row, layer))
+                if f is None or f.shape[-1] != H or f.shape[0] < len(s.tokens) - 1:  # absent, foreign, short
+                    missing.append(layer)
+                    continue
+                n = min(len(s.tokens), f.shape[0])
+                out[i][:n, c * H:(c + 1) * H] = f[:n]
+            if missing:
+                todo.setdefault(tuple(missing), []).append(i)
+        del stored
+    for missing, idx in todo.items():
+        computed = _compute_features(target, [sequences[i] for i in idx], missing, batch_tokens)
+        for i, f in zip(idx, computed):
+            for m, layer in enumerate(missing):
+                c = layers.index(layer)
+                out[i][:, c * H:(c + 1) * H] = f[:, m * H:(m + 1) * H]
+        for shard in {sequences[i].shard for i in idx} - {None}:
+            tensors = read_features(features_path(shard))
+            for i, f in zip(idx, computed):
+                if sequences[i].shard == shard:
+                    for m, layer in enumerate(missing):
+                        tensors[feature_key(sequences[i].row, layer)] = f[:, m * H:(m + 1) * H]
+            write_features_atomic(features_path(shard), tensors)
+    return out
 
+
+def _compute_features(target, sequences: list[Sequence], layers: tuple[int, ...], batch_tokens: int):
     H = target.config.hidden_size
     out = [torch.empty(len(s.tokens), len(layers) * H, dtype=torch.float16) for s in sequences]
-    have = set()
-    for c, layer in enumerate(layers):
-        if path(layer) is not None and path(layer).is_file():
-            stored = load_file(str(path(layer)))
-            if len(stored) == len(sequences) and all(stored[f"s{i}"].shape == (len(s.tokens), H)
-                                                     for i, s in enumerate(sequences)):
-                for i in range(len(sequences)):
-                    out[i][:, c * H:(c + 1) * H] = stored.pop(f"s{i}")
-                have.add(layer)
-            del stored
-    missing = tuple(sorted(set(layers) - have))
-    if missing:
-        columns = [layers.index(layer) for layer in missing]
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].tokens))
-        bar = tqdm(total=len(sequences), desc=f"target features {missing}", unit="seq")
-        i = 0
-        while i < len(order):
-            j = i + 1
-            while j < len(order) and (j - i + 1) * len(sequences[order[j]].tokens) <= batch_tokens:
-                j += 1
-            group = order[i:j]
-            width = max(len(sequences[g].tokens) for g in group)
-            batch = torch.zeros(len(group), width, dtype=torch.long)
-            for r, g in enumerate(group):
-                batch[r, :len(sequences[g].tokens)] = sequences[g].tokens
-            _, f = target(batch, torch.arange(width), capture=missing)
-            f = f.view(len(group), width, len(missing), -1)
-            for r, g in enumerate(group):
-                for m, c in enumerate(columns):
-                    out[g][:, c * H:(c + 1) * H] = f[r, :len(sequences[g].tokens), m]
-            bar.update(len(group))
-            i = j
-        bar.close()
-        if cache_dir is not None:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            for layer, c in zip(missing, columns):
-                fd, tmp = tempfile.mkstemp(prefix=path(layer).name + ".", dir=cache_dir)
-                os.close(fd)
-                save_file({f"s{i}": x[:, c * H:(c + 1) * H].contiguous() for i, x in enumerate(out)}, tmp)
-                os.replace(tmp, path(layer))
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].tokens))
+    bar = tqdm(total=len(sequences), desc=f"target features {layers}", unit="seq")
+    i = 0
+    while i < len(order):
+        j = i + 1
+        while j < len(order) and (j - i + 1) * len(sequences[order[j]].tokens) <= batch_tokens:
+            j += 1
+        group = order[i:j]
+        width = max(len(sequences[g].tokens) for g in group)
+        batch = torch.zeros(len(group), width, dtype=torch.long)
+        for r, g in enumerate(group):
+            batch[r, :len(sequences[g].tokens)] = sequences[g].tokens
+        _, f = target(batch, torch.arange(width), capture=layers)
+        for r, g in enumerate(group):
+            out[g][:] = f[r, :len(sequences[g].tokens)]
+        bar.update(len(group))
+        i = j
+    bar.close()
     return out
 
 
@@ -161,13 +175,13 @@ def default_ckpt_dir(kind: str) -> Path:
     return cache_root() / "ckpt" / kind
 
 
-def with_last_hidden(target, sequences: list[Sequence], layers: tuple[int, ...], cache_dir: Path | None,
+def with_last_hidden(target, sequences: list[Sequence], layers: tuple[int, ...],
                      last: bool) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """The drafter's features and, when `last`, the target's last hidden state (before its final
     norm: the distillation teacher) per sequence, from one cached pass."""
     L = target.config.num_hidden_layers
     wanted = tuple(layers) + ((L,) if last and L not in layers else ())
-    feats = target_features(target, sequences, wanted, cache_dir)
+    feats = target_features(target, sequences, wanted)
     if not last:
         return feats, None
     H = target.config.hidden_size

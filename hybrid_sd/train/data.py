@@ -14,7 +14,9 @@ magpie.json. Categories are interleaved in the plan, so a partial run is balance
 Shards of `--shard-size` prompts are written atomically and skipped when present, so a killed
 run resumes where it stopped; a larger `--per-category` later appends to the plan and keeps
 every answered shard. mix.json (next to the shards, rewritten after each) reports planned and
-answered prompts, answers and tokens per category and source.
+answered prompts, answers and tokens per category and source. The target's hidden states that
+the drafters train on (`--capture`) come out of the same forward passes and are stored beside
+each training shard (`NNNNN.features.safetensors`, fp16), so training never recomputes them.
 
 The held-out split (per category: the benchmark's HumanEval problems, templated math and JSON
 requests from separate seeds, the shipped chat questions) never reaches training, nor does any
@@ -34,6 +36,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..cli import Parser
@@ -74,13 +77,73 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
+def split_shards(data_dir: Path, split: str) -> list[Path]:
+    shards = sorted((Path(data_dir) / split).glob("*.jsonl"))
+    if not shards:
+        raise UserError(f"no {split} data in {data_dir}; run python -m hybrid_sd.train.data first")
+    return shards
+
+
 def read_split(data_dir: Path, split: str) -> list[dict]:
     rows = []
-    for shard in sorted((Path(data_dir) / split).glob("*.jsonl")):
+    for shard in split_shards(data_dir, split):
         rows.extend(read_jsonl(shard))
     if not rows:
         raise UserError(f"no {split} data in {data_dir}; run python -m hybrid_sd.train.data first")
     return rows
+
+
+# --- target features stored beside a shard -------------------------------------------------
+# One safetensors file per shard, one fp16 tensor per (row, hidden state) named "r{row}.h{layer}"
+# ([positions, hidden]; layer in Transformer.forward's numbering). Rows may hold fewer positions
+# than their tokens (generation never feeds an answer's last token); readers pad.
+
+def features_path(shard: Path) -> Path:
+    return shard.with_name(shard.name.removesuffix(".jsonl") + ".features.safetensors")
+
+
+def feature_key(row: int, layer: int) -> str:
+    return f"r{row}.h{layer}"
+
+
+def read_features(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        return {}
+    try:
+        return load_file(str(path))
+    except Exception as e:  # cut short or foreign: recomputed by whoever needs it
+        print(f"warning: {path} is unreadable ({type(e).__name__}); its features are recomputed", file=sys.stderr)
+        return {}
+
+
+def write_features_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def capture_layers(spec: str, n_layers: int) -> tuple[int, ...]:
+    """--capture: "auto" = what the trainers read by default (the AR drafter's three hidden
+    states and the last one, the distillation teacher), "none", or comma-separated ids."""
+    from ..drafters.ar import default_aux_layers
+    if spec == "none":
+        return ()
+    if spec == "auto":
+        return tuple(sorted(set(default_aux_layers(n_layers)) | {n_layers}))
+    try:
+        ids = tuple(sorted({int(x) for x in spec.split(",") if x.strip()}))
+    except ValueError:
+        raise UserError(f"--capture takes auto, none or comma-separated hidden-state ids, got {spec!r}") from None
+    if not ids or not all(0 <= i <= n_layers for i in ids):
+        raise UserError(f"--capture ids must lie in 0..{n_layers} (0 = embeddings, {n_layers} = last layer's "
+                        f"output), got {spec!r}")
+    return ids
 
 
 def user_turn_prefix(tokenizer) -> str:
@@ -305,28 +368,43 @@ def questions_needed(items: list[dict]) -> dict[str, int]:
 
 # --- answering ----------------------------------------------------------------------------
 
-def answer(model, tokenizer, eos, items: list[dict], first: int, max_new: int, batch: int, on_tokens=None) -> list[dict]:
+def answer(model, tokenizer, eos, items: list[dict], first: int, max_new: int, batch: int, on_tokens=None,
+           capture: tuple[int, ...] = ()) -> tuple[list[dict], list[torch.Tensor | None]]:
     """Rows for every turn the target answers, turn by turn: a multi-turn conversation goes on
-    with the target's own previous answer."""
+    with the target's own previous answer. With `capture`, also each row's target features
+    ([positions, len(capture) * H] fp16, every position but the answer's last), else Nones."""
     from .generate import generate_sorted
     convs = [[dict(m) for m in it["messages"]] for it in items]
-    rows, pending, turn = [], list(range(len(items))), 0
+    rows, feats, pending, turn = [], [], list(range(len(items))), 0
     while pending:
         stages = [convs[i][:next_turn(convs[i])] for i in pending]
         prompts = [encode_chat(tokenizer, s) for s in stages]
-        answers = generate_sorted(model, prompts, max_new, eos, batch, on_tokens=on_tokens)
+        parts: dict[int, list[torch.Tensor]] = defaultdict(list)
+        answers = generate_sorted(model, prompts, max_new, eos, batch, on_tokens=on_tokens, capture=capture,
+                                  on_features=lambda j, f: parts[j].append(f))
         going_on = []
-        for i, stage, p, a in zip(pending, stages, prompts, answers):
+        for j, (i, stage, p, a) in enumerate(zip(pending, stages, prompts, answers)):
             rows.append({"item": first + i, "category": items[i]["category"], "source": items[i]["source"],
                          "turn": turn, "prompt": stage[-1]["content"], "messages": stage,
                          "prompt_ids": p, "response_ids": a})
+            feats.append(torch.cat(parts[j]) if capture else None)
             k = next_turn(convs[i])
             if k < len(convs[i]):
                 text = tokenizer.decode(a[:-1] if a and a[-1] in eos else a, skip_special_tokens=True)
                 convs[i][k] = {"role": "assistant", "content": text}
                 going_on.append(i)
         pending, turn = going_on, turn + 1
-    return sorted(rows, key=lambda r: (r["item"], r["turn"]))
+    order = sorted(range(len(rows)), key=lambda r: (rows[r]["item"], rows[r]["turn"]))
+    return [rows[r] for r in order], [feats[r] for r in order]
+
+
+def shard_features(feats: list[torch.Tensor], capture: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """The feature file's tensors for a shard's rows, one per row and hidden state."""
+    out = {}
+    for row, f in enumerate(feats):
+        for layer, part in zip(capture, f.chunk(len(capture), dim=-1)):
+            out[feature_key(row, layer)] = part
+    return out
 
 
 def shard_jobs(plan: dict, size: int) -> list[tuple[Path, int, list[dict]]]:
@@ -409,6 +487,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=192, help="longest answer per turn")
     p.add_argument("--batch", type=int, default=32, help="prompts answered together")
     p.add_argument("--shard-size", type=int, default=128, help="prompts per shard file (the unit of resuming)")
+    p.add_argument("--capture", default="auto",
+                   help="target hidden states stored with the training shards: auto (what the trainers read by "
+                        "default), none, or ids (0 = embeddings, i = output of layer i-1)")
     p.add_argument("--seed", type=int, default=0)
     return exit_code(build, p.parse_args(argv))
 
@@ -430,6 +511,7 @@ def build(args) -> Path:
     if not todo:
         return out
     model, tokenizer, eos = load_target(args.target, load_tokenizer=True)
+    layers = capture_layers(args.capture, model.n_layers)
     pack_linears(model)
     exclusions = Exclusions(plan["heldout"])
     # on a terminal a live bar; in a log file one line per shard with the same meter and ETA
@@ -444,7 +526,11 @@ def build(args) -> Path:
     for rel, first, items in todo:
         pools = {lead: question_pool(out, model, tokenizer, eos, lead, n, args, exclusions)
                  for lead, n in sorted(questions_needed(items).items())}
-        rows = answer(model, tokenizer, eos, resolve(items, pools), first, args.max_new_tokens, args.batch, counted)
+        capture = layers if rel.parts[0] == "train" else ()  # held-out rows are only decoded
+        rows, feats = answer(model, tokenizer, eos, resolve(items, pools), first, args.max_new_tokens, args.batch,
+                             counted, capture)
+        if capture:  # before the shard: a shard on disk is complete
+            write_features_atomic(features_path(out / rel), shard_features(feats, capture))
         write_jsonl_atomic(out / rel, rows)
         done[str(rel)] = brief(rows)
         write_json_atomic(out / "mix.json", mix_report(plan, done))

@@ -57,9 +57,11 @@ def row_mask(pad: torch.Tensor, cols: torch.Tensor, kv_len: int) -> torch.Tensor
     return (causal[None] & (real[:, None, :] | own[None]))[:, None]
 
 
-def forward_rows(model, tokens: torch.Tensor, cols: torch.Tensor, pad: torch.Tensor, cache: KVCache) -> torch.Tensor:
+def forward_rows(model, tokens: torch.Tensor, cols: torch.Tensor, pad: torch.Tensor, cache: KVCache,
+                 capture: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Final-normed hidden states [B, T, H] of `tokens` [B, T] at cache columns `cols` [T]
-    (shared by the rows); row b's first real token sits at column pad[b].
+    (shared by the rows); row b's first real token sits at column pad[b]. With `capture`, also
+    those hidden states in Transformer.forward's numbering, [B, T, len(capture) * H].
 
     The decoder layers of `Transformer` run as they are; only positions and mask are per row
     (Transformer.forward keeps its B = 1 contract for the engine)."""
@@ -68,9 +70,13 @@ def forward_rows(model, tokens: torch.Tensor, cols: torch.Tensor, pad: torch.Ten
     kv_len = int(cols[-1]) + 1
     mask = row_mask(pad, cols, kv_len)
     h = model.model.embed_tokens(tokens)
-    for layer in model.model.layers:
+    kept = {0: h} if 0 in capture else {}
+    for i, layer in enumerate(model.model.layers):
         h = layer(h, cos, sin, mask, cache, cols, kv_len)
-    return model.model.norm(h)
+        if i + 1 in capture:
+            kept[i + 1] = h
+    features = torch.cat([kept[i] for i in capture], dim=-1) if capture else None
+    return model.model.norm(h), features
 
 
 def cut_at_eos(tokens: list[int], eos) -> list[int]:
@@ -79,10 +85,17 @@ def cut_at_eos(tokens: list[int], eos) -> list[int]:
 
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new: int, eos, sampler: Sampler | None = None,
-             prefill_tokens: int = 4096, on_tokens=None) -> list[list[int]]:
+             prefill_tokens: int = 4096, on_tokens=None, capture: tuple[int, ...] = (),
+             on_features=None) -> list[list[int]]:
     """Continuations of every prompt (token ids), all rows answered together; each is cut after
-    its first EOS. `on_tokens(n)` is told of every n tokens generated (progress bars)."""
+    its first EOS. `on_tokens(n)` is told of every n tokens generated (progress bars).
+
+    `on_features(i, f)`, with `capture`, receives prompt i's hidden states (Transformer.forward's
+    numbering, fp16 [positions, len(capture) * H]) as they are computed, in order: the prompt's
+    positions, then one per answer token fed back -- every position but the answer's last,
+    which nothing reads (training data gets its target features for free)."""
     eos = set(eos)
+    capture = tuple(capture) if on_features is not None else ()
     B, width = len(prompts), max(len(p) for p in prompts)
     if width + max_new > model.max_len:
         raise UserError(f"a prompt of {width} tokens plus {max_new} new ones exceeds the target's {model.max_len} positions")
@@ -95,7 +108,12 @@ def generate(model, prompts: list[list[int]], max_new: int, eos, sampler: Sample
                     w.dtype, w.device, batch=B)
     chunk = max(1, prefill_tokens // B)  # bounds the prefill's attention scores and activations
     for s in range(0, width, chunk):
-        hidden = forward_rows(model, tokens[:, s:s + chunk], torch.arange(s, min(s + chunk, width)), pad, cache)
+        hidden, feats = forward_rows(model, tokens[:, s:s + chunk], torch.arange(s, min(s + chunk, width)), pad, cache,
+                                     capture)
+        if capture:
+            for b in range(B):
+                if pad[b] < s + feats.shape[1]:
+                    on_features(b, feats[b, max(0, int(pad[b]) - s):].half())
     nxt = pick(model.logits(hidden[:, -1]), sampler)
     rows = list(range(B))          # the prompt index of each cache row
     ended = [False] * B            # per cache row
@@ -117,20 +135,26 @@ def generate(model, prompts: list[list[int]], max_new: int, eos, sampler: Sample
             pad, nxt = pad[keep], nxt[keep]
             rows = [rows[r] for r in keep.tolist()]
             ended = [False] * len(rows)
-        hidden = forward_rows(model, nxt[:, None], torch.tensor([width + step]), pad, cache)
+        hidden, feats = forward_rows(model, nxt[:, None], torch.tensor([width + step]), pad, cache, capture)
+        if capture:  # a row that has just ended fed its EOS: not a position of its answer to keep
+            for r in range(len(rows)):
+                if not ended[r]:
+                    on_features(rows[r], feats[r].half())
         nxt = pick(model.logits(hidden[:, -1]), sampler)
     return out
 
 
 def generate_sorted(model, prompts: list[list[int]], max_new: int, eos, batch: int, sampler: Sampler | None = None,
-                    on_tokens=None) -> list[list[int]]:
-    """`generate` over batches of similar prompt lengths (less padding); answers in prompt order."""
+                    on_tokens=None, capture: tuple[int, ...] = (), on_features=None) -> list[list[int]]:
+    """`generate` over batches of similar prompt lengths (less padding); answers in prompt order
+    (and `on_features` told the prompt's index in `prompts`)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[list[int] | None] = [None] * len(prompts)
     for s in range(0, len(order), batch):
         group = order[s:s + batch]
+        told = None if on_features is None else (lambda b, f, group=group: on_features(group[b], f))
         for i, a in zip(group, generate(model, [prompts[i] for i in group], max_new, eos, sampler,
-                                        on_tokens=on_tokens)):
+                                        on_tokens=on_tokens, capture=capture, on_features=told)):
             answers[i] = a
     return answers
 
