@@ -36,6 +36,13 @@ DEFAULT_DRAFT_VOCAB = 2048
 INIT_CHOICES = ("none", "head", "mlp", "full")
 
 
+def set_vocabulary(drafter: ARDrafter, vocab_ids: torch.Tensor) -> None:
+    """The published maps of a draft vocabulary (target ids, sorted): d2t offsets and t2d membership."""
+    drafter.d2t.copy_(vocab_ids - torch.arange(len(vocab_ids)))
+    drafter.t2d.zero_()
+    drafter.t2d[vocab_ids] = True
+
+
 def new_drafter(target, vocab_ids: torch.Tensor, intermediate: int | None = None, init: str = "mlp") -> ARDrafter:
     """A fresh EAGLE-3 head for `target` over the draft vocabulary `vocab_ids`, initialised from
     the target as far as `init` says: "none" (random), "head" (LM head rows over the draft
@@ -58,9 +65,7 @@ def new_drafter(target, vocab_ids: torch.Tensor, intermediate: int | None = None
         for p in drafter.parameters():
             if p.dim() == 2:
                 torch.nn.init.normal_(p, std=0.02)
-        drafter.d2t.copy_(vocab_ids - torch.arange(len(vocab_ids)))
-        drafter.t2d.zero_()
-        drafter.t2d[vocab_ids] = True
+        set_vocabulary(drafter, vocab_ids)
         if init == "none":
             return drafter
         drafter.lm_head.weight.copy_(target.lm_head.weight[vocab_ids])
@@ -102,9 +107,7 @@ def with_vocabulary(drafter: ARDrafter, target, vocab_ids: torch.Tensor) -> ARDr
         head = target.lm_head.weight[vocab_ids].clone()
         head[rows >= 0] = drafter.lm_head.weight[rows[rows >= 0]]
         fresh.lm_head.weight.copy_(head)
-        fresh.d2t.copy_(vocab_ids - torch.arange(len(vocab_ids)))
-        fresh.t2d.zero_()
-        fresh.t2d[vocab_ids] = True
+        set_vocabulary(fresh, vocab_ids)
     return fresh
 
 

@@ -111,9 +111,10 @@ def generate(model, prompts: list[list[int]], max_new: int, eos, sampler: Sample
         hidden, feats = forward_rows(model, tokens[:, s:s + chunk], torch.arange(s, min(s + chunk, width)), pad, cache,
                                      capture)
         if capture:
-            for b in range(B):
-                if pad[b] < s + feats.shape[1]:
-                    on_features(b, feats[b, max(0, int(pad[b]) - s):].half())
+            feats = feats.half()
+            for b, first in enumerate(pad.tolist()):
+                if first < s + feats.shape[1]:
+                    on_features(b, feats[b, max(0, first - s):])
     nxt = pick(model.logits(hidden[:, -1]), sampler)
     rows = list(range(B))          # the prompt index of each cache row
     ended = [False] * B            # per cache row
@@ -137,9 +138,10 @@ def generate(model, prompts: list[list[int]], max_new: int, eos, sampler: Sample
             ended = [False] * len(rows)
         hidden, feats = forward_rows(model, nxt[:, None], torch.tensor([width + step]), pad, cache, capture)
         if capture:  # a row that has just ended fed its EOS: not a position of its answer to keep
+            feats = feats.half()
             for r in range(len(rows)):
                 if not ended[r]:
-                    on_features(rows[r], feats[r].half())
+                    on_features(rows[r], feats[r])
         nxt = pick(model.logits(hidden[:, -1]), sampler)
     return out
 
