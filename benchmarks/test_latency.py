@@ -18,6 +18,7 @@ import torch
 from hybrid_sd import factory
 from hybrid_sd.config import EngineConfig
 from hybrid_sd.engine import Engine
+from hybrid_sd.graphs import TRACE_AFTER
 from hybrid_sd.models.loading import encode_prompt
 from hybrid_sd.router import AlternatingRouter
 
@@ -91,19 +92,22 @@ def test_decode(benchmark, setup, hybrid, method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["eager", "graphs"])
+@pytest.mark.parametrize("mode", ["eager", "graphs", "trace"])
 @pytest.mark.parametrize("piece", ["verify", "ar", "block"])
 def test_graphs_mode(benchmark, setup, piece, mode):
     """Last in the file: its engines re-point the shared drafters at their own modes and spans.
     Per --graphs mode, side by side: a 7-token verify (k=6), the AR drafter's 6 steps, the
     block drafter's 7-token block. `graphs` is cuda on a GPU and compile elsewhere (~1 min per
-    shape on the CPU, paid once before timing)."""
+    shape on the CPU, paid once before timing); `trace` is the CPU's (traced before timing)."""
     if mode == "graphs":
         mode = "cuda" if setup.target.lm_head.weight.is_cuda else "compile"
+    if mode == "trace" and setup.target.lm_head.weight.is_cuda:
+        pytest.skip("--graphs trace is the CPU's capture")
     drafters = [] if piece == "verify" else [setup.drafters[piece]]
     config = EngineConfig(MAX_LEN, graphs=mode, kv_block=64, draft_k={piece: 6})  # same spans
     engine = Engine(setup.target, setup.eos, drafters, config=config)
     verify, drafters = engine.latency_probes(96)
     run, k = (verify, 6) if piece == "verify" else (drafters[piece][0], 6 if piece == "ar" else 7)
-    run(k)  # compiles (or warms up) each step's shape once
+    for _ in range(TRACE_AFTER if mode == "trace" else 1):
+        run(k)  # compiles, traces or warms up each step's shape once
     benchmark.pedantic(run, args=(k,), rounds=10, iterations=1, warmup_rounds=2)

@@ -17,6 +17,7 @@ import time
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
                    help=f"comma-separated subset of {','.join(METHODS)} (default: all; llama.cpp's where "
                         "llama-cpp-python is installed); a drafter may name its k, e.g. ar@4, "
                         "and a drafter or hybrid may draft trees: ar:tree (budget cut by cost) or ar:tree16 "
-                        "(16 nodes)")
+                        "(16 nodes); +trace runs a method's steps as traces (--graphs trace), e.g. plain+trace")
     p.add_argument("--per-category", type=positive_int, default=None, help="prompts per category (at most 16)")
     p.add_argument("--max-new-tokens", type=positive_int, default=None)
     p.add_argument("--repeats", type=positive_int, default=None, help="passes over the prompts (median time kept)")
@@ -59,19 +60,31 @@ def main(argv=None) -> int:
     return exit_code(run, p.parse_args(argv))
 
 
-def method_spec(name: str) -> tuple[str, int | None, bool, int | None] | None:
-    """`kind[@k][:tree[N]]` -> (kind, k, tree, node budget); None when malformed."""
+class MethodSpec(NamedTuple):
+    kind: str
+    k: int | None  # draft length (None: the default)
+    tree: bool
+    budget: int | None  # tree node budget (None: cut by cost)
+    graphs: str  # how this engine's steps run (graphs.MODES)
+
+
+def method_spec(name: str) -> MethodSpec | None:
+    """`kind[@k][:tree[N]][+trace]` -> MethodSpec; None when malformed."""
+    name, plus, graphs = name.partition("+")
     base, _, tree = name.partition(":")
     kind, at, k = base.partition("@")
     if kind not in METHODS or (at and (kind not in DRAFTERS or not k.isdigit() or int(k) < 1)):
         return None
+    if plus and (graphs != "trace" or kind in PEERS):
+        return None
+    graphs = graphs or "eager"
     if not tree:
-        return kind, int(k) if at else None, False, None
+        return MethodSpec(kind, int(k) if at else None, False, None, graphs)
     budget = tree[len("tree"):]
     if not tree.startswith("tree") or kind == "plain" or kind in PEERS or (budget and (
             not budget.isdigit() or int(budget) < 1)):
         return None
-    return kind, int(k) if at else None, True, int(budget) if budget else None
+    return MethodSpec(kind, int(k) if at else None, True, int(budget) if budget else None, graphs)
 
 
 def parse_methods(text: str | None) -> list[str]:
@@ -83,7 +96,7 @@ def parse_methods(text: str | None) -> list[str]:
     if bad or not methods:
         raise UserError(f"unknown method(s) {bad} (choose from {', '.join(METHODS)}; "
                         f"{', '.join(DRAFTERS)} optionally @k with k >= 1; drafters and hybrids optionally "
-                        ":tree or :treeN with N >= 1 nodes)")
+                        ":tree or :treeN with N >= 1 nodes; this engine's methods optionally +trace)")
     if "plain" not in methods:
         methods.insert(0, "plain")  # the reference every output is checked against
     return list(dict.fromkeys(methods))
@@ -101,16 +114,17 @@ class Methods:
         self.llamacpp = {m: self.llamacpp_model(m == "llamacpp-lookup") for m in names if m in LLAMACPP}
         self.engines = {}
         for name in names:
-            kind, k, tree, budget = method_spec(name)
+            kind, k, tree, budget, graphs = method_spec(name)
             if kind in PEERS:
                 continue
             if kind.startswith("hybrid"):
                 router = "learned" if kind == "hybrid-learned" else "entropy"
-                config = EngineConfig(EVAL_CONTEXT, tree=tree, tree_budget=budget)
+                config = EngineConfig(EVAL_CONTEXT, tree=tree, tree_budget=budget, graphs=graphs)
                 self.engines[name] = factory.build_hybrid(self.target, eos, config, router, lam)
                 continue
             kind = factory.PLAIN if kind == "plain" else kind
-            config = EngineConfig(EVAL_CONTEXT, draft_k={kind: k} if k else {}, tree=tree, tree_budget=budget)
+            config = EngineConfig(EVAL_CONTEXT, draft_k={kind: k} if k else {}, tree=tree, tree_budget=budget,
+                                  graphs=graphs)
             self.engines[name] = factory.build_engine(self.target, eos, kind, config, embedded=True)
 
     @staticmethod
@@ -246,9 +260,9 @@ def markdown(result: dict) -> str:
         for c in cats:
             tau = result["tau"].get(m, {}).get(c)
             cells.append(f"{result['speedup'][m][c]:.2f}x" + (f" ({tau:.2f})" if tau is not None else ""))
-        kind, k, tree, budget = method_spec(m)
+        kind, k, tree, budget, graphs = method_spec(m)
         label = LABELS.get(kind, kind) + (f" k={k}" if k else "") + (
-            f", tree {budget if budget else 'by cost'}" if tree else "")
+            f", tree {budget if budget else 'by cost'}" if tree else "") + (f", {graphs}d steps" if graphs != "eager" else "")
         lines.append(f"| {label} | "
                      + " | ".join(cells) + f" | {result['tokens_per_s'][m]['mix']:.2f} |")
     peers = [m for m in result["methods"] if m in LLAMACPP]

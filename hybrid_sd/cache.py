@@ -22,6 +22,10 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # committed positions; everything at or past it is scratch
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every buffer a write may change (what a traced step must take as inputs)."""
+        return self.k + self.v
+
     def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Store k/v [batch, heads, T, dim] at `positions` [T] and return the layer's full K/V."""
         self.k[layer].index_copy_(2, positions, k)

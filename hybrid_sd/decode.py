@@ -72,8 +72,9 @@ def build_parser() -> Parser:
                    help="CPU threads for the model's ops (default: torch's, one per core; docs/performance.md)")
     p.add_argument("--max-context", type=int, default=DEFAULT_CONTEXT, help="KV cache length in tokens (prompt + answer)")
     p.add_argument("--graphs", default="auto", choices=MODES,
-                   help="how each step runs: cuda (captured CUDA graphs), compile (torch.compile), eager; "
-                        "auto = cuda on a CUDA device, eager on the CPU")
+                   help="how each step runs: cuda (captured CUDA graphs), compile (torch.compile), trace "
+                        "(TorchScript traces of the steps that recur, CPU), eager; auto = cuda on a CUDA device, "
+                        "eager on the CPU")
     p.add_argument("--stats", action="store_true", help="print a stats line on stderr")
     p.add_argument("--profile", action="store_true",
                    help="print a per-round phase table on stderr (CUDA events on GPU, perf counters on CPU)")

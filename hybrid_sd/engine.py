@@ -34,6 +34,7 @@ from .graphs import (
     kv_bucket,
     kv_buckets,
     resolve_mode,
+    static_shapes,
 )
 from .models.transformer import Transformer
 from .profiling import PhaseClock, nvtx_range
@@ -190,12 +191,17 @@ class Engine:
             self.graphs_mode = resolve_mode(config.graphs, self.device)
         except ValueError as e:
             raise UserError(str(e)) from None
-        # attention spans: fine buckets when eager, coarse ones when each is a captured graph
+        if self.graphs_mode == "trace":  # a trace holds the weights as constants: inference only
+            target.requires_grad_(False)
+        # attention spans: fine buckets when eager, coarse ones when each is a capture (or a trace,
+        # which pays only for keys met many times)
         self.kv_block = config.kv_block or (KV_BLOCK if self.graphs_mode == "eager" else GRAPH_KV_BLOCK)
-        self.verify_graphs = BucketedGraphs(self.verify_step, self.graphs_mode, self.device, "verify")
+        self.verify_graphs = BucketedGraphs(self.verify_step, self.graphs_mode, self.device, "verify",
+                                            writes=self.cache.tensors)
         # tree verifies: keyed by (rows, span); rows padded to a node bucket when steps are graphs
-        self.tree_graphs = BucketedGraphs(self.tree_verify_step, self.graphs_mode, self.device, "verify:tree")
-        self.pads_trees = config.pad if config.pad is not None else self.graphs_mode != "eager"
+        self.tree_graphs = BucketedGraphs(self.tree_verify_step, self.graphs_mode, self.device, "verify:tree",
+                                          writes=self.cache.tensors)
+        self.pads_trees = config.pad if config.pad is not None else static_shapes(self.graphs_mode)
         self.budgets: TreeBudget | None = None  # the cost-aware tree cut, once a latency table is given
         # prefill as CUDA graphs too (no launch gaps in TTFT); not compiled: on the CPU a compile
         # costs ~1 min per chunk shape and a compute-bound prefill gains nothing from it

@@ -6,6 +6,7 @@ import torch
 from helpers import context_for, engine, make_drafter, plain_greedy, random_prompts, tiny_target
 from hybrid_sd.drafters import NgramDrafter
 from hybrid_sd.errors import UserError
+from hybrid_sd.graphs import bucketed
 from hybrid_sd.graphs import GRAPH_KV_BLOCK, KV_BLOCK, BucketedGraphs, kv_bucket, kv_buckets, resolve_mode
 from hybrid_sd.router import AlternatingRouter
 
@@ -20,9 +21,12 @@ def test_kv_buckets_cover_every_span():
 def test_mode_resolution():
     assert resolve_mode("auto", "cpu") == "eager"
     assert resolve_mode("compile", "cpu") == "compile"
+    assert resolve_mode("trace", "cpu") == "trace"
     with pytest.raises(ValueError, match="CUDA"):
         resolve_mode("cuda", "cpu")
-    with pytest.raises(ValueError, match="auto, cuda, compile, eager"):
+    with pytest.raises(ValueError, match="CPU"):
+        resolve_mode("trace", "meta")
+    with pytest.raises(ValueError, match="auto, cuda, compile, trace, eager"):
         resolve_mode("fast", "cpu")
 
 
@@ -32,6 +36,28 @@ def test_eager_runs_the_step_with_its_key():
     assert torch.equal(graphs((3,), torch.ones(2)), torch.full((2,), 3.0)) and keys == [(3,)]
     report = graphs.warm_up({(1,): (torch.ones(2),), (2,): (torch.ones(2),)})
     assert report["keys"] == 2 and report["mode"] == "eager" and keys == [(3,), (1,), (2,)]
+
+
+def test_trace_runs_eager_until_a_key_recurs_then_its_trace(monkeypatch):
+    monkeypatch.setattr(bucketed, "TRACE_AFTER", 2)
+    buf, calls = torch.zeros(4), []
+
+    def step(key, x):
+        calls.append(key)
+        buf[key[0]] = x.sum()  # a write into a tensor the step closes over, like a KV cache
+        return x * key[0], None
+
+    graphs = BucketedGraphs(step, "trace", "cpu", writes=lambda: [buf])
+    y, nothing = graphs((2,), torch.ones(3))
+    assert nothing is None and not graphs.traces and torch.equal(y, torch.full((3,), 2.0))
+    graphs((2,), torch.ones(3))  # the second call of the key records it
+    assert list(graphs.traces) == [(2,)]
+    before = len(calls)
+    y, nothing = graphs((2,), torch.full((3,), 5.0))
+    assert len(calls) == before, "the trace runs without the Python step"
+    assert torch.equal(y, torch.full((3,), 10.0)) and nothing is None and buf[2] == 15.0
+    graphs.forget()
+    assert not graphs.traces and not graphs.calls
 
 
 def test_engine_rejects_cuda_graphs_without_cuda(target):
@@ -164,3 +190,16 @@ def test_padded_prefill_warms_every_bucket_and_stays_lossless(target, tmp_path):
     assert set(warmed) == {key for P in range(1, 256) for *_, key in decoder.prefill_chunks(P)}
     for prompt in random_prompts(8, seed=16, hi=70):
         assert decoder.generate(prompt, 20).token_ids == plain_greedy(target, (), prompt, 20, max_len=256)
+
+
+def test_traced_steps_equal_eager(target, tmp_path, monkeypatch):
+    """--graphs trace: the verify and every drafter's draft and catch-up steps, traced once a
+    key recurs, under forced switching; the traces write the caches the eager steps would."""
+    monkeypatch.setattr(bucketed, "TRACE_AFTER", 2)
+    decoder = switching_engine(target, tmp_path, graphs="trace")
+    assert decoder.graphs_mode == "trace" and decoder.kv_block == GRAPH_KV_BLOCK and not decoder.pads_trees
+    for prompt in random_prompts(4, seed=16):
+        assert decoder.generate(prompt, 16).token_ids == plain_greedy(target, (), prompt, 16, max_len=256)
+    assert decoder.verify_graphs.traces
+    for drafter in decoder.drafters[:2]:
+        assert drafter.step_graphs.traces and drafter.catchup_graphs.traces, drafter.name

@@ -15,8 +15,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..cache import KVCache
 from ..config import DraftOptions
-from ..graphs import CATCHUP_BUCKETS, KV_BLOCK, BucketedGraphs, chunks, kv_buckets
+from ..graphs import CATCHUP_BUCKETS, KV_BLOCK, BucketedGraphs, chunks, kv_buckets, static_shapes
 from ..models.packed_linear import pack_linears
 from ..tree import chain_parents
 from ..verify import Sampling
@@ -150,6 +151,7 @@ class GraphedStep(Drafter):
     __init__ and `forget_graphs()` when the buffers the steps close over are reallocated."""
 
     fc: nn.Linear  # fuses the target features: its input width and device shape the scratch inputs
+    cache: KVCache  # the drafter's own K/V, which its steps write
 
     @classmethod
     @abstractmethod
@@ -195,14 +197,18 @@ class GraphedStep(Drafter):
         key = (mode, kv_block, str(device))
         if key not in self.graph_sets:
             # draft outputs are read after the verify replays, which may reuse their memory
+            writes = lambda: self.cache.tensors()  # noqa: E731 -- the cache a reset may reallocate
             self.graph_sets[key] = (BucketedGraphs(self.graph_step, mode, device, f"draft:{self.name}",
-                                                   copy_outputs=True),
-                                    BucketedGraphs(self.catchup_step, mode, device, f"catchup:{self.name}"),
+                                                   copy_outputs=True, writes=writes),
+                                    BucketedGraphs(self.catchup_step, mode, device, f"catchup:{self.name}",
+                                                   writes=writes),
                                     BucketedGraphs(self.tree_step, mode, device, f"tree:{self.name}",
-                                                   copy_outputs=True))
+                                                   copy_outputs=True, writes=writes))
+        if mode == "trace":  # a trace holds the weights as constants: inference only
+            self.requires_grad_(False)
         self.kv_block = kv_block
         self.step_graphs, self.catchup_graphs, self.tree_graphs = self.graph_sets[key]
-        self.pad_catchup = pad if pad is not None else self.catchup_graphs.mode != "eager"
+        self.pad_catchup = pad if pad is not None else static_shapes(self.catchup_graphs.mode)
 
     def forget_graphs(self) -> None:
         for pair in self.graph_sets.values():

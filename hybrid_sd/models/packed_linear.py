@@ -18,6 +18,8 @@ the packed copies are buffers that are never saved.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 
@@ -34,6 +36,22 @@ def row_times_slabs(row: torch.Tensor, slabs: torch.Tensor) -> torch.Tensor:
 @row_times_slabs.register_fake
 def _(row, slabs):
     return row.new_empty(1, slabs.shape[0] * slabs.shape[2])
+
+
+# oneDNN's packed weights are opaque tensors that a TorchScript trace cannot hold as constants:
+# a trace names their PackedLinear by a handle instead (weakly held: a dropped model is freed)
+_PACKED: weakref.WeakValueDictionary[int, "PackedLinear"] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("hybrid_sd::rows_times_packed", mutates_args=())
+def rows_times_packed(rows: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    """rows [T, in] @ the oneDNN-packed weight of the PackedLinear registered under `handle` -> [T, out]."""
+    return torch.ops.mkldnn._linear_pointwise(rows, _PACKED[handle].packed, None, "none", [], "")
+
+
+@rows_times_packed.register_fake
+def _(rows, handle, out_features):
+    return rows.new_empty(rows.shape[0], out_features)
 
 
 def onednn_available() -> bool:
@@ -67,6 +85,8 @@ class PackedLinear(nn.Module):
             bias = None if first.bias is None else torch.cat([lin.bias.detach() for lin in linears])
             self.register_buffer("bias", bias, persistent=False)
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, None), persistent=False)
+        self.handle = id(self)
+        _PACKED[self.handle] = self
         slabs = slab_count(self.out_features)
         columns = weight.t().reshape(self.in_features, slabs, self.out_features // slabs)
         self.register_buffer("slabs", columns.permute(1, 0, 2).contiguous(), persistent=False)
@@ -74,9 +94,14 @@ class PackedLinear(nn.Module):
     def forward(self, x):
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] > 1:
-            y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+            if torch.jit.is_tracing():
+                y = rows_times_packed(rows, self.handle, self.out_features)
+                if self.bias is not None:
+                    y = y + self.bias
+            else:
+                y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
         else:
-            if torch.compiler.is_compiling():
+            if torch.compiler.is_compiling() or torch.jit.is_tracing():
                 # inductor would lower a one-row matmul into its own loop (~1.7x slower here
                 # than MKL's): keep it one opaque call
                 y = row_times_slabs(rows, self.slabs)

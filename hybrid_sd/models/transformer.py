@@ -26,8 +26,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        if x.dtype == torch.float32:  # the same arithmetic without two no-op casts per call
-            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        if x.dtype == torch.float32:  # one fused op; bit-equal to the expression below in fp32
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -74,11 +74,23 @@ def apply_rope(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
+def signed_sin(sin):
+    """sin with its first half negated: rotate_half(x) * sin == x.roll(dim / 2, -1) * signed_sin(sin),
+    bit for bit (a negation is exact), in one op instead of three."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rope_signed(x, cos, sin_signed):
+    """apply_rope with the sign folded into the table (see signed_sin)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
+
+
 def attend(q, k, v, mask):
     """Scaled dot-product attention with grouped KV heads; mask True = may attend; mask None =
     causal over as many keys as queries (SDPA's is_causal, which skips the masked half)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+                                          enable_gqa=bool(q.shape[1] != k.shape[1]))
 
 
 class Attention(Projections):
@@ -97,25 +109,41 @@ class Attention(Projections):
         self.k_proj = nn.Linear(H, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(H, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=o_bias)
-        if config.model_type == "qwen3":  # per-head RMSNorm on queries and keys
+        self.has_qk_norm = config.model_type == "qwen3"
+        if self.has_qk_norm:  # per-head RMSNorm on queries and keys
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = nn.Identity()
 
     def project(self, x):
-        if self.qkv is None:
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        kv = self.n_kv_heads * self.head_dim
-        return self.qkv(x).split((self.n_heads * self.head_dim, kv, kv), dim=-1)
-
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, slots, kv_len: int | None):
+        """q, k, v as [B, T, heads, head_dim] (views of one product when packed)."""
         B, T, _ = x.shape
+        if self.qkv is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            kv = self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv(x).split((self.n_heads * self.head_dim, kv, kv), dim=-1)
+        return (q.view(B, T, self.n_heads, self.head_dim), k.view(B, T, self.n_kv_heads, self.head_dim),
+                v.view(B, T, self.n_kv_heads, self.head_dim))
+
+    def rotate_queries_keys(self, x, cos, sin_signed):
+        """RoPE'd q and k, [B, T, heads, head_dim]; cos/sin_signed [T, 1, head_dim]. Packed and
+        without per-head norms, q and k are adjacent columns of one product: one RoPE pass."""
+        if self.qkv is not None and not self.has_qk_norm:
+            B, T, _ = x.shape
+            heads = self.qkv(x).view(B, T, -1, self.head_dim)
+            qk = apply_rope_signed(heads[:, :, :self.n_heads + self.n_kv_heads], cos, sin_signed)
+            q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
+            return q, k, heads[:, :, self.n_heads + self.n_kv_heads:]
         q, k, v = self.project(x)
-        q = self.q_norm(q.view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(k.view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = apply_rope_signed(self.q_norm(q), cos, sin_signed)
+        k = apply_rope_signed(self.k_norm(k), cos, sin_signed)
+        return q, k, v
+
+    def forward(self, x, cos, sin_signed, mask, cache: KVCache | None, slots, kv_len: int | None):
+        B, T, _ = x.shape
+        q, k, v = (t.transpose(1, 2) for t in self.rotate_queries_keys(x, cos, sin_signed))
         if cache is not None:
             k_all, v_all = cache.write(self.layer_idx, slots, k, v)
             k, v = k_all[:, :, :kv_len], v_all[:, :, :kv_len]
@@ -198,7 +226,12 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(inv_freq, scale, self.max_len)
         device = self.lm_head.weight.device if self.lm_head.weight.device.type != "meta" else "cpu"
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
-        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        self.register_buffer("rope_sin_signed", signed_sin(sin).to(device), persistent=False)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin at `positions` [T] or [B, T], shaped [..., T, 1, head_dim]: RoPE runs on
+        [B, T, heads, head_dim], before the heads move forward."""
+        return self.rope_cos[positions].unsqueeze(-2), self.rope_sin_signed[positions].unsqueeze(-2)
 
     @property
     def n_layers(self) -> int:
@@ -228,7 +261,7 @@ class Transformer(nn.Module):
         and the mask (True = may attend) says which cache slots each row sees.
         Returns (final-normed hidden [B, T, H], features or None).
         """
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        cos, sin = self.rope(positions)
         slots = positions
         if cache is not None and tree is not None:
             slots, mask = tree

@@ -66,7 +66,7 @@ def forward_rows(model, tokens: torch.Tensor, cols: torch.Tensor, pad: torch.Ten
     The decoder layers of `Transformer` run as they are; only positions and mask are per row
     (Transformer.forward keeps its B = 1 contract for the engine)."""
     positions = (cols[None, :] - pad[:, None]).clamp(min=0)  # each row counts from its own start
-    cos, sin = model.rope_cos[positions][:, None], model.rope_sin[positions][:, None]
+    cos, sin = model.rope(positions)
     kv_len = int(cols[-1]) + 1
     mask = row_mask(pad, cols, kv_len)
     h = model.model.embed_tokens(tokens)
