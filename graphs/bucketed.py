@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 MODES = ("auto", "cuda", "compile", "trace", "eager")
-STATIC_MODES = ("cuda", "compile")  # every key is a capture: pad to buckets, coarse attention spans
+STATIC_MODES = ("cuda", "compile")  # every key is a capture: variable lengths pad to buckets
 # a trace of SmolLM2's step costs ~6 eager steps and saves ~10 % of each later one: only keys
 # called this often are traced (their later calls are then likely to repay it)
 TRACE_AFTER = 32
@@ -74,7 +74,7 @@ class BucketedGraphs:
                  copy_outputs: bool = False, writes: Callable[[], list[torch.Tensor]] = list):
         """`writes()`: the tensors the step writes in place (its caches). A trace drops writes
         to tensors that are neither its inputs nor feed its outputs, so trace mode passes these
-        as inputs."""
+        as inputs; they are read when a key is traced (reallocating them means `forget()`)."""
         self.step, self.name, self.copy_outputs, self.writes = step, name, copy_outputs, writes
         self.mode = resolve_mode(mode, device)
         self.device = torch.device(device)
@@ -103,7 +103,7 @@ class BucketedGraphs:
                 if self.calls[key] < TRACE_AFTER:
                     return self.step(key, *inputs)
                 traced = self.trace(key, inputs)
-            return traced(*inputs, *self.writes())
+            return traced(*inputs)
         entry = self.graphs.get(key)
         if entry is None:
             entry = self.capture(key, inputs)
@@ -129,7 +129,7 @@ class BucketedGraphs:
         tensors only: the step's None outputs are put back by position."""
         kept: list[bool] = []  # per output of the step: a tensor (True) or None
         shape = {"tuple": True}  # whether the step returns a tuple or one value
-        n_inputs = len(inputs)
+        n_inputs, written = len(inputs), tuple(self.writes())
 
         def tensors_only(*xs):  # xs: the inputs, then the written tensors (read by the step itself)
             out = self.step(key, *xs[:n_inputs])
@@ -141,12 +141,12 @@ class BucketedGraphs:
         with warnings.catch_warnings():  # shapes read as Python numbers are constants per key: intended
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is; see docs/performance.md
-            traced = torch.jit.trace(tensors_only, (*inputs, *self.writes()), check_trace=False)
+            traced = torch.jit.trace(tensors_only, (*inputs, *written), check_trace=False)
         single = not shape["tuple"]
 
         def run(*xs):
             with torch.jit.optimized_execution(False):  # the plain interpreter: no profiling runs
-                found = iter(traced(*xs))
+                found = iter(traced(*xs, *written))
             outs = tuple(next(found) if k else None for k in kept)
             return outs[0] if single else outs
 

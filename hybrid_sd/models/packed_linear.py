@@ -44,14 +44,10 @@ _PACKED: weakref.WeakValueDictionary[int, "PackedLinear"] = weakref.WeakValueDic
 
 
 @torch.library.custom_op("hybrid_sd::rows_times_packed", mutates_args=())
-def rows_times_packed(rows: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
-    """rows [T, in] @ the oneDNN-packed weight of the PackedLinear registered under `handle` -> [T, out]."""
-    return torch.ops.mkldnn._linear_pointwise(rows, _PACKED[handle].packed, None, "none", [], "")
-
-
-@rows_times_packed.register_fake
-def _(rows, handle, out_features):
-    return rows.new_empty(rows.shape[0], out_features)
+def rows_times_packed(rows: torch.Tensor, handle: int) -> torch.Tensor:
+    """The eager several-row product (bias included) of the PackedLinear registered under `handle`."""
+    linear = _PACKED[handle]
+    return torch.ops.mkldnn._linear_pointwise(rows, linear.packed, linear.bias, "none", [], "")
 
 
 def onednn_available() -> bool:
@@ -95,9 +91,7 @@ class PackedLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] > 1:
             if torch.jit.is_tracing():
-                y = rows_times_packed(rows, self.handle, self.out_features)
-                if self.bias is not None:
-                    y = y + self.bias
+                y = rows_times_packed(rows, self.handle)
             else:
                 y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
         else:
