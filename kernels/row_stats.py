@@ -10,15 +10,11 @@ Triton version runs under TRITON_INTERPRET=1 (tests) and the reference is used o
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no wheel for this platform: the reference serves
-    triton = None
 
 
 def row_stats_reference(logits: torch.Tensor, inv_temperature: float = 1.0):
@@ -30,35 +26,19 @@ def row_stats_reference(logits: torch.Tensor, inv_temperature: float = 1.0):
     return x.argmax(-1), lse, -(p * logp).sum(-1), p.max(-1).values
 
 
-if triton is not None:
-    @triton.jit
-    def _row_stats_kernel(x_ptr, argmax_ptr, lse_ptr, entropy_ptr, top1_ptr, V, stride, inv_t,
-                          BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        offs = tl.arange(0, BLOCK)
-        m = float("-inf")   # running max
-        s = 0.0             # sum of exp(x - m)
-        t = 0.0             # sum of exp(x - m) * x
-        best = 0
-        for start in range(0, V, BLOCK):
-            mask = start + offs < V
-            x = tl.load(x_ptr + row * stride + start + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-            cmax, cidx = tl.max(x, axis=0, return_indices=True)
-            best = tl.where(cmax > m, start + cidx, best)  # strict: the first maximum wins, as torch.argmax
-            m_new = tl.maximum(m, cmax)
-            e = tl.where(mask, tl.exp(x - m_new), 0.0)
-            scale = tl.exp(m - m_new)
-            s = s * scale + tl.sum(e, axis=0)
-            t = t * scale + tl.sum(e * tl.where(mask, x, 0.0), axis=0)  # no -inf * 0 in padding
-            m = m_new
-        tl.store(argmax_ptr + row, best)
-        tl.store(lse_ptr + row, m + tl.log(s))
-        tl.store(entropy_ptr + row, tl.log(s) + m - t / s)
-        tl.store(top1_ptr + row, 1.0 / s)
+@functools.cache
+def triton_loads() -> bool:
+    """Whether the Triton kernels import (no wheel for this platform: the references serve).
+    Tried on first need only: importing triton costs ~0.4 s that a CPU run never needs."""
+    try:
+        from . import triton_kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def triton_usable(t: torch.Tensor) -> bool:
-    return triton is not None and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    return (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and triton_loads()
 
 
 def row_stats(logits: torch.Tensor, inv_temperature: float = 1.0, block: int = 1024):
@@ -69,6 +49,7 @@ def row_stats(logits: torch.Tensor, inv_temperature: float = 1.0, block: int = 1
     R, V = logits.shape
     argmax = torch.empty(R, dtype=torch.int64, device=logits.device)
     lse, entropy, top1 = (torch.empty(R, dtype=torch.float32, device=logits.device) for _ in range(3))
-    _row_stats_kernel[(R,)](logits, argmax, lse, entropy, top1, V, logits.stride(0), float(inv_temperature),
-                            BLOCK=block)
+    from .triton_kernels import row_stats_kernel
+    row_stats_kernel[(R,)](logits, argmax, lse, entropy, top1, V, logits.stride(0), float(inv_temperature),
+                           BLOCK=block)
     return argmax, lse, entropy, top1

@@ -64,13 +64,18 @@ def test_ttt_on_loss_rows_equals_all_rows(setup):
             torch.testing.assert_close(b[item][real[item]], a[item, picked], rtol=1e-5, atol=1e-5)
 
 
-def test_block_training_forward_equals_drafting(setup):
-    _, _, target = setup
+def block_case(target, seed: int):
+    """A fresh 2-layer block drafter, a random 30-token sequence, its target features and three anchors."""
     drafter = train_block.new_drafter(target, 2, 8, mask_token_id=2)
     drafter.reset(64)
-    seq = torch.randint(4, 96, (30,), generator=torch.Generator().manual_seed(1))
+    seq = torch.randint(4, 96, (30,), generator=torch.Generator().manual_seed(seed))
     _, f = target(seq[None], torch.arange(30), capture=drafter.feature_layers)
-    anchors = torch.tensor([3, 10, 17])
+    return drafter, seq, f, torch.tensor([3, 10, 17])
+
+
+def test_block_training_forward_equals_drafting(setup):
+    _, _, target = setup
+    drafter, seq, f, anchors = block_case(target, 1)
     trained = train_block.block_forward(drafter, f[0], seq, anchors)
     for i, a in enumerate(anchors.tolist()):
         ctx = context_for(target, seq[:a + 1].tolist(), drafter.feature_layers)  # bonus x_a at n = a
@@ -380,3 +385,66 @@ def test_training_curve_reads_logs_and_checkpoints(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("[1, 2]")
     assert training_curve.main([str(tmp_path / "bad.json"), "--out", str(out)]) == 2
     assert "is not a training_log.json" in capsys.readouterr().err
+
+
+def test_sampled_rest_draws_distinct_outside_tokens_with_their_weight():
+    rest = torch.tensor([5, 9, 11, 20, 31, 40, 41, 60])
+    drawn, correction = train_block.sampled_rest(rest, 3, torch.Generator().manual_seed(0))
+    assert drawn.numel() == 3 and len(set(drawn.tolist())) == 3 and set(drawn.tolist()) <= set(rest.tolist())
+    assert correction == pytest.approx(torch.log(torch.tensor(8 / 3)).item())
+    everything, none = train_block.sampled_rest(rest, 100, torch.Generator().manual_seed(0))
+    assert sorted(everything.tolist()) == rest.tolist() and none == 0.0
+
+
+def test_block_loss_with_the_whole_rest_is_the_full_vocabulary_loss(setup):
+    """Drawing every token outside the loss vocabulary makes the hard-label loss the full-head
+    cross-entropy that drafting's argmax answers to; without negatives it is the subset's."""
+    from hybrid_sd.train.common import Sequence
+    _, _, target = setup
+    drafter, seq, f, anchors = block_case(target, 2)
+    vocab = torch.unique(seq)
+    V = target.config.vocab_size
+    to_sub = torch.full((V,), -1, dtype=torch.long)
+    to_sub[vocab] = torch.arange(vocab.numel())
+    head = target.lm_head.weight.detach()
+    rest = (to_sub < 0).nonzero().view(-1)
+    drawn, correction = train_block.sampled_rest(rest, rest.numel(), torch.Generator())
+    s = Sequence(seq, 2, "chat")
+    with torch.no_grad():
+        _, with_rest, _ = train_block.block_loss(drafter, head[vocab], to_sub, f[0], s, anchors, 4.0,
+                                                 negatives=head[drawn], correction=correction)
+        _, subset_only, _ = train_block.block_loss(drafter, head[vocab], to_sub, f[0], s, anchors, 4.0)
+        hidden = train_block.block_forward(drafter, f[0], seq, anchors)[:, 1:]
+        labels = seq[anchors[:, None] + torch.arange(1, 8)]
+        w = torch.exp(-torch.arange(7.0) / 4.0).expand(3, 7)
+        full = torch.nn.functional.cross_entropy((hidden @ head.T).reshape(-1, V), labels.reshape(-1), reduction="none")
+    expected = (full * w.reshape(-1)).sum() / w.sum()
+    assert with_rest == pytest.approx(expected.item(), rel=1e-4)
+    assert subset_only < with_rest - 1e-3
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_a_sampled_column_weighs_as_the_tokens_it_stands_for(temperature):
+    """A column with log-weight log 2 is the same as that column twice: the hard loss is equal
+    and the gradient on it is the sum of the two columns' gradients, at any distillation
+    temperature (the weight is added after dividing by it)."""
+    import math
+
+    from hybrid_sd.train.common import mixed_loss
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(3, 3, generator=g), torch.randn(3, 3, generator=g)
+    labels = torch.tensor([0, 1, 0])
+
+    def twice(x):  # column 2 twice
+        return torch.cat([x, x[:, 2:]], dim=1)
+
+    with torch.enable_grad():
+        full_in = twice(student).requires_grad_()
+        full, full_hard = mixed_loss(full_in, labels, twice(teacher), 0.5, temperature)
+        full.sum().backward()
+        part_in = student.clone().requires_grad_()
+        part, part_hard = mixed_loss(part_in, labels, teacher, 0.5, temperature, torch.tensor([0.0, 0.0, math.log(2)]))
+        part.sum().backward()
+    torch.testing.assert_close(part_hard, full_hard)
+    merged = torch.cat([full_in.grad[:, :2], full_in.grad[:, 2:].sum(1, keepdim=True)], dim=1)
+    torch.testing.assert_close(part_in.grad, merged)

@@ -140,8 +140,8 @@ def load_target(path: str | Path | None = None, device: str = "cpu", dtype: torc
     with torch.device("meta"):
         model = Transformer(config, max_len=max_len)
     model = model.to_empty(device="cpu")  # built on meta: no time spent on random init
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+    try:  # assign: the loaded tensors become the parameters (no second copy of every weight)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:  # shape mismatches
         raise UserError(f"{path}: weights do not match its config.json ({str(e).splitlines()[-1].strip()})") from None
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]

@@ -198,13 +198,15 @@ def teacher_logits(target, last_hidden: torch.Tensor, head_rows: torch.Tensor) -
 
 
 def mixed_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None, kd: float,
-               temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+               temperature: float = 1.0, log_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss (1 - kd) * CE(hard label) + kd * T^2 * CE(softmax(teacher / T)), and the
-    hard-label CE alone (comparable across kd)."""
-    hard = F.cross_entropy(logits, labels, reduction="none")
+    hard-label CE alone (comparable across kd). `log_weight` [columns] is added to both
+    softmaxes after the temperature: a sampled column standing for many tokens weighs log(many)."""
+    shift = 0.0 if log_weight is None else log_weight
+    hard = F.cross_entropy(logits + shift, labels, reduction="none")
     if teacher is None or kd <= 0:
         return hard, hard.detach()
-    soft = F.cross_entropy(logits / temperature, torch.softmax(teacher / temperature, dim=-1),
+    soft = F.cross_entropy(logits / temperature + shift, torch.softmax(teacher / temperature + shift, dim=-1),
                            reduction="none") * temperature ** 2
     return (1 - kd) * hard + kd * soft, hard.detach()
 
