@@ -10,8 +10,8 @@ most frequent response tokens (the LM head's rows for them) and, each step, `--n
 tokens drawn from the rest (a sampled softmax: they weigh log(rest / drawn) so that they stand
 for all of it). The full head drafts at inference, so the rest must be pushed down too:
 trained on the frequent tokens alone, a drafter's argmax fell outside them on 29-49 % of
-held-out slots, its labels on ~5 %. Draft layers start from evenly spaced target layers (same shapes; q/k norms at 1;
-`--init none`: at random). The loop, schedule, checkpoints and held-out checks:
+held-out slots, its labels on ~5 %. Draft layers start from evenly spaced target layers (same
+shapes; q/k norms at 1; `--init none`: at random). The loop, schedule, checkpoints and held-out checks:
 common.run_training.
 """
 from __future__ import annotations
@@ -200,7 +200,8 @@ def train(args) -> Path:
         return {"loss": sum(losses) / len(losses), "ce": sum(ces) / len(ces), "acc1": acc[0], "acc": acc}
 
     identity = {"sequences": len(seqs), "tokens": sum(len(s.tokens) for s in seqs), "vocab": int(vocab_ids.sum()),
-                "loss_vocab": len(vocab_ids), "negatives": args.negatives, "batch": args.batch, "layers": list(drafter.target_layer_ids),
+                "loss_vocab": len(vocab_ids), "negatives": args.negatives, "batch": args.batch,
+                "layers": list(drafter.target_layer_ids),
                 "block_size": drafter.block_size, "anchors": args.anchors, "kd": args.kd, "init": args.init,
                 "start_from": args.start_from,
                 "seed": args.seed, "lr": args.lr,
