@@ -411,8 +411,8 @@ def test_block_loss_with_the_whole_rest_is_the_full_vocabulary_loss(setup):
     drawn, correction = train_block.sampled_rest(rest, rest.numel(), torch.Generator())
     s = Sequence(seq, 2, "chat")
     with torch.no_grad():
-        _, with_rest, _ = train_block.block_loss(drafter, head[vocab], to_sub, f[0], s, anchors, 4.0,
-                                                 negatives=head[drawn], correction=correction)
+        rows, log_weight = train_block.loss_columns(head[vocab], head[drawn], correction)
+        _, with_rest, _ = train_block.block_loss(drafter, rows, to_sub, f[0], s, anchors, 4.0, log_weight=log_weight)
         _, subset_only, _ = train_block.block_loss(drafter, head[vocab], to_sub, f[0], s, anchors, 4.0)
         hidden = train_block.block_forward(drafter, f[0], seq, anchors)[:, 1:]
         labels = seq[anchors[:, None] + torch.arange(1, 8)]

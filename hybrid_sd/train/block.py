@@ -114,15 +114,23 @@ def sampled_rest(rest_ids: torch.Tensor, n: int, generator: torch.Generator) -> 
     return drawn, math.log(rest_ids.numel() / n)
 
 
-def block_loss(drafter, head_rows, target_to_sub, feats, seq, anchors, gamma, last=None, target=None,
-               kd: float = 0.0, temperature: float = 1.0, negatives: torch.Tensor | None = None,
-               correction: float = 0.0):
+def loss_columns(head_rows: torch.Tensor, negatives: torch.Tensor | None, correction: float):
+    """The LM head rows a step's softmaxes run over (the loss vocabulary's, then the drawn
+    negatives') and their log-weights (None without negatives), built once per step."""
+    if negatives is None:
+        return head_rows, None
+    log_weight = torch.zeros(head_rows.shape[0] + negatives.shape[0], device=head_rows.device)
+    log_weight[head_rows.shape[0]:] = correction
+    return torch.cat([head_rows, negatives]), log_weight
+
+
+def block_loss(drafter, rows, target_to_sub, feats, seq, anchors, gamma, last=None, target=None,
+               kd: float = 0.0, temperature: float = 1.0, log_weight: torch.Tensor | None = None):
     """Position-weighted loss of the blocks after `anchors` (slot i weighs exp(-(i-1)/gamma),
     DFlash's decay: early slots decide how much of a draft is accepted), with distillation
     against the target's distribution at the position before each label when kd > 0 (`last`:
-    the target's last hidden states of the sequence). `negatives` (LM head rows of sampled tokens
-    outside the loss vocabulary, weighing `correction` = log(rest / drawn) in both softmaxes)
-    join as classes no label names. Also the weighted hard-label cross-entropy (comparable
+    the target's last hidden states of the sequence). `rows`, `log_weight`: from loss_columns;
+    the drawn negatives join both softmaxes as classes no label names. Also the weighted hard-label cross-entropy (comparable
     across kd; with negatives, a sampled estimate of the full-vocabulary one) and top-1 accuracy
     per slot over the loss vocabulary and the drawn tokens (unweighted logits, as drafting sees
     them)."""
@@ -133,12 +141,7 @@ def block_loss(drafter, head_rows, target_to_sub, feats, seq, anchors, gamma, la
     labels = target_to_sub[seq.tokens[label_pos.clamp(max=T - 1)]]
     valid = (label_pos < T) & (labels >= 0)
     weights = torch.exp(-(torch.arange(B - 1, dtype=torch.float32)) / gamma).expand_as(label_pos)
-    rows = head_rows if negatives is None else torch.cat([head_rows, negatives])
     logits = (normed[valid] @ rows.T).float()
-    log_weight = None
-    if negatives is not None:
-        log_weight = torch.zeros(rows.shape[0], device=logits.device)
-        log_weight[head_rows.shape[0]:] = correction
     teacher = (teacher_logits(target, last[(label_pos - 1)[valid]], rows)
                if last is not None and kd > 0 else None)
     ce, hard = mixed_loss(logits, labels[valid], teacher, kd, temperature, log_weight)
@@ -184,14 +187,15 @@ def train(args) -> Path:
         losses, ces, slots = [], [], []
         drawn, correction = sampled_rest(rest_ids, args.negatives, generator)
         negatives = target.lm_head.weight[drawn].detach() if drawn.numel() else None
+        rows, log_weight = loss_columns(head_rows, negatives, correction)
         for g in group:
             seq = seqs[g]
             # anchors: random positions whose next token is in the response (the bonus is x_a)
             candidates = torch.arange(max(1, seq.response_start - 1), seq.tokens.numel() - 1)
             pick = torch.randperm(candidates.numel(), generator=generator)[:args.anchors]
-            loss, ce, per_slot = block_loss(drafter, head_rows, target_to_sub, feats[g], seq, candidates[pick], args.gamma,
+            loss, ce, per_slot = block_loss(drafter, rows, target_to_sub, feats[g], seq, candidates[pick], args.gamma,
                                         last[g] if last is not None else None, target, args.kd, args.kd_temperature,
-                                        negatives, correction)
+                                        log_weight)
             (loss / len(group)).backward()
             losses.append(loss.item())
             ces.append(ce)
