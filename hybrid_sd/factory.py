@@ -85,7 +85,7 @@ def build_engine(target, eos, drafter: str = PLAIN, config: EngineConfig = Engin
     path = checkpoint_of(drafter, path, embedded)
     engine = Engine(target, eos, [drafter_kind(drafter).cls.load(target, path, options)], config=config)
     if config.tree and config.tree_budget is None:
-        engine.use_latency(cached_latency(engine, {drafter: path}))
+        engine.use_latency(cached_latency(engine))
     return engine
 
 
@@ -99,7 +99,7 @@ def build_hybrid(target, eos, config: EngineConfig = EngineConfig(), router: str
     drafters = [drafter_kind(name).cls.load(target, paths[name], options) for name in names]
     # the latency probes run each step once before timing it: on CUDA that call captures its graph
     engine = Engine(target, eos, drafters, router=FixedRouter(0, 1), config=config)
-    latency = cached_latency(engine, paths)
+    latency = cached_latency(engine)
     engine.use_router(load_router(router, router_dir, latency, names, lam))
     if config.tree and config.tree_budget is None:
         engine.use_latency(latency)
@@ -111,19 +111,18 @@ def latency_cache_dir() -> Path:
     return cache_root() / "latency"
 
 
-def cached_latency(engine: Engine, paths: Mapping[str, Path | None]) -> LatencyTable:
+def cached_latency(engine: Engine) -> LatencyTable:
     """The latency table of this machine and configuration: measured once, then read back, so
     that routing (and so a seeded sampled output) does not change with timing noise between
-    runs. Delete ~/.cache/hybrid_sd/latency/ to measure again."""
-    def stamp(path):
-        weights = path / "model.safetensors" if path is not None else None
-        return str(path), weights.stat().st_mtime_ns if weights is not None and weights.is_file() else 0
+    runs. Delete ~/.cache/hybrid_sd/latency/ to measure again.
 
+    Drafters enter the key by their configs, not their weights: what a step costs depends on
+    the shapes alone, so retrained weights of the same shape keep the table (and the routing)."""
     target, w = engine.target, engine.target.lm_head.weight
-    key = json.dumps([target.config.to_json_string(), [[name, *stamp(p)] for name, p in paths.items()],
+    key = json.dumps([target.config.to_json_string(), [[d.name, d.config_dict()] for d in engine.drafters],
                       str(w.device), str(w.dtype), torch.get_num_threads(), engine.max_len,
                       platform.processor() or platform.machine(), engine.graphs_mode,
-                      DRAFT_BUCKETS, TREE_BUCKETS, LAYOUT_VERSION])  # the sizes measured, the kernels
+                      DRAFT_BUCKETS, TREE_BUCKETS, LAYOUT_VERSION], sort_keys=True)  # the sizes measured, the kernels
     path = latency_cache_dir() / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     if path.is_file():
         try:

@@ -6,8 +6,10 @@ import random
 import pytest
 import torch
 
-from helpers import MixedDrafter, OracleDrafter, engine, make_drafter, plain_greedy, random_prompts
-from hybrid_sd.drafters import NgramDrafter
+from helpers import (MixedDrafter, OracleDrafter, engine, make_drafter, plain_greedy, random_prompts,
+                     write_eagle3_checkpoint)
+from hybrid_sd import factory
+from hybrid_sd.drafters import ARDrafter, NgramDrafter
 from hybrid_sd.graphs import CATCHUP_BUCKETS
 from hybrid_sd.router import (AlternatingRouter, Calibration, EntropyRouter, LatencyTable, LearnedRouter,
                               RouterMLP)
@@ -158,3 +160,23 @@ def test_latency_table_catch_up_buckets():
     assert table.catchup_seconds("ar", 128) == pytest.approx(0.4)  # linear past the largest
     assert table.round_cost("ar", 1, lag=3) == pytest.approx((0.1 + 1.1 + 0.02) / 1.0)
     assert LatencyTable.from_dict(json.loads(json.dumps(table.to_dict()))).to_dict() == table.to_dict()
+
+
+def test_the_latency_table_is_kept_for_retrained_weights_of_the_same_shape(target, tmp_path, monkeypatch):
+    """Measured once per machine and drafter shape: a drafter retrained in place (same config,
+    new weights, a new file time) keeps the table and so its routing; another shape is measured."""
+    monkeypatch.setenv("HYBRID_SD_CACHE", str(tmp_path / "cache"))
+    measured = []
+
+    def table_for(path):
+        e = engine(target, drafters=[ARDrafter.from_pretrained(path, target)])
+        real = e.measure_latency
+        e.measure_latency = lambda repeats: measured.append(path) or real(repeats=1)
+        return factory.cached_latency(e).to_dict()
+
+    first = table_for(write_eagle3_checkpoint(tmp_path / "a", target.config, seed=0))
+    retrained = table_for(write_eagle3_checkpoint(tmp_path / "a", target.config, seed=1))
+    elsewhere = table_for(write_eagle3_checkpoint(tmp_path / "b", target.config, seed=2))
+    assert len(measured) == 1 and retrained == first == elsewhere
+    table_for(write_eagle3_checkpoint(tmp_path / "c", target.config, draft_vocab=40))
+    assert len(measured) == 2

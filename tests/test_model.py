@@ -1,4 +1,8 @@
 """The compact target equals transformers' own forward, and its cache arithmetic is exact."""
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -117,6 +121,31 @@ def test_loader_rejects_mismatched_weights(tmp_path):
     (other / "model.safetensors").rename(path / "model.safetensors")
     with pytest.raises(UserError, match="do not match"):
         load_target(path, load_tokenizer=False)
+
+
+def test_loading_a_target_does_not_import_dynamo(tmp_path):
+    """Built on the meta device, nn.Embedding's own init would run meta's normal_, which imports
+    torch._dynamo: ~1 s of every start-up that eager decoding never uses."""
+    path = save_hf_checkpoint(tmp_path / "t", tiny_config("llama"))
+    check = textwrap.dedent(f"""
+        import sys
+        from hybrid_sd.models.loading import load_target
+        load_target({str(path)!r}, load_tokenizer=False)
+        assert "torch._dynamo" not in sys.modules, "torch._dynamo was imported"
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+
+
+def test_a_target_built_on_the_cpu_draws_its_embedding_as_nn_embedding_does():
+    """The meta-device shortcut must not change a target built for real (tests seed on it)."""
+    config = tiny_config("llama")
+    torch.manual_seed(3)
+    ours = Transformer(config).model.embed_tokens.weight
+    torch.manual_seed(3)
+    reference = torch.nn.Embedding(config.vocab_size, config.hidden_size).weight
+    assert torch.equal(ours, reference) and ours.requires_grad
 
 
 @pytest.mark.parametrize("out_features", [7, 96])

@@ -83,6 +83,11 @@ class Drafter(ABC):
         factory calls for a registered kind (drafters/registry.py)."""
         raise NotImplementedError(f"the {cls.name} drafter is not built by name: construct it directly")
 
+    def config_dict(self) -> dict:
+        """The published config it is built from (its shapes: what its steps cost, so the key of
+        the cached latency table); a drafter without a checkpoint has none."""
+        return {}
+
     @property
     @abstractmethod
     def default_k(self) -> int:
