@@ -16,7 +16,6 @@ import os
 import torch
 
 
-
 def row_stats_reference(logits: torch.Tensor, inv_temperature: float = 1.0):
     """logits [R, V] -> (argmax [R] int64, lse [R], entropy [R], top1 [R]), all float32."""
     x = logits.float() * inv_temperature

@@ -130,10 +130,10 @@ def block_loss(drafter, rows, target_to_sub, feats, seq, anchors, gamma, last=No
     DFlash's decay: early slots decide how much of a draft is accepted), with distillation
     against the target's distribution at the position before each label when kd > 0 (`last`:
     the target's last hidden states of the sequence). `rows`, `log_weight`: from loss_columns;
-    the drawn negatives join both softmaxes as classes no label names. Also the weighted hard-label cross-entropy (comparable
-    across kd; with negatives, a sampled estimate of the full-vocabulary one) and top-1 accuracy
-    per slot over the loss vocabulary and the drawn tokens (unweighted logits, as drafting sees
-    them)."""
+    the drawn negatives join both softmaxes as classes no label names. Also the weighted
+    hard-label cross-entropy (comparable across kd; with negatives, a sampled estimate of the
+    full-vocabulary one) and top-1 accuracy per slot over the loss vocabulary and the drawn
+    tokens (unweighted logits, as drafting sees them)."""
     B = drafter.block_size
     T = seq.tokens.numel()
     normed = block_forward(drafter, feats, seq.tokens, anchors)[:, 1:]  # slots 1..B-1
