@@ -32,6 +32,7 @@ def test_regular_install_imports_subpackages(tmp_path):
     for sub in ("graphs", "kernels", "profiling"):
         assert (target / "hybrid_sd" / sub / "__init__.py").is_file()
     assert (target / "hybrid_sd" / "eval" / "chat_heldout.json").is_file()  # the bench's chat prompts
+    assert (target / "hybrid_sd" / "kernels" / "cpu_rows.cpp").is_file()  # built on the user's machine
     env = dict(os.environ, PYTHONPATH=str(target))
     run = subprocess.run([sys.executable, "-c", CHECK], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]

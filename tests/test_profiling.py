@@ -95,6 +95,7 @@ def test_latency_suite_runs_in_its_synthetic_configuration(tmp_path):
 def test_op_categories():
     from hybrid_sd.profiling.ops import category
     assert category("mkldnn::_linear_pointwise") == category("aten::bmm") == "matmuls (linears)"
+    assert category("hybrid_sd::rows_times_panels") == category("hybrid_sd::row_times_slabs") == "matmuls (linears)"
     assert category("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
     assert category("aten::index_copy_") == "cache writes"
     assert category("aten::rsqrt") == category("aten::silu") == "norms, RoPE, activations"

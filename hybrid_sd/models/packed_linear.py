@@ -3,13 +3,15 @@
 A plain `nn.Linear` on the CPU re-lays its weight for every call. `PackedLinear` keeps two
 copies made once, one per regime (measured on SmolLM2's shapes, 2-core AVX2 machine):
 
-- a few rows (a verify, a prefill): oneDNN's blocked layout. Against `nn.Linear`, ~1.7x
+- up to 12 rows (a decoding step, a verify, which only stream the weights): panels of 8
+  output columns for the project's CPU row kernel (`kernels/cpu_rows`), which reads each
+  panel once for all the rows. Against the layouts below, 1.7x faster for one row and 1.5x
+  for seven at two threads, and a row's result does not depend on how many rows share the
+  call. Where the kernel cannot be built, one row uses the transposed weight cut into one slab
+  per thread, [slabs, in, out / slabs], run as one batched matmul (MKL's matrix-vector product
+  stays on one thread), and several rows use oneDNN.
+- more rows (a prefill, a large tree): oneDNN's blocked layout. Against `nn.Linear`, ~1.7x
   faster for a 16-token verify.
-- one row (a decoding step, which only streams the weights): the transposed weight cut by
-  output columns into one slab per thread, [slabs, in, out / slabs], run as one batched
-  matmul. MKL's matrix-vector product stays on one thread, and oneDNN's reaches ~60 % of one
-  core's bandwidth; batched slabs run at the memory bandwidth of all threads (the 49k-row
-  output head: 21 GB/s against 13).
 
 Linears that read the same input (q|k|v, gate|up) pack into one `PackedLinear`: one weight
 pass and one call instead of three. A module declares such groups by subclassing
@@ -23,8 +25,11 @@ import weakref
 import torch
 import torch.nn as nn
 
+from ..kernels import cpu_rows
+from .embedded import cache_root
+
 # bump when the kernels change what a step costs: cached latency tables key on it
-LAYOUT_VERSION = 2  # 1: oneDNN only; 2: + one-row slabs, fused q|k|v and gate|up
+LAYOUT_VERSION = 3  # 1: oneDNN only; 2: + one-row slabs, fused q|k|v and gate|up; 3: + row kernel
 
 
 @torch.library.custom_op("hybrid_sd::row_times_slabs", mutates_args=())
@@ -36,6 +41,17 @@ def row_times_slabs(row: torch.Tensor, slabs: torch.Tensor) -> torch.Tensor:
 @row_times_slabs.register_fake
 def _(row, slabs):
     return row.new_empty(1, slabs.shape[0] * slabs.shape[2])
+
+
+@torch.library.custom_op("hybrid_sd::rows_times_panels", mutates_args=())
+def rows_times_panels(rows: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The CPU row kernel as one opaque op for graph modes (a trace cannot see a ctypes call)."""
+    return cpu_rows.rows_times_panels(rows.contiguous(), panels, bias)
+
+
+@rows_times_panels.register_fake
+def _(rows, panels, bias):
+    return rows.new_empty(rows.shape[0], panels.shape[0] * cpu_rows.PANEL)
 
 
 # oneDNN's packed weights are opaque tensors that a TorchScript trace cannot hold as constants:
@@ -68,7 +84,7 @@ def slab_count(out_features: int) -> int:
 
 
 class PackedLinear(nn.Module):
-    def __init__(self, *linears: nn.Linear):
+    def __init__(self, *linears: nn.Linear, row_kernel: bool = True):
         super().__init__()
         first = linears[0]
         self.in_features = first.in_features
@@ -83,13 +99,23 @@ class PackedLinear(nn.Module):
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, None), persistent=False)
         self.handle = id(self)
         _PACKED[self.handle] = self
-        slabs = slab_count(self.out_features)
-        columns = weight.t().reshape(self.in_features, slabs, self.out_features // slabs)
-        self.register_buffer("slabs", columns.permute(1, 0, 2).contiguous(), persistent=False)
+        if row_kernel and cpu_rows.fits(weight) and cpu_rows.load(cache_root() / "kernels"):
+            self.register_buffer("panels", cpu_rows.panels_of(weight), persistent=False)
+            self.slabs = None
+        else:
+            slabs = slab_count(self.out_features)
+            columns = weight.t().reshape(self.in_features, slabs, self.out_features // slabs)
+            self.register_buffer("slabs", columns.permute(1, 0, 2).contiguous(), persistent=False)
+            self.panels = None
 
     def forward(self, x):
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] > 1:
+        if self.panels is not None and rows.shape[0] <= cpu_rows.MAX_ROWS:
+            if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.autograd._profiler_enabled():
+                y = rows_times_panels(rows, self.panels, self.bias)  # an op that graphs and profilers see
+            else:
+                y = cpu_rows.rows_times_panels(rows.contiguous(), self.panels, self.bias)
+        elif rows.shape[0] > 1:
             if torch.jit.is_tracing():
                 y = rows_times_packed(rows, self.handle)
             else:

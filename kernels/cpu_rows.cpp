@@ -1,0 +1,75 @@
+// A few rows times a linear's weight on an AVX2 CPU: out[r, n] = sum_k x[r, k] * w[n, k] + bias[n].
+//
+// A decoding step or a verify has 1-12 rows, so the product only streams the weight: it is laid
+// out once as panels of 8 output columns, [N / 8][K][8], one contiguous run of memory per panel,
+// and each panel is read once for all the rows. Threads split the panels (OpenMP, the same
+// runtime as torch, so they share one pool).
+//
+// Every output is one chain of FMAs over k = 0 .. K-1 in order, whatever the row count or the
+// number of panels a block takes: a row's result is bit for bit the same alone (a decoding
+// step) or among others (a verify).
+#include <immintrin.h>
+
+template <int R, int P>  // R rows x P panels of accumulators, in registers
+static inline void block(const float* x, int K, const float* panels, const float* bias,
+                         float* out, int N, int n0) {
+    __m256 acc[R][P];
+    for (int r = 0; r < R; ++r)
+        for (int p = 0; p < P; ++p) acc[r][p] = _mm256_setzero_ps();
+    const float* w[P];
+    for (int p = 0; p < P; ++p) w[p] = panels + (size_t)(n0 / 8 + p) * K * 8;
+    for (int k = 0; k < K; ++k) {
+        __m256 wk[P];
+        for (int p = 0; p < P; ++p) wk[p] = _mm256_loadu_ps(w[p] + (size_t)k * 8);
+        for (int r = 0; r < R; ++r) {
+            const __m256 xk = _mm256_broadcast_ss(x + (size_t)r * K + k);
+            for (int p = 0; p < P; ++p) acc[r][p] = _mm256_fmadd_ps(xk, wk[p], acc[r][p]);
+        }
+    }
+    for (int p = 0; p < P; ++p) {
+        const __m256 b = bias ? _mm256_loadu_ps(bias + n0 + 8 * p) : _mm256_setzero_ps();
+        for (int r = 0; r < R; ++r)
+            _mm256_storeu_ps(out + (size_t)r * N + n0 + 8 * p, _mm256_add_ps(acc[r][p], b));
+    }
+}
+
+template <int R, int P>
+static void all_panels(const float* x, int K, const float* panels, const float* bias, float* out,
+                       int N, int threads) {
+    const int groups = N / (8 * P);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int g = 0; g < groups; ++g) block<R, P>(x, K, panels, bias, out, N, g * 8 * P);
+    for (int n0 = groups * 8 * P; n0 < N; n0 += 8) block<R, 1>(x, K, panels, bias, out, N, n0);
+}
+
+template <int R>
+static void rows(const float* x, int K, const float* panels, const float* bias, float* out, int N,
+                 int threads) {
+    // more panels per block hide the FMA latency when there are few rows; 16 ymm registers
+    if (R <= 2) all_panels<R, 4>(x, K, panels, bias, out, N, threads);
+    else if (R <= 6) all_panels<R, 2>(x, K, panels, bias, out, N, threads);
+    else all_panels<R, 1>(x, K, panels, bias, out, N, threads);
+}
+
+extern "C" void rows_times_panels(const float* x, int M, int K, const float* panels,
+                                  const float* bias, float* out, int N, int threads) {
+    for (int r0 = 0; r0 < M; r0 += 12) {  // 12 rows at most per pass over the weight
+        const int left = M - r0;
+        const float* xr = x + (size_t)r0 * K;
+        float* o = out + (size_t)r0 * N;
+        switch (left < 12 ? left : 12) {
+            case 1: rows<1>(xr, K, panels, bias, o, N, threads); break;
+            case 2: rows<2>(xr, K, panels, bias, o, N, threads); break;
+            case 3: rows<3>(xr, K, panels, bias, o, N, threads); break;
+            case 4: rows<4>(xr, K, panels, bias, o, N, threads); break;
+            case 5: rows<5>(xr, K, panels, bias, o, N, threads); break;
+            case 6: rows<6>(xr, K, panels, bias, o, N, threads); break;
+            case 7: rows<7>(xr, K, panels, bias, o, N, threads); break;
+            case 8: rows<8>(xr, K, panels, bias, o, N, threads); break;
+            case 9: rows<9>(xr, K, panels, bias, o, N, threads); break;
+            case 10: rows<10>(xr, K, panels, bias, o, N, threads); break;
+            case 11: rows<11>(xr, K, panels, bias, o, N, threads); break;
+            default: rows<12>(xr, K, panels, bias, o, N, threads); break;
+        }
+    }
+}

@@ -1,0 +1,125 @@
+"""A few rows times a linear's weight on an x86 CPU with AVX2: the product of every decoding
+step and every verify (see cpu_rows.cpp for the kernel and why its layout).
+
+The kernel is C++, built once per machine with the system's g++ into a cache directory and
+loaded with ctypes; it links torch's own OpenMP runtime, so its threads are torch's. Where it
+cannot be built (no compiler, no AVX2, no OpenMP runtime inside torch) `load` says why and the
+callers keep their PyTorch paths. `rows_times_panels_reference` is the plain-PyTorch definition.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+PANEL = 8  # output columns per panel: one AVX2 register of fp32
+MAX_ROWS = 12  # above this oneDNN's blocked product is as fast here (docs/performance.md)
+SOURCE = Path(__file__).with_name("cpu_rows.cpp")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-fno-exceptions", "-fno-rtti"]
+DISABLE = "HYBRID_SD_CPU_KERNEL"  # =off keeps the PyTorch paths (for A/B runs)
+
+_function = None  # the loaded kernel, once `load` succeeded
+_why_not: str | None = None  # why it did not, once it failed
+
+
+def panels_of(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] -> panels [N / 8, K, 8]: each panel's 8 columns for one k side by side."""
+    n, k = weight.shape
+    return weight.detach().reshape(n // PANEL, PANEL, k).transpose(1, 2).contiguous()
+
+
+def rows_times_panels_reference(rows: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None):
+    """rows [M, K] @ the weight that `panels` holds, transposed (+ bias) -> [M, N]."""
+    weight = panels.transpose(1, 2).reshape(-1, panels.shape[1])
+    return F.linear(rows, weight, bias)
+
+
+def fits(weight: torch.Tensor) -> bool:
+    return weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.shape[0] % PANEL == 0
+
+
+def rows_times_panels(rows: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None):
+    """The kernel (after a successful `load`): rows [M, K] contiguous fp32 -> [M, N]."""
+    m, k = rows.shape
+    n = panels.shape[0] * PANEL
+    out = torch.empty(m, n)
+    _function(rows.data_ptr(), m, k, panels.data_ptr(), None if bias is None else bias.data_ptr(),
+              out.data_ptr(), n, torch.get_num_threads())
+    return out
+
+
+def load(build_dir: Path) -> bool:
+    """Build (first time on this machine) and load the kernel; False, with `why_not()`, where it
+    cannot run here. Tried once per process."""
+    global _function, _why_not
+    if _function is not None or _why_not is not None:
+        return _function is not None
+    try:
+        _function = _load(build_dir)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _why_not = str(e).strip() or type(e).__name__
+        if not turned_off():
+            print(f"hybrid_sd: the CPU row kernel is off ({_why_not}); decoding steps use PyTorch's "
+                  "products, about 1.5x slower", file=sys.stderr)
+    return _function is not None
+
+
+def turned_off() -> bool:
+    return os.environ.get(DISABLE, "").lower() in ("0", "off", "false", "no")
+
+
+def why_not() -> str | None:
+    return _why_not
+
+
+def _openmp_runtime() -> Path:
+    """torch's own libgomp: linking it (not the system's) keeps one thread pool in the process."""
+    lib = Path(torch.__file__).parent / "lib"
+    found = sorted(lib.glob("libgomp*.so*"))
+    if not found:
+        raise RuntimeError(f"torch ships no libgomp in {lib} (another OpenMP runtime)")
+    return found[0]
+
+
+def _load(build_dir: Path):
+    if turned_off():
+        raise RuntimeError(f"turned off by {DISABLE}")
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        raise RuntimeError(f"built for Linux x86_64 only, not {platform.system()} {platform.machine()}")
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        raise RuntimeError("this CPU has no AVX2/FMA")
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++) on PATH; install one, or set CXX")
+    gomp = _openmp_runtime()
+    command = [compiler, *FLAGS, str(SOURCE), "-nodefaultlibs", f"-L{gomp.parent}",
+               f"-Wl,-rpath,{gomp.parent}", f"-l:{gomp.name}", "-lc", "-lm"]
+    key = hashlib.sha256(("\0".join(command) + SOURCE.read_text()).encode()).hexdigest()[:16]
+    path = Path(build_dir) / f"cpu_rows-{key}.so"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print("hybrid_sd: building the CPU row kernel (once per machine, a few seconds)", file=sys.stderr)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([*command, "-o", tmp], capture_output=True, text=True, timeout=300)
+            if done.returncode:
+                raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
+            os.replace(tmp, path)  # whole or not at all: another process may be loading it
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    function = ctypes.CDLL(str(path)).rows_times_panels
+    function.restype = None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                         ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    return function

@@ -1,0 +1,96 @@
+"""The CPU row kernel (kernels/cpu_rows) equals its PyTorch reference, gives each row the same
+bits whatever rows share the call, and where it cannot be built says why while the linears
+keep their PyTorch products."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from hybrid_sd.kernels import cpu_rows
+from hybrid_sd.models.embedded import cache_root
+from hybrid_sd.models.packed_linear import PackedLinear
+
+pytestmark = pytest.mark.skipif(not cpu_rows.load(cache_root() / "kernels"),
+                                reason=f"the CPU row kernel cannot run here: {cpu_rows.why_not()}")
+
+
+@pytest.mark.parametrize("n,k", [(8, 1), (24, 37), (40, 64), (96, 576), (1032, 130)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_kernel_equals_the_reference(n, k, bias):
+    """Every row count of one pass (1-12), the next pass's first and a long prefill-like
+    call, with output widths whose panels do not fill a block of 2 or 4."""
+    g = torch.Generator().manual_seed(n * k)
+    weight = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    panels = cpu_rows.panels_of(weight)
+    assert panels.shape == (n // 8, k, 8)
+    for m in [*range(1, 14), 30]:
+        rows = torch.randn(m, k, generator=g)
+        got = cpu_rows.rows_times_panels(rows, panels, b)
+        torch.testing.assert_close(got, torch.nn.functional.linear(rows, weight, b), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got, cpu_rows.rows_times_panels_reference(rows, panels, b), rtol=1e-5, atol=1e-4)
+
+
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
+    """A decoding step (one row) and a verify (that row among others) give the same bits: the
+    engine's greedy path and its verify then agree exactly on the target's logits."""
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(200, 96, generator=g), torch.randn(200, generator=g)
+    panels = cpu_rows.panels_of(weight)
+    rows = torch.randn(13, 96, generator=g)
+    for m in (2, 3, 5, 7, 8, 12, 13):
+        together = cpu_rows.rows_times_panels(rows[:m], panels, bias)
+        for r in range(m):
+            alone = cpu_rows.rows_times_panels(rows[r:r + 1], panels, bias)
+            assert torch.equal(together[r], alone[0]), (m, r)
+
+
+def test_packed_linear_takes_the_kernel_up_to_its_row_limit():
+    linear = torch.nn.Linear(48, 64).eval()
+    packed = PackedLinear(linear)
+    assert packed.panels is not None and packed.slabs is None
+    for rows in (1, 7, cpu_rows.MAX_ROWS, cpu_rows.MAX_ROWS + 5):
+        x = torch.randn(1, rows, 48)
+        torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
+    x = torch.randn(3, 48)
+    assert torch.equal(packed(x), cpu_rows.rows_times_panels(x, packed.panels, linear.bias))
+
+
+def test_without_a_compiler_the_linears_fall_back_and_say_why(tmp_path):
+    script = textwrap.dedent("""
+        import torch
+        from hybrid_sd.kernels import cpu_rows
+        from hybrid_sd.models.packed_linear import PackedLinear
+        linear = torch.nn.Linear(16, 32)
+        packed = PackedLinear(linear)
+        assert packed.panels is None and packed.slabs is not None
+        x = torch.randn(1, 16)
+        torch.testing.assert_close(packed(x), linear(x))
+        print("WHY", cpu_rows.why_not())
+    """)
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "HYBRID_SD_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "WHY no C++ compiler" in done.stdout
+    assert "the CPU row kernel is off (no C++ compiler" in done.stderr
+    assert not list((tmp_path / "cache").glob("**/*.so*"))  # nothing half-built left behind
+
+
+def test_a_failed_build_leaves_nothing_behind(tmp_path):
+    compiler = tmp_path / "broken-g++"
+    compiler.write_text("#!/bin/sh\necho 'internal compiler error' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    script = textwrap.dedent("""
+        from pathlib import Path
+        from hybrid_sd.kernels import cpu_rows
+        assert not cpu_rows.load(Path(BUILD))
+        print("WHY", cpu_rows.why_not())
+    """).replace("BUILD", repr(str(tmp_path / "build")))
+    env = {**os.environ, "CXX": str(compiler)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "internal compiler error" in done.stdout
+    assert list((tmp_path / "build").iterdir()) == []
