@@ -51,13 +51,17 @@ static void rows(const float* x, int K, const float* panels, const float* bias, 
     else all_panels<R, 1>(x, K, panels, bias, out, N, threads);
 }
 
+// rows per pass over the weight: one accumulator register each, 12 + weight + broadcast <= 16;
+// cpu_rows.py's MAX_ROWS sends callers here up to this
+constexpr int ROWS_PER_PASS = 12;
+
 extern "C" void rows_times_panels(const float* x, int M, int K, const float* panels,
                                   const float* bias, float* out, int N, int threads) {
-    for (int r0 = 0; r0 < M; r0 += 12) {  // 12 rows at most per pass over the weight
+    for (int r0 = 0; r0 < M; r0 += ROWS_PER_PASS) {
         const int left = M - r0;
         const float* xr = x + (size_t)r0 * K;
         float* o = out + (size_t)r0 * N;
-        switch (left < 12 ? left : 12) {
+        switch (left < ROWS_PER_PASS ? left : ROWS_PER_PASS) {
             case 1: rows<1>(xr, K, panels, bias, o, N, threads); break;
             case 2: rows<2>(xr, K, panels, bias, o, N, threads); break;
             case 3: rows<3>(xr, K, panels, bias, o, N, threads); break;

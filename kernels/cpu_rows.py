@@ -22,10 +22,14 @@ import torch
 import torch.nn.functional as F
 
 PANEL = 8  # output columns per panel: one AVX2 register of fp32
-MAX_ROWS = 12  # above this oneDNN's blocked product is as fast here (docs/performance.md)
+# rows that callers send to the kernel: one pass over the weights (ROWS_PER_PASS in cpu_rows.cpp);
+# from ~16 rows oneDNN's blocked product is as fast or faster (docs/performance.md)
+MAX_ROWS = 12
 SOURCE = Path(__file__).with_name("cpu_rows.cpp")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-fno-exceptions", "-fno-rtti"]
-DISABLE = "HYBRID_SD_CPU_KERNEL"  # =off keeps the PyTorch paths (for A/B runs)
+# --as-needed: -fopenmp also asks for the system's libgomp, which must not load beside torch's
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-fno-exceptions", "-fno-rtti",
+         "-Wl,--as-needed"]
+ENV_SWITCH = "HYBRID_SD_CPU_KERNEL"  # =off keeps the PyTorch paths (for A/B runs)
 
 _function = None  # the loaded kernel, once `load` succeeded
 _why_not: str | None = None  # why it did not, once it failed
@@ -51,7 +55,11 @@ def rows_times_panels(rows: torch.Tensor, panels: torch.Tensor, bias: torch.Tens
     """The kernel (after a successful `load`): rows [M, K] contiguous fp32 -> [M, N]."""
     m, k = rows.shape
     n = panels.shape[0] * PANEL
-    out = torch.empty(m, n)
+    if rows.dtype != torch.float32 or not rows.is_contiguous() or k != panels.shape[1] or rows.is_cuda:
+        # the kernel reads raw memory: a wrong input must fail here, not read out of bounds
+        raise ValueError(f"the CPU row kernel takes contiguous fp32 CPU rows [M, {panels.shape[1]}], "
+                         f"got {rows.dtype} {tuple(rows.shape)} on {rows.device}")
+    out = torch.empty(m, n, dtype=torch.float32)
     _function(rows.data_ptr(), m, k, panels.data_ptr(), None if bias is None else bias.data_ptr(),
               out.data_ptr(), n, torch.get_num_threads())
     return out
@@ -69,16 +77,29 @@ def load(build_dir: Path) -> bool:
         _why_not = str(e).strip() or type(e).__name__
         if not turned_off():
             print(f"hybrid_sd: the CPU row kernel is off ({_why_not}); decoding steps use PyTorch's "
-                  "products, about 1.5x slower", file=sys.stderr)
+                  "products (slower: docs/performance.md, the CPU row kernel)", file=sys.stderr)
     return _function is not None
 
 
 def turned_off() -> bool:
-    return os.environ.get(DISABLE, "").lower() in ("0", "off", "false", "no")
+    return os.environ.get(ENV_SWITCH, "").lower() in ("0", "off", "false", "no")
 
 
 def why_not() -> str | None:
     return _why_not
+
+
+def _cpu_has_avx2_fma() -> bool:
+    """The hardware's flags (torch's own capability follows ATEN_CPU_CAPABILITY, a user setting)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return {"avx2", "fma"} <= flags
+    except OSError:
+        pass
+    return False
 
 
 def _openmp_runtime() -> Path:
@@ -92,10 +113,10 @@ def _openmp_runtime() -> Path:
 
 def _load(build_dir: Path):
     if turned_off():
-        raise RuntimeError(f"turned off by {DISABLE}")
+        raise RuntimeError(f"turned off by {ENV_SWITCH}")
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         raise RuntimeError(f"built for Linux x86_64 only, not {platform.system()} {platform.machine()}")
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    if not _cpu_has_avx2_fma():
         raise RuntimeError("this CPU has no AVX2/FMA")
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
@@ -114,6 +135,7 @@ def _load(build_dir: Path):
             done = subprocess.run([*command, "-o", tmp], capture_output=True, text=True, timeout=300)
             if done.returncode:
                 raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
+            os.chmod(tmp, 0o755)  # mkstemp made it private: a shared cache's other users load it too
             os.replace(tmp, path)  # whole or not at all: another process may be loading it
         finally:
             if os.path.exists(tmp):

@@ -13,15 +13,16 @@ from hybrid_sd.kernels import cpu_rows
 from hybrid_sd.models.embedded import cache_root
 from hybrid_sd.models.packed_linear import PackedLinear
 
-pytestmark = pytest.mark.skipif(not cpu_rows.load(cache_root() / "kernels"),
-                                reason=f"the CPU row kernel cannot run here: {cpu_rows.why_not()}")
+needs_kernel = pytest.mark.skipif(not cpu_rows.load(cache_root() / "kernels"),
+                                  reason=f"the CPU row kernel cannot run here: {cpu_rows.why_not()}")
 
 
+@needs_kernel
 @pytest.mark.parametrize("n,k", [(8, 1), (24, 37), (40, 64), (96, 576), (1032, 130)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_kernel_equals_the_reference(n, k, bias):
     """Every row count of one pass (1-12), the next pass's first and a long prefill-like
-    call, with output widths whose panels do not fill a block of 2 or 4."""
+    call, with output widths whose panels do not fill a block of 4."""
     g = torch.Generator().manual_seed(n * k)
     weight = torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
@@ -34,6 +35,7 @@ def test_kernel_equals_the_reference(n, k, bias):
         torch.testing.assert_close(got, cpu_rows.rows_times_panels_reference(rows, panels, b), rtol=1e-5, atol=1e-4)
 
 
+@needs_kernel
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
     """A decoding step (one row) and a verify (that row among others) give the same bits: the
     engine's greedy path and its verify then agree exactly on the target's logits."""
@@ -48,15 +50,53 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
             assert torch.equal(together[r], alone[0]), (m, r)
 
 
-def test_packed_linear_takes_the_kernel_up_to_its_row_limit():
+@needs_kernel
+def test_packed_linear_takes_the_kernel_up_to_its_row_limit(monkeypatch):
     linear = torch.nn.Linear(48, 64).eval()
     packed = PackedLinear(linear)
     assert packed.panels is not None and packed.slabs is None
     for rows in (1, 7, cpu_rows.MAX_ROWS, cpu_rows.MAX_ROWS + 5):
         x = torch.randn(1, rows, 48)
         torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
-    x = torch.randn(3, 48)
-    assert torch.equal(packed(x), cpu_rows.rows_times_panels(x, packed.panels, linear.bias))
+    calls = []
+    kernel = cpu_rows.rows_times_panels
+    monkeypatch.setattr(cpu_rows, "rows_times_panels", lambda *a: calls.append(a[0].shape[0]) or kernel(*a))
+    for rows in (1, cpu_rows.MAX_ROWS, cpu_rows.MAX_ROWS + 1):
+        packed(torch.randn(rows, 48))
+    assert calls == [1, cpu_rows.MAX_ROWS]  # more rows go to oneDNN
+
+
+@needs_kernel
+def test_the_graph_op_is_the_kernel():
+    """The custom op that traces, compiles and the profiler see: same bits, and a fake
+    implementation that agrees with it (torch.library.opcheck)."""
+    from hybrid_sd.models.packed_linear import rows_times_panels_op
+    weight, bias = torch.randn(32, 20), torch.randn(32)
+    panels, rows = cpu_rows.panels_of(weight), torch.randn(5, 20)
+    assert torch.equal(rows_times_panels_op(rows, panels, bias), cpu_rows.rows_times_panels(rows, panels, bias))
+    torch.library.opcheck(rows_times_panels_op, (rows, panels, bias), test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_kernel
+def test_the_kernel_refuses_rows_it_would_misread():
+    panels = cpu_rows.panels_of(torch.randn(16, 10))
+    for bad in (torch.randn(2, 11), torch.randn(2, 10, dtype=torch.float64), torch.randn(10, 2).t()):
+        with pytest.raises(ValueError, match="contiguous fp32"):
+            cpu_rows.rows_times_panels(bad, panels)
+
+
+def test_the_switch_turns_the_kernel_off_quietly(tmp_path):
+    script = textwrap.dedent("""
+        import torch
+        from hybrid_sd.models.packed_linear import PackedLinear
+        packed = PackedLinear(torch.nn.Linear(16, 32))
+        assert packed.panels is None and packed.slabs is not None
+    """)
+    env = {**os.environ, "HYBRID_SD_CPU_KERNEL": "off", "HYBRID_SD_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "row kernel" not in done.stderr  # asked for: nothing to warn about
+    assert not (tmp_path / "cache" / "kernels").exists()
 
 
 def test_without_a_compiler_the_linears_fall_back_and_say_why(tmp_path):

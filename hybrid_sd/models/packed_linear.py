@@ -44,12 +44,12 @@ def _(row, slabs):
 
 
 @torch.library.custom_op("hybrid_sd::rows_times_panels", mutates_args=())
-def rows_times_panels(rows: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def rows_times_panels_op(rows: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The CPU row kernel as one opaque op for graph modes (a trace cannot see a ctypes call)."""
     return cpu_rows.rows_times_panels(rows.contiguous(), panels, bias)
 
 
-@rows_times_panels.register_fake
+@rows_times_panels_op.register_fake
 def _(rows, panels, bias):
     return rows.new_empty(rows.shape[0], panels.shape[0] * cpu_rows.PANEL)
 
@@ -64,6 +64,11 @@ def rows_times_packed(rows: torch.Tensor, handle: int) -> torch.Tensor:
     """The eager several-row product (bias included) of the PackedLinear registered under `handle`."""
     linear = _PACKED[handle]
     return torch.ops.mkldnn._linear_pointwise(rows, linear.packed, linear.bias, "none", [], "")
+
+
+def graphed_or_profiled() -> bool:
+    """A torch.compile, a TorchScript trace or the profiler is watching: ctypes calls are invisible to them."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.autograd._profiler_enabled()
 
 
 def onednn_available() -> bool:
@@ -111,8 +116,8 @@ class PackedLinear(nn.Module):
     def forward(self, x):
         rows = x.reshape(-1, self.in_features)
         if self.panels is not None and rows.shape[0] <= cpu_rows.MAX_ROWS:
-            if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.autograd._profiler_enabled():
-                y = rows_times_panels(rows, self.panels, self.bias)  # an op that graphs and profilers see
+            if graphed_or_profiled():
+                y = rows_times_panels_op(rows, self.panels, self.bias)  # an op that graphs and profilers see
             else:
                 y = cpu_rows.rows_times_panels(rows.contiguous(), self.panels, self.bias)
         elif rows.shape[0] > 1:
