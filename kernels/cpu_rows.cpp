@@ -1,4 +1,5 @@
-// A few rows times a linear's weight on an AVX2 CPU: out[r, n] = sum_k x[r, k] * w[n, k] + bias[n].
+// A few rows times a linear's weight on an AVX2 CPU: out[r, n] = sum_k x[r, k] * w[n, k] + bias[n];
+// and the RMSNorm that comes before most of them, as one call instead of torch's seven small ops.
 //
 // A decoding step or a verify has 1-12 rows, so the product only streams the weight: it is laid
 // out once as panels of 8 output columns, [N / 8][K][8], one contiguous run of memory per panel,
@@ -75,5 +76,28 @@ extern "C" void rows_times_panels(const float* x, int M, int K, const float* pan
             case 11: rows<11>(xr, K, panels, bias, o, N, threads); break;
             default: rows<12>(xr, K, panels, bias, o, N, threads); break;
         }
+    }
+}
+
+// out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, row by row (so, again, whatever rows share the call)
+extern "C" void rms_norm_rows(const float* x, int M, int D, const float* w, float eps, float* out) {
+    for (int r = 0; r < M; ++r) {
+        const float* xr = x + (size_t)r * D;
+        float* o = out + (size_t)r * D;
+        __m256 acc = _mm256_setzero_ps();
+        int k = 0;
+        for (; k + 8 <= D; k += 8) {
+            const __m256 v = _mm256_loadu_ps(xr + k);
+            acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        float lanes[8];
+        _mm256_storeu_ps(lanes, acc);
+        float squares = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+        for (; k < D; ++k) squares += xr[k] * xr[k];
+        const float scale = 1.0f / __builtin_sqrtf(squares / D + eps);
+        const __m256 s = _mm256_set1_ps(scale);
+        for (k = 0; k + 8 <= D; k += 8)
+            _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + k), s), _mm256_loadu_ps(w + k)));
+        for (; k < D; ++k) o[k] = xr[k] * scale * w[k];
     }
 }

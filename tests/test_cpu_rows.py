@@ -134,3 +134,31 @@ def test_a_failed_build_leaves_nothing_behind(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "internal compiler error" in done.stdout
     assert list((tmp_path / "build").iterdir()) == []
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 1, 576), (1, 7, 576), (3, 130), (5, 9, 64), (2, 3)])
+def test_rms_norm_equals_the_reference(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x, weight = torch.randn(*shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
+    got = cpu_rows.rms_norm(x, weight, 1e-6)
+    torch.testing.assert_close(got, cpu_rows.rms_norm_reference(x, weight, 1e-6), rtol=1e-5, atol=1e-6)
+    rows = x.reshape(-1, shape[-1])
+    for r in range(rows.shape[0]):  # row by row: the same bits alone
+        assert torch.equal(cpu_rows.rms_norm(rows[r:r + 1].contiguous(), weight, 1e-6)[0], got.reshape(rows.shape)[r])
+
+
+@needs_kernel
+def test_packing_turns_the_norms_kernel_on_and_graphs_see_the_same_op():
+    from hybrid_sd.models.packed_linear import pack_linears, rms_norm_op
+    from hybrid_sd.models.transformer import RMSNorm
+    block = torch.nn.Sequential(RMSNorm(16, 1e-5), torch.nn.Linear(16, 24))
+    x = torch.randn(3, 16)
+    before = block(x)
+    assert not block[0].row_kernel
+    pack_linears(block)
+    assert block[0].row_kernel
+    torch.testing.assert_close(block(x), before, rtol=1e-5, atol=1e-5)
+    assert torch.equal(block[0](x), cpu_rows.rms_norm(x, block[0].weight, 1e-5))
+    assert torch.equal(rms_norm_op(x, block[0].weight, 1e-5), block[0](x))
+    torch.library.opcheck(rms_norm_op, (x, block[0].weight, 1e-5), test_utils=("test_schema", "test_faketensor"))

@@ -24,6 +24,7 @@ import weakref
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..kernels import cpu_rows
 from .embedded import cache_root
@@ -52,6 +53,17 @@ def rows_times_panels_op(rows: torch.Tensor, panels: torch.Tensor, bias: torch.T
 @rows_times_panels_op.register_fake
 def _(rows, panels, bias):
     return rows.new_empty(rows.shape[0], panels.shape[0] * cpu_rows.PANEL)
+
+
+@torch.library.custom_op("hybrid_sd::rms_norm_rows", mutates_args=())
+def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The CPU RMSNorm as one opaque op for graph modes and the profiler."""
+    return cpu_rows.rms_norm(x.contiguous(), weight, eps)
+
+
+@rms_norm_op.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)
 
 
 # oneDNN's packed weights are opaque tensors that a TorchScript trace cannot hold as constants:
@@ -137,6 +149,30 @@ class PackedLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+class KernelNorm(nn.Module):
+    """RMSNorm with a path through the CPU row kernel (one call instead of seven small ops),
+    which `pack_linears` turns on with the linears: a packed model runs every step through the
+    same kernels, an unpacked one (training, references) through torch's own."""
+    row_kernel = False
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        if x.dtype == torch.float32:
+            if self.row_kernel:
+                if graphed_or_profiled():
+                    return rms_norm_op(x, self.weight, self.eps)
+                return cpu_rows.rms_norm(x.contiguous(), self.weight, self.eps)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op in fp32
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
 class Projections(nn.Module):
     """A module whose linears in each of `fused_groups` ({attribute: member names}) read the same
     input. Until packed, each attribute is None and the module calls the members; after
@@ -150,11 +186,14 @@ class Projections(nn.Module):
 
 
 def pack_linears(module: nn.Module) -> nn.Module:
-    """Swap every fp32 CPU nn.Linear inside `module` for a PackedLinear, and pack each fused
-    group of a `Projections` into one (in place); a no-op elsewhere."""
+    """Swap every fp32 CPU nn.Linear inside `module` for a PackedLinear, pack each fused group
+    of a `Projections` into one and turn on each `KernelNorm`'s kernel path (in place); a no-op
+    elsewhere."""
     if not onednn_available():
         return module
     fused: set[str] = set()
+    if isinstance(module, KernelNorm) and module.weight.device.type == "cpu":
+        module.row_kernel = cpu_rows.load(cache_root() / "kernels")
     if isinstance(module, Projections):
         for name, members in module.fused_groups.items():
             linears = [getattr(module, m) for m in members]

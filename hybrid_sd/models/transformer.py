@@ -13,25 +13,15 @@ import torch.nn.functional as F
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ..cache import KVCache
-from .packed_linear import Projections
+from .packed_linear import KernelNorm, Projections
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x):
-        if x.dtype == torch.float32:  # one fused op; bit-equal to the expression below in fp32
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+class RMSNorm(KernelNorm):
+    """The decoders' RMSNorm (fp32: torch's fused op, or the CPU kernel once packed); in half
+    precision computed in fp32 as transformers does."""
 
 
 def rope_parameters(config) -> dict:
