@@ -32,8 +32,9 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-fno-excepti
          "-Wl,--as-needed"]
 ENV_SWITCH = "HYBRID_SD_CPU_KERNEL"  # =off keeps the PyTorch paths (for A/B runs)
 
-_function = None  # the loaded kernels, once `load` succeeded
-_norm = None
+# the library's two entry points, once `load` succeeded
+_rows_times_panels = None
+_rms_norm_rows = None
 _why_not: str | None = None  # why it did not, once it failed
 
 
@@ -50,19 +51,25 @@ def rows_times_panels_reference(rows: torch.Tensor, panels: torch.Tensor, bias: 
 
 
 def fits(weight: torch.Tensor) -> bool:
+    """A linear's weight [N, K] that panels can hold."""
     return weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.shape[0] % PANEL == 0
+
+
+def fits_norm(weight: torch.Tensor) -> bool:
+    """A norm's weight [D] that `rms_norm` reads as it is."""
+    return weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 1 and weight.is_contiguous()
 
 
 def rows_times_panels(rows: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None):
     """The kernel (after a successful `load`): rows [M, K] contiguous fp32 -> [M, N]."""
     m, k = rows.shape
     n = panels.shape[0] * PANEL
-    if rows.dtype != torch.float32 or not rows.is_contiguous() or k != panels.shape[1] or rows.is_cuda:
+    if rows.dtype != torch.float32 or not rows.is_contiguous() or k != panels.shape[1] or rows.device.type != "cpu":
         # the kernel reads raw memory: a wrong input must fail here, not read out of bounds
         raise ValueError(f"the CPU row kernel takes contiguous fp32 CPU rows [M, {panels.shape[1]}], "
                          f"got {rows.dtype} {tuple(rows.shape)} on {rows.device}")
     out = torch.empty(m, n, dtype=torch.float32)
-    _function(rows.data_ptr(), m, k, panels.data_ptr(), None if bias is None else bias.data_ptr(),
+    _rows_times_panels(rows.data_ptr(), m, k, panels.data_ptr(), None if bias is None else bias.data_ptr(),
               out.data_ptr(), n, torch.get_num_threads())
     return out
 
@@ -74,32 +81,28 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension (after a successful `load`): contiguous fp32 CPU x."""
     d = weight.shape[0]
-    if x.dtype != torch.float32 or not x.is_contiguous() or x.shape[-1] != d or x.is_cuda:
+    if x.dtype != torch.float32 or not x.is_contiguous() or x.shape[-1] != d or x.device.type != "cpu":
         raise ValueError(f"the CPU RMSNorm takes contiguous fp32 CPU rows [..., {d}], "
                          f"got {x.dtype} {tuple(x.shape)} on {x.device}")
     out = torch.empty_like(x)
-    _norm(x.data_ptr(), x.numel() // d, d, weight.data_ptr(), eps, out.data_ptr())
+    _rms_norm_rows(x.data_ptr(), x.numel() // d, d, weight.data_ptr(), eps, out.data_ptr())
     return out
-
-
-def ready() -> bool:
-    return _function is not None
 
 
 def load(build_dir: Path) -> bool:
     """Build (first time on this machine) and load the kernel; False, with `why_not()`, where it
     cannot run here. Tried once per process."""
-    global _function, _norm, _why_not
-    if _function is not None or _why_not is not None:
-        return _function is not None
+    global _rows_times_panels, _rms_norm_rows, _why_not
+    if _rows_times_panels is not None or _why_not is not None:
+        return _rows_times_panels is not None
     try:
-        _function, _norm = _load(build_dir)
+        _rows_times_panels, _rms_norm_rows = _load(build_dir)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _why_not = str(e).strip() or type(e).__name__
         if not turned_off():
             print(f"hybrid_sd: the CPU row kernel is off ({_why_not}); decoding steps use PyTorch's "
                   "products (slower: docs/performance.md, the CPU row kernel)", file=sys.stderr)
-    return _function is not None
+    return _rows_times_panels is not None
 
 
 def turned_off() -> bool:

@@ -155,9 +155,9 @@ def test_packing_turns_the_norms_kernel_on_and_graphs_see_the_same_op():
     block = torch.nn.Sequential(RMSNorm(16, 1e-5), torch.nn.Linear(16, 24))
     x = torch.randn(3, 16)
     before = block(x)
-    assert not block[0].row_kernel
+    assert not block[0].cpu_kernel
     pack_linears(block)
-    assert block[0].row_kernel
+    assert block[0].cpu_kernel
     torch.testing.assert_close(block(x), before, rtol=1e-5, atol=1e-5)
     assert torch.equal(block[0](x), cpu_rows.rms_norm(x, block[0].weight, 1e-5))
     assert torch.equal(rms_norm_op(x, block[0].weight, 1e-5), block[0](x))

@@ -30,7 +30,7 @@ from ..kernels import cpu_rows
 from .embedded import cache_root
 
 # bump when the kernels change what a step costs: cached latency tables key on it
-LAYOUT_VERSION = 3  # 1: oneDNN only; 2: + one-row slabs, fused q|k|v and gate|up; 3: + row kernel
+LAYOUT_VERSION = 4  # 1: oneDNN only; 2: + one-row slabs, fused q|k|v and gate|up; 3: + row kernel; 4: + norms
 
 
 @torch.library.custom_op("hybrid_sd::row_times_slabs", mutates_args=())
@@ -63,7 +63,7 @@ def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tens
 
 @rms_norm_op.register_fake
 def _(x, weight, eps):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as the kernel's output
 
 
 # oneDNN's packed weights are opaque tensors that a TorchScript trace cannot hold as constants:
@@ -150,10 +150,12 @@ class PackedLinear(nn.Module):
 
 
 class KernelNorm(nn.Module):
-    """RMSNorm with a path through the CPU row kernel (one call instead of seven small ops),
-    which `pack_linears` turns on with the linears: a packed model runs every step through the
-    same kernels, an unpacked one (training, references) through torch's own."""
-    row_kernel = False
+    """RMSNorm with a path through the CPU kernel library (one call instead of seven small ops).
+    `pack_linears` turns it on (`cpu_kernel`) with the linears, for an fp32 CPU weight: a packed
+    model runs every step through the same kernels, an unpacked one (training, references)
+    through torch's op. Inference only, like the packed linears; any input strides (copied to
+    contiguous first)."""
+    cpu_kernel = False
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -162,7 +164,7 @@ class KernelNorm(nn.Module):
 
     def forward(self, x):
         if x.dtype == torch.float32:
-            if self.row_kernel:
+            if self.cpu_kernel:
                 if graphed_or_profiled():
                     return rms_norm_op(x, self.weight, self.eps)
                 return cpu_rows.rms_norm(x.contiguous(), self.weight, self.eps)
@@ -192,8 +194,8 @@ def pack_linears(module: nn.Module) -> nn.Module:
     if not onednn_available():
         return module
     fused: set[str] = set()
-    if isinstance(module, KernelNorm) and module.weight.device.type == "cpu":
-        module.row_kernel = cpu_rows.load(cache_root() / "kernels")
+    if isinstance(module, KernelNorm) and cpu_rows.fits_norm(module.weight):
+        module.cpu_kernel = cpu_rows.load(cache_root() / "kernels")
     if isinstance(module, Projections):
         for name, members in module.fused_groups.items():
             linears = [getattr(module, m) for m in members]
