@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 PANEL = 8  # output columns per panel: one AVX2 register of fp32
 # rows that callers send to the kernel: one pass over the weights (ROWS_PER_PASS in cpu_rows.cpp);
-# from ~16 rows oneDNN's blocked product is as fast or faster (docs/performance.md)
+# past it the kernel reads the weights again per 12 rows, and from ~32 rows oneDNN's blocked
+# product is faster (docs/performance.md)
 MAX_ROWS = 12
 SOURCE = Path(__file__).with_name("cpu_rows.cpp")
 # --as-needed: -fopenmp also asks for the system's libgomp, which must not load beside torch's
@@ -70,7 +71,7 @@ def rows_times_panels(rows: torch.Tensor, panels: torch.Tensor, bias: torch.Tens
                          f"got {rows.dtype} {tuple(rows.shape)} on {rows.device}")
     out = torch.empty(m, n, dtype=torch.float32)
     _rows_times_panels(rows.data_ptr(), m, k, panels.data_ptr(), None if bias is None else bias.data_ptr(),
-              out.data_ptr(), n, torch.get_num_threads())
+                       out.data_ptr(), n, torch.get_num_threads())
     return out
 
 

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from hybrid_sd.kernels import cpu_rows
-from hybrid_sd.models.embedded import cache_root
-from hybrid_sd.models.packed_linear import PackedLinear
+from hybrid_sd.models.packed_linear import PackedLinear, cpu_kernels_ready
 
-needs_kernel = pytest.mark.skipif(not cpu_rows.load(cache_root() / "kernels"),
+needs_kernel = pytest.mark.skipif(not cpu_kernels_ready(),
                                   reason=f"the CPU row kernel cannot run here: {cpu_rows.why_not()}")
 
 

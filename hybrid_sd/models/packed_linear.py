@@ -78,6 +78,11 @@ def rows_times_packed(rows: torch.Tensor, handle: int) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(rows, linear.packed, linear.bias, "none", [], "")
 
 
+def cpu_kernels_ready() -> bool:
+    """The CPU kernel library, built into the user cache the first time (see kernels/cpu_rows)."""
+    return cpu_rows.load(cache_root() / "kernels")
+
+
 def graphed_or_profiled() -> bool:
     """A torch.compile, a TorchScript trace or the profiler is watching: ctypes calls are invisible to them."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.autograd._profiler_enabled()
@@ -116,7 +121,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, None), persistent=False)
         self.handle = id(self)
         _PACKED[self.handle] = self
-        if row_kernel and cpu_rows.fits(weight) and cpu_rows.load(cache_root() / "kernels"):
+        if row_kernel and cpu_rows.fits(weight) and cpu_kernels_ready():
             self.register_buffer("panels", cpu_rows.panels_of(weight), persistent=False)
             self.slabs = None
         else:
@@ -195,7 +200,7 @@ def pack_linears(module: nn.Module) -> nn.Module:
         return module
     fused: set[str] = set()
     if isinstance(module, KernelNorm) and cpu_rows.fits_norm(module.weight):
-        module.cpu_kernel = cpu_rows.load(cache_root() / "kernels")
+        module.cpu_kernel = cpu_kernels_ready()
     if isinstance(module, Projections):
         for name, members in module.fused_groups.items():
             linears = [getattr(module, m) for m in members]
