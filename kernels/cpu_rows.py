@@ -1,6 +1,8 @@
-"""A few rows times a linear's weight on an x86 CPU with AVX2: the product of every decoding
-step and every verify (see cpu_rows.cpp for the kernel and why its layout); and RMSNorm in one
-call (torch runs it on the CPU as seven small ops, ~45 us for one row, 61 times a step).
+"""The project's CPU kernel library (x86 with AVX2): a few rows times a linear's weight, the
+product of every decoding step and every verify (see cpu_rows.cpp for the kernel and why its
+layout); RMSNorm in one call (torch runs it on the CPU as seven small ops, ~45 us for one row,
+61 times a step); and a Llama-family decoder's layers for those few rows in one call
+(cpu_decoder.cpp), which leaves no Python or dispatch between a step's ops.
 
 The kernel is C++, built once per machine with the system's g++ into a cache directory and
 loaded with ctypes; it links torch's own OpenMP runtime, so its threads are torch's. Where it
@@ -27,15 +29,16 @@ PANEL = 8  # output columns per panel: one AVX2 register of fp32
 # past it the kernel reads the weights again per 12 rows, and from ~32 rows oneDNN's blocked
 # product is faster (docs/performance.md)
 MAX_ROWS = 12
-SOURCE = Path(__file__).with_name("cpu_rows.cpp")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_rows.cpp", "cpu_decoder.cpp"))
 # --as-needed: -fopenmp also asks for the system's libgomp, which must not load beside torch's
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-fno-exceptions", "-fno-rtti",
          "-Wl,--as-needed"]
 ENV_SWITCH = "HYBRID_SD_CPU_KERNEL"  # =off keeps the PyTorch paths (for A/B runs)
 
-# the library's two entry points, once `load` succeeded
+# the library's entry points, once `load` succeeded
 _rows_times_panels = None
 _rms_norm_rows = None
+_decoder_layers = None
 _why_not: str | None = None  # why it did not, once it failed
 
 
@@ -90,14 +93,65 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
+class DecoderShape(ctypes.Structure):
+    """cpu_decoder.cpp's DecoderShape: the sizes of a decoder and of its K/V cache."""
+    _fields_ = [(name, ctypes.c_int) for name in
+                ("layers", "hidden", "heads", "kv_heads", "head_dim", "inner", "cache_len")] + [("eps", ctypes.c_float)]
+
+
+class LayerWeights(ctypes.Structure):
+    """cpu_decoder.cpp's LayerWeights: one layer's norm weights and panels (null: no such bias or norm)."""
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("input_norm", "post_norm", "q_norm", "k_norm", "qkv", "qkv_bias", "o", "o_bias",
+                 "gate_up", "gate_up_bias", "down", "down_bias")]
+
+
+def _checked(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], what: str) -> int:
+    if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError(f"the CPU decoder takes {what} as contiguous {dtype} CPU {shape}, "
+                         f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+    return t.data_ptr()
+
+
+def decoder_layers(shape: DecoderShape, weights, caches, h: torch.Tensor, cos: torch.Tensor,
+                   sin_signed: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                   mask: torch.Tensor | None, capture, n_capture: int, features: torch.Tensor | None) -> None:
+    """Every layer of a decoder for the rows h [M, hidden] (after a successful `load`), in place:
+    h becomes the last layer's output, K/V land in the cache at `slots`, captured hidden states
+    in `features` [M, n_capture * hidden]. `weights` is a LayerWeights array, `caches` the layers'
+    K and V pointers (ctypes arrays that models/fused.py builds once); cos/sin_signed [M, head_dim];
+    positions, slots int64 [M]; mask bool [M, span] or None (row r sees positions 0..positions[r]).
+    The reference is the decoder's PyTorch forward (models/transformer.py)."""
+    m, hd = h.shape[0], shape.head_dim
+    ptrs = [_checked(h, torch.float32, (m, shape.hidden), "h"),
+            _checked(cos, torch.float32, (m, hd), "cos"), _checked(sin_signed, torch.float32, (m, hd), "sin"),
+            _checked(positions, torch.int64, (m,), "positions"), _checked(slots, torch.int64, (m,), "slots")]
+    span = 0
+    if mask is not None:
+        span = mask.shape[-1]
+        _checked(mask, torch.bool, (m, span), "the mask")
+    out = None
+    if n_capture:
+        out = _checked(features, torch.float32, (m, n_capture * shape.hidden), "features")
+    # the kernel writes and reads the cache unchecked: slots (and without a mask, positions) must fit
+    low, high = (int(v) for v in torch.aminmax(slots if mask is not None else torch.cat((slots, positions))))
+    if low < 0 or max(high, span - 1) >= shape.cache_len:
+        raise ValueError(f"rows reach cache positions {low}..{max(high, span - 1)} of a {shape.cache_len}-position cache")
+    done = _decoder_layers(ctypes.byref(shape), weights, caches, ptrs[0], m, ptrs[1], ptrs[2], ptrs[3], ptrs[4],
+                           None if mask is None else mask.data_ptr(), span, capture, n_capture, out,
+                           torch.get_num_threads())
+    if done != 0:
+        raise MemoryError("the CPU decoder could not allocate its scratch")
+
+
 def load(build_dir: Path) -> bool:
     """Build (first time on this machine) and load the kernel; False, with `why_not()`, where it
     cannot run here. Tried once per process."""
-    global _rows_times_panels, _rms_norm_rows, _why_not
+    global _rows_times_panels, _rms_norm_rows, _decoder_layers, _why_not
     if _rows_times_panels is not None or _why_not is not None:
         return _rows_times_panels is not None
     try:
-        _rows_times_panels, _rms_norm_rows = _load(build_dir)
+        _rows_times_panels, _rms_norm_rows, _decoder_layers = _load(build_dir)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _why_not = str(e).strip() or type(e).__name__
         if not turned_off():
@@ -147,9 +201,9 @@ def _load(build_dir: Path):
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++) on PATH; install one, or set CXX")
     gomp = _openmp_runtime()
-    command = [compiler, *FLAGS, str(SOURCE), "-nodefaultlibs", f"-L{gomp.parent}",
+    command = [compiler, *FLAGS, *map(str, SOURCES), "-nodefaultlibs", f"-L{gomp.parent}",
                f"-Wl,-rpath,{gomp.parent}", f"-l:{gomp.name}", "-lc", "-lm"]
-    key = hashlib.sha256(("\0".join(command) + SOURCE.read_text()).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join(command + [source.read_text() for source in SOURCES]).encode()).hexdigest()[:16]
     path = Path(build_dir) / f"cpu_rows-{key}.so"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,9 +220,14 @@ def _load(build_dir: Path):
             if os.path.exists(tmp):
                 os.unlink(tmp)
     library = ctypes.CDLL(str(path))
-    function, norm = library.rows_times_panels, library.rms_norm_rows
+    function, norm, layers = library.rows_times_panels, library.rms_norm_rows, library.decoder_layers
     function.restype = norm.restype = None
     function.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                          ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     norm.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p]
-    return function, norm
+    layers.restype = ctypes.c_int
+    layers.argtypes = [ctypes.POINTER(DecoderShape), ctypes.POINTER(LayerWeights), ctypes.c_void_p,
+                       ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                       ctypes.c_void_p, ctypes.c_int]
+    return function, norm, layers

@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 # first match wins: a needle equals the op's name without its namespace or, from 5
 # characters on, is part of it; an op that matches nothing counts as "other ops"
 OP_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("decoder layers, fused (CPU kernel)", ("decoder_layers",)),
     ("matmuls (linears)", ("linear", "addmm", "mm", "bmm", "matmul", "gemm", "addmv", "mv",
                            "rows_times_panels", "rows_times_packed", "row_times_slabs")),
     ("attention", ("scaled_dot_product", "flash_attention", "softmax")),

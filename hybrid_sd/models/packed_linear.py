@@ -180,6 +180,13 @@ class KernelNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+class AfterPacking(nn.Module):
+    """A module with work to do once `pack_linears` has packed everything inside it."""
+
+    def after_packing(self) -> None:
+        raise NotImplementedError
+
+
 class Projections(nn.Module):
     """A module whose linears in each of `fused_groups` ({attribute: member names}) read the same
     input. Until packed, each attribute is None and the module calls the members; after
@@ -194,8 +201,8 @@ class Projections(nn.Module):
 
 def pack_linears(module: nn.Module) -> nn.Module:
     """Swap every fp32 CPU nn.Linear inside `module` for a PackedLinear, pack each fused group
-    of a `Projections` into one and turn on each `KernelNorm`'s kernel path (in place); a no-op
-    elsewhere."""
+    of a `Projections` into one, turn on each `KernelNorm`'s kernel path and then run each
+    `AfterPacking` module's step (in place); a no-op elsewhere."""
     if not onednn_available():
         return module
     fused: set[str] = set()
@@ -214,4 +221,6 @@ def pack_linears(module: nn.Module) -> nn.Module:
             setattr(module, name, PackedLinear(child))
         else:
             pack_linears(child)
+    if isinstance(module, AfterPacking):
+        module.after_packing()
     return module

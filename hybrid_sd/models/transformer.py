@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ..cache import KVCache
-from .packed_linear import KernelNorm, Projections
+from . import fused
+from .packed_linear import AfterPacking, KernelNorm, Projections
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -205,8 +206,10 @@ def check_supported(config):
         raise NotImplementedError(f"RoPE type {rope_kind!r} is not supported (supported: {', '.join(STATIC_ROPE_TYPES)})")
 
 
-class Transformer(nn.Module):
-    """The target. `forward` returns final-normed hidden states and the requested features."""
+class Transformer(AfterPacking):
+    """The target. `forward` returns final-normed hidden states and the requested features.
+    Once packed for the CPU kernel library, a step or a verify of up to `fused.MAX_ROWS` rows
+    runs every layer in one kernel call (models/fused.py); the layers' forward is its reference."""
 
     def __init__(self, config, max_len: int | None = None):
         super().__init__()
@@ -219,6 +222,10 @@ class Transformer(nn.Module):
         self.head_dim = head_dim_of(config)
         self.max_len = max_len or config.max_position_embeddings
         self.init_rope()
+        self.fused_layers: fused.FusedLayers | None = None
+
+    def after_packing(self) -> None:
+        self.fused_layers = None if fused.why_not_fused(self) else fused.FusedLayers(self)
 
     def init_rope(self):
         with torch.device("cpu"):  # real numbers even while the module is built on meta
@@ -261,6 +268,10 @@ class Transformer(nn.Module):
         and the mask (True = may attend) says which cache slots each row sees.
         Returns (final-normed hidden [B, T, H], features or None).
         """
+        if (self.fused_layers is not None and cache is not None and tokens.shape[0] == 1
+                and tokens.shape[1] <= fused.MAX_ROWS and not torch.is_grad_enabled()
+                and not (torch.compiler.is_compiling() or torch.jit.is_tracing())):
+            return self.fused_forward(tokens, positions, cache, capture, tree)
         cos, sin = self.rope(positions)
         slots = positions
         if cache is not None and tree is not None:
@@ -282,6 +293,16 @@ class Transformer(nn.Module):
                 kept[i + 1] = h
         features = torch.cat([kept[i] for i in capture], dim=-1) if capture else None
         return self.model.norm(h), features
+
+    def fused_forward(self, tokens, positions, cache, capture, tree):
+        """`forward` with a cache, through the kernel: the same rows, keys and returns. Row r sees
+        cache positions 0..positions[r] (the positional mask, and the causal one of a prefill
+        from 0) or, for a tree, what its mask row allows."""
+        slots, mask = tree if tree is not None else (positions, None)
+        h = self.model.embed_tokens(tokens[0])  # a fresh [T, H] that the kernel overwrites
+        features = self.fused_layers(h, self.rope_cos[positions], self.rope_sin_signed[positions], positions,
+                                     slots, mask, cache, capture)
+        return self.model.norm(h)[None], None if features is None else features[None]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -1,0 +1,104 @@
+"""A packed decoder's layers as one call into the CPU kernel library (kernels/cpu_decoder.cpp).
+
+Once `pack_linears` has laid every product out as panels and turned the norms' kernel on,
+a decoding step or a verify needs nothing from PyTorch between the embedding and the final
+norm: `FusedLayers` hands the kernel every layer's weights (pointers gathered once) and runs
+the whole stack for up to `MAX_ROWS` rows, with no Python, dispatch or allocation per op.
+The module path stays the definition (`Transformer.forward` without it) and runs everything
+else: prefill, training, graph modes, other dtypes and devices.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from ..kernels import cpu_rows
+from .packed_linear import PackedLinear
+
+# rows per call: a step or a verify; past this the products' panels pass over the weights again
+# per 12 rows while oneDNN's blocked product gets faster (kernels/cpu_rows.py, MAX_ROWS)
+MAX_ROWS = cpu_rows.MAX_ROWS
+
+
+def _pointer(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _panels(linear) -> torch.Tensor | None:
+    return linear.panels if isinstance(linear, PackedLinear) else None
+
+
+def why_not_fused(target) -> str | None:
+    """Why the kernel cannot run this packed Transformer's layers (None: it can)."""
+    c, first = target.config, target.model.layers[0]
+    attn = first.self_attn
+    if target.lm_head.weight.dtype != torch.float32 or target.lm_head.weight.device.type != "cpu":
+        return "not an fp32 CPU model"
+    if c.hidden_size % 8 or attn.head_dim % 8 or c.intermediate_size % 8 or attn.n_heads % attn.n_kv_heads:
+        return "hidden size, head size or MLP width off the kernel's vector multiples"
+    for layer in target.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        products = (a.qkv, a.o_proj, m.gate_up, m.down_proj)
+        norms = (layer.input_layernorm, layer.post_attention_layernorm) + ((a.q_norm, a.k_norm) if a.has_qk_norm else ())
+        if any(_panels(p) is None for p in products) or not all(n.cpu_kernel for n in norms):
+            return "a layer is not packed for the kernel"
+    return None
+
+
+class FusedLayers:
+    """Every decoder layer of a packed Transformer for a few rows, as one kernel call."""
+
+    def __init__(self, target):
+        c = target.config
+        attn = target.model.layers[0].self_attn
+        self.hidden = c.hidden_size
+        self.shape = cpu_rows.DecoderShape(layers=len(target.model.layers), hidden=c.hidden_size,
+                                           heads=attn.n_heads, kv_heads=attn.n_kv_heads, head_dim=attn.head_dim,
+                                           inner=c.intermediate_size, cache_len=0, eps=float(c.rms_norm_eps))
+        self.weights = (cpu_rows.LayerWeights * self.shape.layers)()
+        self.kept = []  # every tensor behind a pointer, held so that none is freed under the kernel
+        for i, layer in enumerate(target.model.layers):
+            a, m = layer.self_attn, layer.mlp
+            tensors = dict(input_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
+                           q_norm=a.q_norm.weight if a.has_qk_norm else None,
+                           k_norm=a.k_norm.weight if a.has_qk_norm else None,
+                           qkv=a.qkv.panels, qkv_bias=a.qkv.bias, o=a.o_proj.panels, o_bias=a.o_proj.bias,
+                           gate_up=m.gate_up.panels, gate_up_bias=m.gate_up.bias,
+                           down=m.down_proj.panels, down_bias=m.down_proj.bias)
+            for name, t in tensors.items():
+                setattr(self.weights[i], name, _pointer(t))
+            self.kept += [t for t in tensors.values() if t is not None]
+        self.cache = None  # the cache whose pointers `cache_pointers` holds
+        self.cache_pointers = None
+        self.captures: dict[tuple[int, ...], ctypes.Array] = {}
+
+    def bind(self, cache) -> None:
+        """Point the kernel at `cache`'s buffers (once per cache)."""
+        if cache is self.cache:
+            return
+        buffers = [t for pair in zip(cache.k, cache.v) for t in pair]
+        if len(buffers) != 2 * self.shape.layers or any(
+                b.shape[0] != 1 or b.dtype != torch.float32 or not b.is_contiguous() for b in buffers):
+            raise ValueError("the CPU decoder needs a batch-1 contiguous fp32 cache with one K and V per layer")
+        self.cache, self.shape.cache_len = cache, cache.max_len
+        self.cache_pointers = (ctypes.c_void_p * len(buffers))(*(b.data_ptr() for b in buffers))
+
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, positions: torch.Tensor,
+                 slots: torch.Tensor, mask: torch.Tensor | None, cache, capture: tuple[int, ...]):
+        """h [T, hidden] (overwritten with the last layer's output); returns features [T, C * hidden] or None."""
+        self.bind(cache)
+        features = capture_ids = None
+        if capture:
+            capture_ids = self.captures.get(capture)
+            if capture_ids is None:
+                capture_ids = self.captures[capture] = (ctypes.c_int * len(capture))(*capture)
+            features = torch.empty(h.shape[0], len(capture) * self.hidden)
+        args = (self.shape, self.weights, self.cache_pointers, h, cos, sin_signed, positions, slots, mask,
+                capture_ids, len(capture), features)
+        if torch.autograd._profiler_enabled():  # one op in the profiler's tables (profiling/ops.py)
+            with torch.profiler.record_function("hybrid_sd::decoder_layers"):
+                cpu_rows.decoder_layers(*args)
+        else:
+            cpu_rows.decoder_layers(*args)
+        return features

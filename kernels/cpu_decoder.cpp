@@ -1,0 +1,199 @@
+// The decoder layers of a Llama-family target for the few rows of a decoding step or a verify,
+// in one call: per layer the norm, the fused q|k|v product, per-head norms (Qwen3), RoPE, the
+// K/V cache write, attention over the cache, the output product, the residual, the norm, the
+// gate|up product, SiLU(gate) * up, the down product and the residual -- with no Python between
+// them. A step in PyTorch spends ~20 ms of its ~45 on the ops around the products and the
+// dispatch between them (docs/performance.md); here they cost what their arithmetic costs.
+//
+// The products are cpu_rows.cpp's. As there, every number a row gets is computed from that
+// row's inputs alone, in an order that does not depend on how many rows share the call, so a
+// row is bit for bit the same in a 1-token step and in a verify; attention keeps that by
+// walking each row's visible keys in increasing position, one FMA chain per output.
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern "C" void rows_times_panels(const float* x, int M, int K, const float* panels, const float* bias,
+                                  float* out, int N, int threads);
+extern "C" void rms_norm_rows(const float* x, int M, int D, const float* w, float eps, float* out);
+
+struct DecoderShape {  // mirrored by cpu_rows.py's DecoderShape
+    int layers, hidden, heads, kv_heads, head_dim, inner, cache_len;
+    float eps;
+};
+
+struct LayerWeights {  // mirrored by cpu_rows.py's LayerWeights; biases and q/k norms may be null
+    const float *input_norm, *post_norm, *q_norm, *k_norm;
+    const float *qkv, *qkv_bias, *o, *o_bias, *gate_up, *gate_up_bias, *down, *down_bias;
+};
+
+// e^x, each lane on its own (a value gets the same bits in any lane of any call): Cephes'
+// range reduction to [-ln2/2, ln2/2] and degree-5 polynomial, 2^n through the exponent bits
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+static inline float sum8(__m256 v) {  // a fixed order, so a fixed result
+    float l[8];
+    _mm256_storeu_ps(l, v);
+    return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+static inline float dot(const float* a, const float* b, int n) {  // n % 8 == 0
+    __m256 acc = _mm256_setzero_ps();
+    for (int d = 0; d < n; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+    return sum8(acc);
+}
+
+// x * cos + (x rolled by half) * signed sin: RoPE in the rotate-half layout (head_dim % 8 == 0)
+static inline void rope(const float* x, const float* c, const float* s, float* out, int hd) {
+    const int half = hd / 2;
+    if (half % 8) {  // the rolled half does not start on a vector: lane by lane, the same arithmetic
+        for (int i = 0; i < hd; ++i) out[i] = x[i] * c[i] + x[(i + half) % hd] * s[i];
+        return;
+    }
+    for (int i = 0; i < hd; i += 8) {
+        const __m256 xi = _mm256_loadu_ps(x + i), xr = _mm256_loadu_ps(x + (i + half) % hd);
+        _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_mul_ps(xi, _mm256_loadu_ps(c + i)),
+                                                _mm256_mul_ps(xr, _mm256_loadu_ps(s + i))));
+    }
+}
+
+static void add_rows(float* h, const float* delta, int n) {
+    for (int i = 0; i < n; i += 8)
+        _mm256_storeu_ps(h + i, _mm256_add_ps(_mm256_loadu_ps(h + i), _mm256_loadu_ps(delta + i)));
+}
+
+// act[r, i] = silu(gate[r, i]) * up[r, i], gate|up side by side in each row of gu (inner % 8 == 0)
+static void silu_times_up(const float* gu, int M, int inner, float* act) {
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    for (int r = 0; r < M; ++r) {
+        const float* g = gu + (size_t)r * 2 * inner;
+        for (int i = 0; i < inner; i += 8) {
+            const __m256 x = _mm256_loadu_ps(g + i);
+            const __m256 silu = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, x))));
+            _mm256_storeu_ps(act + (size_t)r * inner + i, _mm256_mul_ps(silu, _mm256_loadu_ps(g + inner + i)));
+        }
+    }
+}
+
+// One (row, head): softmax(q . k_j * scale) over the keys the row sees, times v_j. `keys` and
+// `scores` are this task's scratch (room for span + 8).
+static void attend_one(const float* q, const float* k_cache, const float* v_cache, int hd, float scale,
+                       const int* keys, int n, float* scores, float* out) {
+    float top = -INFINITY;
+    for (int i = 0; i < n; ++i) {
+        scores[i] = dot(q, k_cache + (size_t)keys[i] * hd, hd) * scale;
+        top = scores[i] > top ? scores[i] : top;
+    }
+    for (int i = n; i < ((n + 7) & ~7); ++i) scores[i] = top;  // padding lanes, never summed
+    const __m256 m = _mm256_set1_ps(top);
+    for (int i = 0; i < n; i += 8) _mm256_storeu_ps(scores + i, exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + i), m)));
+    float total = 0.0f;
+    for (int i = 0; i < n; ++i) total += scores[i];
+    for (int d = 0; d < hd; d += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int i = 0; i < n; ++i)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[i]), _mm256_loadu_ps(v_cache + (size_t)keys[i] * hd + d), acc);
+        _mm256_storeu_ps(out + d, _mm256_mul_ps(acc, _mm256_set1_ps(1.0f / total)));
+    }
+}
+
+// Returns 0, or -1 where its scratch could not be allocated (nothing written then).
+//   caches: [2 * layers] pointers, layer l's K then V, each [kv_heads, cache_len, head_dim]
+//   h: [M, hidden], the embeddings in, the last layer's output (before the final norm) out
+//   cos, sin_signed: [M, head_dim] at each row's RoPE position
+//   slots: [M] cache positions the rows' K/V go to
+//   mask: [M, span] (1 = may attend) over cache positions 0..span-1; null: row r sees 0..positions[r]
+//   capture: hidden states to copy into features [M, n_capture * hidden], in transformers'
+//   numbering (0 = the embeddings, i = the output of layer i - 1)
+extern "C" int decoder_layers(const DecoderShape* s, const LayerWeights* weights, float* const* caches,
+                              float* h, int M, const float* cos, const float* sin_signed,
+                              const int64_t* positions, const int64_t* slots, const uint8_t* mask, int span,
+                              const int* capture, int n_capture, float* features, int threads) {
+    const int D = s->hidden, H = s->heads, KV = s->kv_heads, hd = s->head_dim, I = s->inner;
+    const int n_qkv = (H + 2 * KV) * hd;
+    int seen = span;  // the widest range of cache positions a row may see
+    if (!mask) {
+        seen = 0;
+        for (int r = 0; r < M; ++r) seen = positions[r] + 1 > seen ? (int)positions[r] + 1 : seen;
+    }
+    const size_t task_room = (size_t)seen + 8;
+    const size_t floats = (size_t)M * (D + n_qkv + 2 * H * hd + D + 2 * I + I + hd) + (size_t)M * H * task_room;
+    float* scratch = (float*)malloc(floats * sizeof(float) + (size_t)M * H * task_room * sizeof(int));
+    if (!scratch) return -1;
+    float *x = scratch, *qkv = x + (size_t)M * D, *q = qkv + (size_t)M * n_qkv, *y = q + (size_t)M * H * hd;
+    float *delta = y + (size_t)M * H * hd, *gu = delta + (size_t)M * D, *act = gu + (size_t)M * 2 * I;
+    float *normed = act + (size_t)M * I, *scores = normed + (size_t)M * hd;
+    int* keys = (int*)(scores + (size_t)M * H * task_room);
+    const float scale = 1.0f / sqrtf((float)hd);
+
+    auto keep = [&](int index) {  // copy h into the features where `index` is captured
+        for (int c = 0; c < n_capture; ++c)
+            if (capture[c] == index)
+                for (int r = 0; r < M; ++r)
+                    memcpy(features + ((size_t)r * n_capture + c) * D, h + (size_t)r * D, D * sizeof(float));
+    };
+    keep(0);
+    for (int l = 0; l < s->layers; ++l) {
+        const LayerWeights& w = weights[l];
+        float *k_cache = caches[2 * l], *v_cache = caches[2 * l + 1];
+        rms_norm_rows(h, M, D, w.input_norm, s->eps, x);
+        rows_times_panels(x, M, D, w.qkv, w.qkv_bias, qkv, n_qkv, threads);
+        for (int r = 0; r < M; ++r) {
+            const float *row = qkv + (size_t)r * n_qkv, *c = cos + (size_t)r * hd, *sn = sin_signed + (size_t)r * hd;
+            for (int head = 0; head < H; ++head) {
+                const float* src = row + head * hd;
+                if (w.q_norm) { rms_norm_rows(src, 1, hd, w.q_norm, s->eps, normed); src = normed; }
+                rope(src, c, sn, q + ((size_t)r * H + head) * hd, hd);
+            }
+            for (int g = 0; g < KV; ++g) {
+                const float* src = row + (H + g) * hd;
+                if (w.k_norm) { rms_norm_rows(src, 1, hd, w.k_norm, s->eps, normed); src = normed; }
+                const size_t at = ((size_t)g * s->cache_len + slots[r]) * hd;
+                rope(src, c, sn, k_cache + at, hd);
+                memcpy(v_cache + at, row + (H + KV + g) * hd, hd * sizeof(float));
+            }
+        }
+        // every row's K/V is in the cache before any row attends (a verify's rows see each other)
+        #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && (size_t)M * H * seen >= 2048)
+        for (int t = 0; t < M * H; ++t) {
+            const int r = t / H, head = t % H, g = head / (H / KV);
+            int* mine = keys + (size_t)t * task_room;
+            int n = 0;
+            if (mask) {
+                for (int j = 0; j < span; ++j)
+                    if (mask[(size_t)r * span + j]) mine[n++] = j;
+            } else {
+                for (int j = 0; j <= positions[r]; ++j) mine[n++] = j;
+            }
+            const size_t kv_at = (size_t)g * s->cache_len * hd;
+            attend_one(q + (size_t)t * hd, k_cache + kv_at, v_cache + kv_at, hd, scale, mine, n,
+                       scores + (size_t)t * task_room, y + (size_t)t * hd);
+        }
+        rows_times_panels(y, M, H * hd, w.o, w.o_bias, delta, D, threads);
+        add_rows(h, delta, M * D);
+        rms_norm_rows(h, M, D, w.post_norm, s->eps, x);
+        rows_times_panels(x, M, D, w.gate_up, w.gate_up_bias, gu, 2 * I, threads);
+        silu_times_up(gu, M, I, act);
+        rows_times_panels(act, M, I, w.down, w.down_bias, delta, D, threads);
+        add_rows(h, delta, M * D);
+        keep(l + 1);
+    }
+    free(scratch);
+    return 0;
+}

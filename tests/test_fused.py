@@ -1,0 +1,140 @@
+"""The fused CPU decoder (kernels/cpu_decoder.cpp through models/fused.py) equals the decoder's
+PyTorch forward, gives a row the same bits in a step and in a verify, and is used exactly
+where it is meant to be: a packed fp32 target, a cache, 1-12 rows, inference."""
+import pytest
+import torch
+
+from helpers import tiny_target
+from hybrid_sd.kernels import cpu_rows
+from hybrid_sd.models import fused
+from hybrid_sd.models.packed_linear import cpu_kernels_ready
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels_ready(),
+                                  reason=f"the CPU kernel library cannot run here: {cpu_rows.why_not()}")
+CAPTURE = (0, 2, 5, 8)
+CONTEXT = 20
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+def fused_target(request, tmp_path_factory):
+    """qwen2: q/k/v biases; qwen3: per-head q/k norms and a head size (24) whose half is off the vector width."""
+    model, _ = tiny_target(tmp_path_factory.mktemp("fused"), request.param, seed=3)
+    return model
+
+
+def forward_both(target, tokens, positions, tree=None, context=CONTEXT, seed=0):
+    """(fused, module) results of the same step, each on its own copy of one prefilled cache:
+    (hidden, features, cache)."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, target.config.vocab_size, (1, context), generator=g)
+    results = []
+    for use_kernel in (True, False):
+        cache = target.new_cache(64)
+        kept, target.fused_layers = target.fused_layers, (target.fused_layers if use_kernel else None)
+        try:
+            with torch.inference_mode():
+                target(prompt, torch.arange(context), cache, causal=True)
+                hidden, feats = target(tokens[None], positions, cache, 32, CAPTURE, tree=tree)
+        finally:
+            target.fused_layers = kept
+        results.append((hidden, feats, cache))
+    return results
+
+
+@needs_kernel
+def test_packed_targets_run_fused(fused_target):
+    """Every family of the tiny targets takes the fused path, so the lossless suites run it too."""
+    assert fused_target.fused_layers is not None
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 7, 12])
+def test_fused_equals_the_module_forward(fused_target, rows):
+    g = torch.Generator().manual_seed(rows)
+    tokens = torch.randint(0, fused_target.config.vocab_size, (rows,), generator=g)
+    positions = torch.arange(CONTEXT, CONTEXT + rows)
+    (h_f, f_f, c_f), (h_m, f_m, c_m) = forward_both(fused_target, tokens, positions)
+    torch.testing.assert_close(h_f, h_m, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(f_f, f_m, rtol=1e-4, atol=1e-4)
+    for layer in range(fused_target.n_layers):  # the rows' K/V written where the module writes them
+        torch.testing.assert_close(c_f.k[layer][:, :, :CONTEXT + rows], c_m.k[layer][:, :, :CONTEXT + rows],
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(c_f.v[layer][:, :, :CONTEXT + rows], c_m.v[layer][:, :, :CONTEXT + rows],
+                                   rtol=1e-4, atol=1e-4)
+    assert f_f.shape == (1, rows, len(CAPTURE) * fused_target.config.hidden_size)
+
+
+@needs_kernel
+def test_fused_tree_equals_the_module_forward(fused_target):
+    """A draft tree's rows: repeated RoPE positions, K/V at their own slots, an ancestor mask."""
+    parents = [-1, 0, 0, 1, 2, 2]  # node i's parent (-1: the bonus row)
+    rows = len(parents) + 1
+    depth = [0]
+    for p in parents:
+        depth.append(depth[p + 1] + 1)
+    span = 32
+    mask = torch.zeros(rows, span, dtype=torch.bool)
+    mask[:, :CONTEXT] = True
+    for i in range(rows):
+        node = i
+        while node >= 0:
+            mask[i, CONTEXT + node] = True
+            node = parents[node - 1] + 1 if node > 0 else -1
+    positions = CONTEXT + torch.tensor(depth)
+    slots = torch.arange(CONTEXT, CONTEXT + rows)
+    tokens = torch.randint(0, fused_target.config.vocab_size, (rows,), generator=torch.Generator().manual_seed(9))
+    (h_f, f_f, _), (h_m, f_m, _) = forward_both(fused_target, tokens, positions, tree=(slots, mask))
+    torch.testing.assert_close(h_f, h_m, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(f_f, f_m, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_a_rows_bits_do_not_depend_on_the_rows_beside_it(fused_target):
+    """A verify of 7 rows gives each row exactly what 7 one-token steps give it: plain decoding
+    and every drafter's verify then agree on the target's logits bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, fused_target.config.vocab_size, (1, CONTEXT), generator=g)
+    tokens = torch.randint(0, fused_target.config.vocab_size, (1, 7), generator=g)
+    outs = []
+    for steps in ([slice(0, 7)], [slice(i, i + 1) for i in range(7)]):
+        cache = fused_target.new_cache(64)
+        with torch.inference_mode():
+            fused_target(prompt, torch.arange(CONTEXT), cache, causal=True)
+            hidden = [fused_target(tokens[:, s], torch.arange(CONTEXT + s.start, CONTEXT + s.stop), cache, 32, CAPTURE)
+                      for s in steps]
+        outs.append((torch.cat([h for h, _ in hidden], 1), torch.cat([f for _, f in hidden], 1), cache))
+    (h7, f7, c7), (h1, f1, c1) = outs
+    assert torch.equal(h7, h1) and torch.equal(f7, f1)
+    assert all(torch.equal(a, b) for a, b in zip(c7.tensors(), c1.tensors()))
+
+
+@needs_kernel
+def test_the_kernel_runs_only_where_it_is_meant_to(fused_target, monkeypatch):
+    """1-12 rows with a cache under inference: the kernel; 13 rows, no cache, or gradients on:
+    the module forward."""
+    calls = []
+    real = cpu_rows.decoder_layers
+    monkeypatch.setattr(cpu_rows, "decoder_layers", lambda *a: calls.append(a[3].shape[0]) or real(*a))
+    cache = fused_target.new_cache(64)
+    with torch.inference_mode():
+        for rows in (1, fused.MAX_ROWS, fused.MAX_ROWS + 1):
+            fused_target(torch.zeros(1, rows, dtype=torch.long), torch.arange(rows), cache, 32)
+        fused_target(torch.zeros(1, 3, dtype=torch.long), torch.arange(3))  # no cache: training's causal forward
+    with torch.no_grad():
+        fused_target(torch.zeros(1, 2, dtype=torch.long), torch.arange(2), cache, 32)
+    with torch.enable_grad():
+        fused_target(torch.zeros(1, 2, dtype=torch.long), torch.arange(2), fused_target.new_cache(64), 32)
+    assert calls == [1, fused.MAX_ROWS, 2]
+
+
+@needs_kernel
+def test_rows_outside_the_cache_are_refused(fused_target):
+    """The kernel writes the cache unchecked: a slot past its end must fail before it runs."""
+    cache = fused_target.new_cache(16)
+    with torch.inference_mode(), pytest.raises(ValueError, match="cache positions"):
+        fused_target(torch.zeros(1, 2, dtype=torch.long), torch.tensor([15, 16]), cache, 16)
+
+
+def test_an_unpacked_target_is_not_fused(tmp_path):
+    model, _ = tiny_target(tmp_path, "llama", pack=False)
+    assert model.fused_layers is None
