@@ -113,6 +113,64 @@ static void attend_one(const float* q, const float* k_cache, const float* v_cach
     }
 }
 
+// The rows' q|k|v products (qkv [M, (H + 2 KV) hd]) to RoPE'd queries q [M, H, hd] and, at
+// their slots, RoPE'd keys and values in the cache; per-head norms first where given
+static void queries_and_cache(const float* qkv, int M, int H, int KV, int hd, const float* q_norm,
+                              const float* k_norm, float eps, const float* cos, const float* sin_signed,
+                              const int64_t* slots, float* k_cache, float* v_cache, int cache_len,
+                              float* q, float* normed) {
+    const int n_qkv = (H + 2 * KV) * hd;
+    for (int r = 0; r < M; ++r) {
+        const float *row = qkv + (size_t)r * n_qkv, *c = cos + (size_t)r * hd, *sn = sin_signed + (size_t)r * hd;
+        for (int head = 0; head < H; ++head) {
+            const float* src = row + head * hd;
+            if (q_norm) { rms_norm_rows(src, 1, hd, q_norm, eps, normed); src = normed; }
+            rope(src, c, sn, q + ((size_t)r * H + head) * hd, hd);
+        }
+        for (int g = 0; g < KV; ++g) {
+            const float* src = row + (H + g) * hd;
+            if (k_norm) { rms_norm_rows(src, 1, hd, k_norm, eps, normed); src = normed; }
+            const size_t at = ((size_t)g * cache_len + slots[r]) * hd;
+            rope(src, c, sn, k_cache + at, hd);
+            memcpy(v_cache + at, row + (H + KV + g) * hd, hd * sizeof(float));
+        }
+    }
+}
+
+// y [M, H, hd]: each row's heads attending over the cache positions it sees (mask row, or 0..
+// positions[r]); keys and scores: scratch of `room` per (row, head)
+static void attention(const float* q, int M, int H, int KV, int hd, const float* k_cache, const float* v_cache,
+                      int cache_len, const int64_t* positions, const uint8_t* mask, int span, int seen,
+                      size_t room, int* keys, float* scores, float* y, int threads) {
+    const float scale = 1.0f / sqrtf((float)hd);
+    #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && (size_t)M * H * seen >= 2048)
+    for (int t = 0; t < M * H; ++t) {
+        const int r = t / H, head = t % H, g = head / (H / KV);
+        int* mine = keys + (size_t)t * room;
+        int n = 0;
+        if (mask) {
+            for (int j = 0; j < span; ++j)
+                if (mask[(size_t)r * span + j]) mine[n++] = j;
+        } else {
+            for (int j = 0; j <= positions[r]; ++j) mine[n++] = j;
+        }
+        const size_t kv_at = (size_t)g * cache_len * hd;
+        attend_one(q + (size_t)t * hd, k_cache + kv_at, v_cache + kv_at, hd, scale, mine, n,
+                   scores + (size_t)t * room, y + (size_t)t * hd);
+    }
+}
+
+// h += down(silu(gate) * up) of norm(h): the MLP half of a layer, with its residual
+static void mlp(float* h, int M, int D, int I, const float* norm, float eps, const float* gate_up,
+                const float* gate_up_bias, const float* down, const float* down_bias, float* x, float* gu,
+                float* act, float* delta, int threads) {
+    rms_norm_rows(h, M, D, norm, eps, x);
+    rows_times_panels(x, M, D, gate_up, gate_up_bias, gu, 2 * I, threads);
+    silu_times_up(gu, M, I, act);
+    rows_times_panels(act, M, I, down, down_bias, delta, D, threads);
+    add_rows(h, delta, M * D);
+}
+
 // Returns 0, or -1 where its scratch could not be allocated (nothing written then).
 //   caches: [2 * layers] pointers, layer l's K then V, each [kv_heads, cache_len, head_dim]
 //   h: [M, hidden], the embeddings in, the last layer's output (before the final norm) out
@@ -132,15 +190,14 @@ extern "C" int decoder_layers(const DecoderShape* s, const LayerWeights* weights
         seen = 0;
         for (int r = 0; r < M; ++r) seen = positions[r] + 1 > seen ? (int)positions[r] + 1 : seen;
     }
-    const size_t task_room = (size_t)seen + 8;
-    const size_t floats = (size_t)M * (D + n_qkv + 2 * H * hd + D + 2 * I + I + hd) + (size_t)M * H * task_room;
-    float* scratch = (float*)malloc(floats * sizeof(float) + (size_t)M * H * task_room * sizeof(int));
+    const size_t room = (size_t)seen + 8;
+    const size_t floats = (size_t)M * (D + n_qkv + 2 * H * hd + D + 2 * I + I + hd) + (size_t)M * H * room;
+    float* scratch = (float*)malloc(floats * sizeof(float) + (size_t)M * H * room * sizeof(int));
     if (!scratch) return -1;
     float *x = scratch, *qkv = x + (size_t)M * D, *q = qkv + (size_t)M * n_qkv, *y = q + (size_t)M * H * hd;
     float *delta = y + (size_t)M * H * hd, *gu = delta + (size_t)M * D, *act = gu + (size_t)M * 2 * I;
     float *normed = act + (size_t)M * I, *scores = normed + (size_t)M * hd;
-    int* keys = (int*)(scores + (size_t)M * H * task_room);
-    const float scale = 1.0f / sqrtf((float)hd);
+    int* keys = (int*)(scores + (size_t)M * H * room);
 
     auto keep = [&](int index) {  // copy h into the features where `index` is captured
         for (int c = 0; c < n_capture; ++c)
@@ -154,45 +211,75 @@ extern "C" int decoder_layers(const DecoderShape* s, const LayerWeights* weights
         float *k_cache = caches[2 * l], *v_cache = caches[2 * l + 1];
         rms_norm_rows(h, M, D, w.input_norm, s->eps, x);
         rows_times_panels(x, M, D, w.qkv, w.qkv_bias, qkv, n_qkv, threads);
-        for (int r = 0; r < M; ++r) {
-            const float *row = qkv + (size_t)r * n_qkv, *c = cos + (size_t)r * hd, *sn = sin_signed + (size_t)r * hd;
-            for (int head = 0; head < H; ++head) {
-                const float* src = row + head * hd;
-                if (w.q_norm) { rms_norm_rows(src, 1, hd, w.q_norm, s->eps, normed); src = normed; }
-                rope(src, c, sn, q + ((size_t)r * H + head) * hd, hd);
-            }
-            for (int g = 0; g < KV; ++g) {
-                const float* src = row + (H + g) * hd;
-                if (w.k_norm) { rms_norm_rows(src, 1, hd, w.k_norm, s->eps, normed); src = normed; }
-                const size_t at = ((size_t)g * s->cache_len + slots[r]) * hd;
-                rope(src, c, sn, k_cache + at, hd);
-                memcpy(v_cache + at, row + (H + KV + g) * hd, hd * sizeof(float));
-            }
-        }
+        queries_and_cache(qkv, M, H, KV, hd, w.q_norm, w.k_norm, s->eps, cos, sin_signed, slots, k_cache, v_cache,
+                          s->cache_len, q, normed);
         // every row's K/V is in the cache before any row attends (a verify's rows see each other)
-        #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && (size_t)M * H * seen >= 2048)
-        for (int t = 0; t < M * H; ++t) {
-            const int r = t / H, head = t % H, g = head / (H / KV);
-            int* mine = keys + (size_t)t * task_room;
-            int n = 0;
-            if (mask) {
-                for (int j = 0; j < span; ++j)
-                    if (mask[(size_t)r * span + j]) mine[n++] = j;
-            } else {
-                for (int j = 0; j <= positions[r]; ++j) mine[n++] = j;
-            }
-            const size_t kv_at = (size_t)g * s->cache_len * hd;
-            attend_one(q + (size_t)t * hd, k_cache + kv_at, v_cache + kv_at, hd, scale, mine, n,
-                       scores + (size_t)t * task_room, y + (size_t)t * hd);
-        }
+        attention(q, M, H, KV, hd, k_cache, v_cache, s->cache_len, positions, mask, span, seen, room, keys, scores,
+                  y, threads);
         rows_times_panels(y, M, H * hd, w.o, w.o_bias, delta, D, threads);
         add_rows(h, delta, M * D);
-        rms_norm_rows(h, M, D, w.post_norm, s->eps, x);
-        rows_times_panels(x, M, D, w.gate_up, w.gate_up_bias, gu, 2 * I, threads);
-        silu_times_up(gu, M, I, act);
-        rows_times_panels(act, M, I, w.down, w.down_bias, delta, D, threads);
-        add_rows(h, delta, M * D);
+        mlp(h, M, D, I, w.post_norm, s->eps, w.gate_up, w.gate_up_bias, w.down, w.down_bias, x, gu, act, delta, threads);
         keep(l + 1);
+    }
+    free(scratch);
+    return 0;
+}
+
+struct DraftShape {  // mirrored by cpu_rows.py's DraftShape
+    int hidden, heads, kv_heads, head_dim, inner, draft_vocab, cache_len, norm_before_residual, norm_output;
+    float eps;
+};
+
+struct DraftWeights {  // mirrored by cpu_rows.py's DraftWeights; biases may be null
+    const float *input_norm, *hidden_norm, *post_norm, *final_norm;
+    const float *qkv, *qkv_bias, *o, *o_bias, *gate_up, *gate_up_bias, *down, *down_bias, *lm_head;
+    const float* embed;             // the token embedding the drafter reads, [vocab, hidden]
+    const int64_t* d2t;             // draft id -> target id offset, [draft_vocab]
+    const float *cos, *sin_signed;  // RoPE tables, [cache_len, head_dim]
+    float *k_cache, *v_cache;       // the drafter's layer, [kv_heads, cache_len, head_dim]
+};
+
+// An EAGLE-3 head's greedy chain of k tokens: from g [hidden] (its fused target features, then
+// its own hidden state) and the token at position start, k times: embed the token, run the
+// layer at the next position (K/V into the drafter's cache), the final norm and the draft-vocab
+// head, and take the argmax (mapped to a target id). Writes tokens [k] and each one's drafter
+// probability [k]. Returns 0, or -1 where its scratch could not be allocated.
+extern "C" int eagle3_chain(const DraftShape* s, const DraftWeights* w, float* g, int64_t token, int64_t start,
+                            int k, int64_t* tokens, float* confidence, int threads) {
+    const int D = s->hidden, H = s->heads, KV = s->kv_heads, hd = s->head_dim, I = s->inner, V = s->draft_vocab;
+    const int n_qkv = (H + 2 * KV) * hd;
+    const size_t room = (size_t)start + k + 8;
+    const size_t floats = (size_t)2 * D + n_qkv + 2 * H * hd + 4 * D + 3 * I + hd + V + (size_t)H * room;
+    float* scratch = (float*)malloc(floats * sizeof(float) + (size_t)H * room * sizeof(int));
+    if (!scratch) return -1;
+    float *a = scratch, *qkv = a + 2 * D, *q = qkv + n_qkv, *y = q + H * hd, *h = y + H * hd, *x = h + D;
+    float *delta = x + D, *normed = delta + D, *gu = normed + D, *act = gu + 2 * I, *head_normed = act + I;
+    float *logits = head_normed + hd, *scores = logits + V;
+    int* keys = (int*)(scores + (size_t)H * room);
+    for (int j = 0; j < k; ++j) {
+        const int64_t pos = start + j;
+        rms_norm_rows(w->embed + (size_t)token * D, 1, D, w->input_norm, s->eps, a);
+        rms_norm_rows(g, 1, D, w->hidden_norm, s->eps, a + D);
+        memcpy(h, s->norm_before_residual ? a + D : g, D * sizeof(float));
+        rows_times_panels(a, 1, 2 * D, w->qkv, w->qkv_bias, qkv, n_qkv, threads);
+        queries_and_cache(qkv, 1, H, KV, hd, nullptr, nullptr, s->eps, w->cos + (size_t)pos * hd,
+                          w->sin_signed + (size_t)pos * hd, &pos, w->k_cache, w->v_cache, s->cache_len, q, head_normed);
+        attention(q, 1, H, KV, hd, w->k_cache, w->v_cache, s->cache_len, &pos, nullptr, 0, (int)pos + 1, room, keys,
+                  scores, y, threads);
+        rows_times_panels(y, 1, H * hd, w->o, w->o_bias, delta, D, threads);
+        add_rows(h, delta, D);
+        mlp(h, 1, D, I, w->post_norm, s->eps, w->gate_up, w->gate_up_bias, w->down, w->down_bias, x, gu, act, delta,
+            threads);
+        rms_norm_rows(h, 1, D, w->final_norm, s->eps, normed);
+        rows_times_panels(normed, 1, D, w->lm_head, nullptr, logits, V, threads);
+        int best = 0;
+        for (int v = 1; v < V; ++v) best = logits[v] > logits[best] ? v : best;  // the first of equal maxima
+        float total = 0.0f;
+        for (int v = 0; v < V; ++v) total += expf(logits[v] - logits[best]);
+        token = best + w->d2t[best];
+        tokens[j] = token;
+        confidence[j] = 1.0f / total;
+        memcpy(g, s->norm_output ? normed : h, D * sizeof(float));
     }
     free(scratch);
     return 0;

@@ -39,6 +39,7 @@ ENV_SWITCH = "HYBRID_SD_CPU_KERNEL"  # =off keeps the PyTorch paths (for A/B run
 _rows_times_panels = None
 _rms_norm_rows = None
 _decoder_layers = None
+_eagle3_chain = None
 _why_not: str | None = None  # why it did not, once it failed
 
 
@@ -144,14 +145,43 @@ def decoder_layers(shape: DecoderShape, weights, caches, h: torch.Tensor, cos: t
         raise MemoryError("the CPU decoder could not allocate its scratch")
 
 
+class DraftShape(ctypes.Structure):
+    """cpu_decoder.cpp's DraftShape: an EAGLE-3 head's sizes and flags, and its cache's length."""
+    _fields_ = [(name, ctypes.c_int) for name in
+                ("hidden", "heads", "kv_heads", "head_dim", "inner", "draft_vocab", "cache_len",
+                 "norm_before_residual", "norm_output")] + [("eps", ctypes.c_float)]
+
+
+class DraftWeights(ctypes.Structure):
+    """cpu_decoder.cpp's DraftWeights: an EAGLE-3 head's weights, tables and cache (null: no such bias)."""
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("input_norm", "hidden_norm", "post_norm", "final_norm", "qkv", "qkv_bias", "o", "o_bias",
+                 "gate_up", "gate_up_bias", "down", "down_bias", "lm_head", "embed", "d2t", "cos", "sin_signed",
+                 "k_cache", "v_cache")]
+
+
+def eagle3_chain(shape: DraftShape, weights: DraftWeights, g: torch.Tensor, token: int, start: int, k: int):
+    """An EAGLE-3 head's greedy chain of k tokens (after a successful `load`): from g [hidden]
+    (fused target features; overwritten) and `token` at position `start`. Returns (target ids
+    [k] int64, drafter probabilities [k]). The reference is ARDrafter.graph_step, greedy."""
+    _checked(g, torch.float32, (shape.hidden,), "g")
+    if start < 0 or start + k > shape.cache_len:  # the kernel writes the drafter's cache unchecked
+        raise ValueError(f"a chain at positions {start}..{start + k} does not fit a {shape.cache_len}-position cache")
+    tokens, confidence = torch.empty(k, dtype=torch.int64), torch.empty(k)
+    if _eagle3_chain(ctypes.byref(shape), ctypes.byref(weights), g.data_ptr(), token, start, k, tokens.data_ptr(),
+                     confidence.data_ptr(), torch.get_num_threads()) != 0:
+        raise MemoryError("the CPU drafter chain could not allocate its scratch")
+    return tokens, confidence
+
+
 def load(build_dir: Path) -> bool:
     """Build (first time on this machine) and load the kernel; False, with `why_not()`, where it
     cannot run here. Tried once per process."""
-    global _rows_times_panels, _rms_norm_rows, _decoder_layers, _why_not
+    global _rows_times_panels, _rms_norm_rows, _decoder_layers, _eagle3_chain, _why_not
     if _rows_times_panels is not None or _why_not is not None:
         return _rows_times_panels is not None
     try:
-        _rows_times_panels, _rms_norm_rows, _decoder_layers = _load(build_dir)
+        _rows_times_panels, _rms_norm_rows, _decoder_layers, _eagle3_chain = _load(build_dir)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _why_not = str(e).strip() or type(e).__name__
         if not turned_off():
@@ -230,4 +260,8 @@ def _load(build_dir: Path):
                        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                        ctypes.c_void_p, ctypes.c_int]
-    return function, norm, layers
+    chain = library.eagle3_chain
+    chain.restype = ctypes.c_int
+    chain.argtypes = [ctypes.POINTER(DraftShape), ctypes.POINTER(DraftWeights), ctypes.c_void_p, ctypes.c_int64,
+                      ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    return function, norm, layers, chain

@@ -4,6 +4,7 @@ where it is meant to be: a packed fp32 target, a cache, 1-12 rows, inference."""
 import pytest
 import torch
 
+import helpers
 from helpers import tiny_target
 from hybrid_sd.kernels import cpu_rows
 from hybrid_sd.models import fused
@@ -138,3 +139,63 @@ def test_rows_outside_the_cache_are_refused(fused_target):
 def test_an_unpacked_target_is_not_fused(tmp_path):
     model, _ = tiny_target(tmp_path, "llama", pack=False)
     assert model.fused_layers is None
+
+
+def recorded_drafts(drafter, target, prompts, chained: bool, sampling=None):
+    """Every draft (tokens, confidence) an AR engine makes over `prompts`, with the kernel's
+    chain or with the PyTorch steps."""
+    from hybrid_sd.verify import Sampling
+    kept, drafter.chain = drafter.chain, (drafter.chain if chained else None)
+    drafts, draft = [], drafter.draft
+
+    def spy(ctx, k, s, generator=None):
+        d = draft(ctx, k, s, generator)
+        drafts.append((d.tokens.tolist(), d.confidence))
+        return d
+    drafter.draft = spy
+    try:
+        e = helpers.engine(target, drafters=drafter, k=6)
+        outs = [e.generate(p, 24, sampling or Sampling()).token_ids for p in prompts]
+    finally:
+        drafter.chain = kept
+        del drafter.draft
+    return drafts, outs
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", [{}, {"norm_before_residual": True, "norm_output": True}, {"hidden": 32}])
+def test_the_ar_chain_drafts_what_its_pytorch_steps_draft(tmp_path, variant):
+    """The kernel's greedy chain = ARDrafter.graph_step's, draft by draft (same tokens, the same
+    probabilities to float rounding), for the head's variants: plain, normed residual and
+    output, and a head narrower than the target with its own embedding."""
+    from hybrid_sd.drafters.ar import ARDrafter
+    from hybrid_sd.models.packed_linear import pack_linears
+    target, _ = tiny_target(tmp_path, "llama", seed=5)
+    hidden = variant.pop("hidden", None)
+    path = helpers.write_eagle3_checkpoint(tmp_path / "ar", target.config, hidden=hidden, **variant)
+    drafter = pack_linears(ARDrafter.from_pretrained(path, target))
+    assert drafter.chain is not None
+    prompts = helpers.random_prompts(6, seed=2)
+    chained, out_chained = recorded_drafts(drafter, target, prompts, True)
+    stepped, out_stepped = recorded_drafts(drafter, target, prompts, False)
+    assert [t for t, _ in chained] == [t for t, _ in stepped] and out_chained == out_stepped
+    assert len(chained) >= 20
+    for (_, a), (_, b) in zip(chained, stepped):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+def test_the_ar_chain_runs_only_for_greedy_drafts(tmp_path, monkeypatch):
+    from hybrid_sd.drafters.ar import ARDrafter
+    from hybrid_sd.models.packed_linear import pack_linears
+    from hybrid_sd.verify import Sampling
+    target, _ = tiny_target(tmp_path, "llama", seed=5)
+    drafter = pack_linears(ARDrafter.from_pretrained(helpers.write_eagle3_checkpoint(tmp_path / "ar", target.config), target))
+    calls = []
+    real = cpu_rows.eagle3_chain
+    monkeypatch.setattr(cpu_rows, "eagle3_chain", lambda *a: calls.append(a[-1]) or real(*a))
+    prompts = helpers.random_prompts(2, seed=4)
+    recorded_drafts(drafter, target, prompts, True, Sampling(temperature=0.8, seed=1))
+    assert calls == []
+    drafts, _ = recorded_drafts(drafter, target, prompts, True)
+    assert len(calls) == len(drafts) > 0

@@ -22,8 +22,10 @@ from ..cache import KVCache
 from ..config import TREE_WIDTH
 from ..errors import UserError
 from ..graphs import kv_bucket
+from ..models.packed_linear import AfterPacking
 from ..models.transformer import MLP, RMSNorm, apply_rope, attend, rope_inv_freq, rope_tables
 from ..verify import Sampling
+from .ar_chain import FusedChain, why_not_chained
 from .base import Context, Draft, GraphedStep, pick_tokens
 from .checkpoint import (build_config, check_architecture, check_fits, config_int, layer_id_list, load_strict,
                          read_checkpoint, require_tensors, write_checkpoint)
@@ -100,7 +102,7 @@ class Eagle3Layer(nn.Module):
         return a, (g_normed if self.norm_before_residual else g)
 
 
-class ARDrafter(GraphedStep, nn.Module):
+class ARDrafter(GraphedStep, AfterPacking):
     name = "ar"
     default_k = 6
 
@@ -133,7 +135,11 @@ class ARDrafter(GraphedStep, nn.Module):
         self.embed = [embed]  # the target's embedding, held outside this module's state dict
         self.cache: KVCache | None = None
         self.frontier = 0
+        self.chain: FusedChain | None = None  # the greedy chain through the CPU kernel, once packed
         self.init_graphs()
+
+    def after_packing(self) -> None:
+        self.chain = None if why_not_chained(self) else FusedChain(self)
 
     # ---- checkpoint format -------------------------------------------------------------
     @classmethod
@@ -382,6 +388,11 @@ class ARDrafter(GraphedStep, nn.Module):
         device = self.lm_head.weight.device
         if k <= 0 or n == 0:
             return Draft(torch.empty(0, dtype=torch.long, device=device))
+        if self.chain is not None and sampling.greedy and self.step_graphs.mode == "eager":
+            self.chain.bind(self.cache, self.rope_cos, self.rope_sin)
+            g = self.fuse(ctx.feature_rows(self.feature_layers, n - 1, n))
+            tokens, confidence = self.chain(g[0], int(ctx.tokens[n]), n - 1, k)
+            return Draft(tokens, None, confidence)
         start = torch.full((1,), n - 1, dtype=torch.long, device=device)
         tokens, confidence, proposals = self.replay_draft(n, k, sampling, generator, ctx.feature_rows(
             self.feature_layers, n - 1, n), ctx.tokens[n:n + 1], start)

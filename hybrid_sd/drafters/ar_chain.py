@@ -1,0 +1,83 @@
+"""An EAGLE-3 head's greedy chain as one call into the CPU kernel library (kernels/cpu_decoder.cpp).
+
+A chain of k draft tokens is k runs of the head's layer, norm, draft-vocab head and argmax,
+each fed the last: in PyTorch ~25 ops and a host round trip a token (~1.7 ms on SmolLM2's
+head, most of it dispatch); as one kernel call, what the arithmetic costs. `ARDrafter.graph_step`
+stays its reference and runs sampled chains, trees and every graph mode.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels import cpu_rows
+from ..models.packed_linear import PackedLinear
+from ..models.transformer import signed_sin
+
+
+def _panels(linear) -> torch.Tensor | None:
+    return linear.panels if isinstance(linear, PackedLinear) else None
+
+
+def why_not_chained(drafter) -> str | None:
+    """Why the kernel cannot run this packed drafter's greedy chain (None: it can)."""
+    layer, c = drafter.midlayer, drafter.config
+    attn = layer.self_attn
+    products = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, layer.mlp.gate_up, layer.mlp.down_proj,
+                drafter.lm_head)
+    norms = (layer.input_layernorm, layer.hidden_norm, layer.post_attention_layernorm, drafter.norm)
+    if any(_panels(p) is None for p in products) or not all(n.cpu_kernel for n in norms):
+        return "not packed for the kernel"
+    embed = drafter.embed[0].weight
+    if embed.dtype != torch.float32 or not embed.is_contiguous() or embed.shape[1] != c.hidden_size:
+        return "its embedding is not a contiguous fp32 table of the head's width"
+    if c.hidden_size % 8 or drafter.head_dim % 8 or c.intermediate_size % 8 or attn.n_heads % attn.n_kv_heads:
+        return "hidden size, head size or MLP width off the kernel's vector multiples"
+    return None
+
+
+class FusedChain:
+    """A packed ARDrafter's greedy chain through the kernel; `bind` points it at the drafter's
+    cache and RoPE tables (rebuilt by `reset`)."""
+
+    def __init__(self, drafter):
+        layer, c = drafter.midlayer, drafter.config
+        attn = layer.self_attn
+        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
+        biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+        qkv_bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        self.hidden = c.hidden_size
+        self.shape = cpu_rows.DraftShape(
+            hidden=c.hidden_size, heads=attn.n_heads, kv_heads=attn.n_kv_heads, head_dim=drafter.head_dim,
+            inner=c.intermediate_size, draft_vocab=drafter.draft_vocab, cache_len=0,
+            norm_before_residual=int(layer.norm_before_residual), norm_output=int(drafter.norm_output),
+            eps=float(c.rms_norm_eps))
+        tensors = dict(input_norm=layer.input_layernorm.weight, hidden_norm=layer.hidden_norm.weight,
+                       post_norm=layer.post_attention_layernorm.weight, final_norm=drafter.norm.weight,
+                       qkv=cpu_rows.panels_of(qkv), qkv_bias=qkv_bias, o=attn.o_proj.panels, o_bias=attn.o_proj.bias,
+                       gate_up=layer.mlp.gate_up.panels, gate_up_bias=layer.mlp.gate_up.bias,
+                       down=layer.mlp.down_proj.panels, down_bias=layer.mlp.down_proj.bias,
+                       lm_head=drafter.lm_head.panels, embed=drafter.embed[0].weight, d2t=drafter.d2t)
+        self.weights = cpu_rows.DraftWeights(**{name: None if t is None else t.data_ptr() for name, t in tensors.items()})
+        self.kept = list(tensors.values())  # held: the kernel reads them through raw pointers
+        self.cache = None
+        self.tables = ()
+
+    def bind(self, cache, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> None:
+        if cache is self.cache:
+            return
+        k, v = cache.k[0], cache.v[0]
+        if k.shape[0] != 1 or k.dtype != torch.float32 or not (k.is_contiguous() and v.is_contiguous()):
+            raise ValueError("the CPU drafter chain needs the drafter's batch-1 contiguous fp32 cache")
+        self.tables = (rope_cos.contiguous(), signed_sin(rope_sin).contiguous())
+        self.weights.cos, self.weights.sin_signed = (t.data_ptr() for t in self.tables)
+        self.weights.k_cache, self.weights.v_cache = k.data_ptr(), v.data_ptr()
+        self.shape.cache_len = min(cache.max_len, self.tables[0].shape[0])
+        self.cache = cache
+
+    def __call__(self, g: torch.Tensor, token: int, start: int, k: int):
+        """(target ids [k], drafter probabilities [k]) of the greedy chain from fused features
+        g [hidden] and the token at position `start`."""
+        if torch.autograd._profiler_enabled():
+            with torch.profiler.record_function("hybrid_sd::eagle3_chain"):
+                return cpu_rows.eagle3_chain(self.shape, self.weights, g, token, start, k)
+        return cpu_rows.eagle3_chain(self.shape, self.weights, g, token, start, k)
