@@ -1,8 +1,9 @@
-// The decoder layers of a Llama-family target for the few rows of a decoding step or a verify,
-// in one call: per layer the norm, the fused q|k|v product, per-head norms (Qwen3), RoPE, the
-// K/V cache write, attention over the cache, the output product, the residual, the norm, the
-// gate|up product, SiLU(gate) * up, the down product and the residual -- with no Python between
-// them. A step in PyTorch spends ~20 ms of its ~45 on the ops around the products and the
+// Whole layers for the few rows of a decoding step, a verify or a draft, each in one call:
+// `decoder_layers`, a Llama-family target's stack, and `eagle3_chain`, an EAGLE-3 head's greedy
+// chain of k tokens (below). For the target, per layer: the norm, the fused q|k|v product,
+// per-head norms (Qwen3), RoPE, the K/V cache write, attention over the cache, the output
+// product, the residual, the norm, the gate|up product, SiLU(gate) * up, the down product and
+// the residual -- with no Python between them. A step in PyTorch spends ~20 ms of its ~45 on the ops around the products and the
 // dispatch between them (docs/performance.md); here they cost what their arithmetic costs.
 //
 // The products are cpu_rows.cpp's. As there, every number a row gets is computed from that

@@ -1,8 +1,9 @@
 """The project's CPU kernel library (x86 with AVX2): a few rows times a linear's weight, the
 product of every decoding step and every verify (see cpu_rows.cpp for the kernel and why its
 layout); RMSNorm in one call (torch runs it on the CPU as seven small ops, ~45 us for one row,
-61 times a step); and a Llama-family decoder's layers for those few rows in one call
-(cpu_decoder.cpp), which leaves no Python or dispatch between a step's ops.
+61 times a step); and whole layers for those few rows in one call (cpu_decoder.cpp): a
+Llama-family target's stack and an EAGLE-3 head's greedy chain, which leave no Python or
+dispatch between a step's ops.
 
 The kernel is C++, built once per machine with the system's g++ into a cache directory and
 loaded with ctypes; it links torch's own OpenMP runtime, so its threads are torch's. Where it
