@@ -285,3 +285,66 @@ extern "C" int eagle3_chain(const DraftShape* s, const DraftWeights* w, float* g
     free(scratch);
     return 0;
 }
+
+// An EAGLE-3 head's catch-up: rows built from target features (g [n, hidden], after fc) and the
+// next tokens, at `positions`, leave only their K/V in the drafter's cache -- the norms, the k|v
+// product (kv panels, [K V] of the head's q|k|v) and RoPE, nothing else. Returns 0, or -1 where
+// its scratch could not be allocated.
+extern "C" int eagle3_catch_up(const DraftShape* s, const DraftWeights* w, const float* kv_panels,
+                               const float* kv_bias, const float* g, const int64_t* tokens,
+                               const int64_t* positions, int n, int threads) {
+    const int D = s->hidden, KV = s->kv_heads, hd = s->head_dim, n_kv = 2 * KV * hd;
+    float* scratch = (float*)malloc(((size_t)n * (2 * D + n_kv)) * sizeof(float));
+    if (!scratch) return -1;
+    float *a = scratch, *kv = a + (size_t)n * 2 * D;
+    for (int r = 0; r < n; ++r) {
+        rms_norm_rows(w->embed + (size_t)tokens[r] * D, 1, D, w->input_norm, s->eps, a + (size_t)r * 2 * D);
+        rms_norm_rows(g + (size_t)r * D, 1, D, w->hidden_norm, s->eps, a + (size_t)r * 2 * D + D);
+    }
+    rows_times_panels(a, n, 2 * D, kv_panels, kv_bias, kv, n_kv, threads);
+    for (int r = 0; r < n; ++r) {
+        const float *row = kv + (size_t)r * n_kv, *c = w->cos + (size_t)positions[r] * hd;
+        const float* sn = w->sin_signed + (size_t)positions[r] * hd;
+        for (int h = 0; h < KV; ++h) {
+            const size_t at = ((size_t)h * s->cache_len + positions[r]) * hd;
+            rope(row + h * hd, c, sn, w->k_cache + at, hd);
+            memcpy(w->v_cache + at, row + (KV + h) * hd, hd * sizeof(float));
+        }
+    }
+    free(scratch);
+    return 0;
+}
+
+// Per row of x [R, V] (logits), of softmax(x * inv_t): the argmax (the first of equal maxima,
+// as torch's), and unless `argmax_only` the log-sum-exp, the entropy and the top-1 probability --
+// what a round reads after its verify (greedy acceptance, the bonus, the router's signals).
+extern "C" void row_stats_rows(const float* x, int R, int V, float inv_t, int argmax_only, int64_t* argmax,
+                               float* lse, float* entropy, float* top1) {
+    for (int r = 0; r < R; ++r) {
+        const float* row = x + (size_t)r * V;
+        int best = 0;
+        for (int v = 1; v < V; ++v) best = row[v] > row[best] ? v : best;
+        argmax[r] = best;
+        if (argmax_only) continue;
+        const float top = row[best] * inv_t;
+        const __m256 t = _mm256_set1_ps(inv_t), m = _mm256_set1_ps(top);
+        __m256 s = _mm256_setzero_ps(), sd = _mm256_setzero_ps();
+        int v = 0;
+        for (; v + 8 <= V; v += 8) {  // sum e^(x - max) and sum e^(x - max) (x - max)
+            const __m256 d = _mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(row + v), t), m);
+            const __m256 e = exp8(d);
+            s = _mm256_add_ps(s, e);
+            sd = _mm256_fmadd_ps(e, d, sd);
+        }
+        float total = sum8(s), weighted = sum8(sd);
+        for (; v < V; ++v) {
+            const float d = row[v] * inv_t - top, e = expf(d);
+            total += e;
+            weighted += e * d;
+        }
+        const float log_total = logf(total);
+        lse[r] = top + log_total;
+        entropy[r] = log_total - weighted / total;  // -sum p log p, p = e / total
+        top1[r] = 1.0f / total;
+    }
+}

@@ -41,6 +41,8 @@ _rows_times_panels = None
 _rms_norm_rows = None
 _decoder_layers = None
 _eagle3_chain = None
+_row_stats_rows = None
+_eagle3_catch_up = None
 _why_not: str | None = None  # why it did not, once it failed
 
 
@@ -175,14 +177,62 @@ def eagle3_chain(shape: DraftShape, weights: DraftWeights, g: torch.Tensor, toke
     return tokens, confidence
 
 
+def eagle3_catch_up(shape: DraftShape, weights: DraftWeights, kv_panels: torch.Tensor, kv_bias: torch.Tensor | None,
+                    g: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+    """An EAGLE-3 head's KV-only rows (after a successful `load`): g [n, hidden] (fc of the target
+    features), tokens and positions int64 [n]; K/V land in the drafter's cache at `positions`.
+    The reference is ARDrafter.catchup_step."""
+    n = g.shape[0]
+    ptrs = (_checked(g, torch.float32, (n, shape.hidden), "g"), _checked(tokens, torch.int64, (n,), "tokens"),
+            _checked(positions, torch.int64, (n,), "positions"))
+    low, high = (int(v) for v in torch.aminmax(positions))
+    if low < 0 or high >= shape.cache_len:  # the kernel writes the drafter's cache unchecked
+        raise ValueError(f"catch-up rows at positions {low}..{high} do not fit a {shape.cache_len}-position cache")
+    if _eagle3_catch_up(ctypes.byref(shape), ctypes.byref(weights), kv_panels.data_ptr(),
+                        None if kv_bias is None else kv_bias.data_ptr(), *ptrs, n, torch.get_num_threads()) != 0:
+        raise MemoryError("the CPU drafter catch-up could not allocate its scratch")
+
+
+def loaded() -> bool:
+    """Whether an earlier `load` (packing a model does it) succeeded; never builds anything."""
+    return _rows_times_panels is not None
+
+
+def takes_logits(logits: torch.Tensor) -> bool:
+    """Logits that `row_stats`/`row_argmax` read as they are (once loaded)."""
+    return (_row_stats_rows is not None and logits.dtype == torch.float32 and logits.device.type == "cpu"
+            and logits.dim() == 2 and logits.is_contiguous())
+
+
+def row_stats(logits: torch.Tensor, inv_temperature: float = 1.0):
+    """kernels.row_stats_reference through the library: logits [R, V] contiguous fp32 CPU ->
+    (argmax [R] int64, lse [R], entropy [R], top1 [R])."""
+    r, v = logits.shape
+    argmax = torch.empty(r, dtype=torch.int64)
+    lse, entropy, top1 = torch.empty(r), torch.empty(r), torch.empty(r)
+    _row_stats_rows(logits.data_ptr(), r, v, inv_temperature, 0, argmax.data_ptr(), lse.data_ptr(),
+                    entropy.data_ptr(), top1.data_ptr())
+    return argmax, lse, entropy, top1
+
+
+def row_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """torch's argmax per row (the first of equal maxima) through the library: [R, V] -> [R] int64."""
+    r, v = logits.shape
+    argmax = torch.empty(r, dtype=torch.int64)
+    _row_stats_rows(logits.data_ptr(), r, v, 1.0, 1, argmax.data_ptr(), None, None, None)
+    return argmax
+
+
 def load(build_dir: Path) -> bool:
     """Build (first time on this machine) and load the kernel; False, with `why_not()`, where it
     cannot run here. Tried once per process."""
-    global _rows_times_panels, _rms_norm_rows, _decoder_layers, _eagle3_chain, _why_not
+    global _rows_times_panels, _rms_norm_rows, _decoder_layers, _eagle3_chain, _eagle3_catch_up, _row_stats_rows
+    global _why_not
     if _rows_times_panels is not None or _why_not is not None:
         return _rows_times_panels is not None
     try:
-        _rows_times_panels, _rms_norm_rows, _decoder_layers, _eagle3_chain = _load(build_dir)
+        (_rows_times_panels, _rms_norm_rows, _decoder_layers, _eagle3_chain, _eagle3_catch_up,
+         _row_stats_rows) = _load(build_dir)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _why_not = str(e).strip() or type(e).__name__
         if not turned_off():
@@ -265,4 +315,12 @@ def _load(build_dir: Path):
     chain.restype = ctypes.c_int
     chain.argtypes = [ctypes.POINTER(DraftShape), ctypes.POINTER(DraftWeights), ctypes.c_void_p, ctypes.c_int64,
                       ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    return function, norm, layers, chain
+    catch_up = library.eagle3_catch_up
+    catch_up.restype = ctypes.c_int
+    catch_up.argtypes = [ctypes.POINTER(DraftShape), ctypes.POINTER(DraftWeights), ctypes.c_void_p, ctypes.c_void_p,
+                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    stats = library.row_stats_rows
+    stats.restype = None
+    stats.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_void_p,
+                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    return function, norm, layers, chain, catch_up, stats

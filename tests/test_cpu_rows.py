@@ -161,3 +161,20 @@ def test_packing_turns_the_norms_kernel_on_and_graphs_see_the_same_op():
     assert torch.equal(block[0](x), cpu_rows.rms_norm(x, block[0].weight, 1e-5))
     assert torch.equal(rms_norm_op(x, block[0].weight, 1e-5), block[0](x))
     torch.library.opcheck(rms_norm_op, (x, block[0].weight, 1e-5), test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_kernel
+@pytest.mark.parametrize("v", [37, 4096, 49152])
+@pytest.mark.parametrize("inv_t", [1.0, 1 / 0.7])
+def test_row_stats_equal_the_reference(v, inv_t):
+    """The verify's statistics in one pass: the argmax exactly torch's (ties: the first), the
+    log-sum-exp, entropy and top-1 to float rounding."""
+    from hybrid_sd.kernels import row_argmax, row_stats, row_stats_reference
+    g = torch.Generator().manual_seed(v)
+    logits = torch.randn(7, v, generator=g) * 4
+    logits[3, 5] = logits[3, v - 2] = logits[3].max() + 1  # a tie: the first index wins
+    got, want = row_stats(logits, inv_t), row_stats_reference(logits, inv_t)
+    assert torch.equal(got[0], want[0]) and int(got[0][3]) == 5
+    assert torch.equal(row_argmax(logits), logits.argmax(-1))
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

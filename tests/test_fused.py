@@ -199,3 +199,31 @@ def test_the_ar_chain_runs_only_for_greedy_drafts(tmp_path, monkeypatch):
     assert calls == []
     drafts, _ = recorded_drafts(drafter, target, prompts, True)
     assert len(calls) == len(drafts) > 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", [{}, {"hidden": 32}])
+def test_the_ar_catch_up_writes_what_its_pytorch_step_writes(tmp_path, variant):
+    """KV-only rows through the kernel: the drafter's cache holds the K/V of catchup_step's
+    PyTorch path (to float rounding) at the rows' positions, and nothing else changes."""
+    from hybrid_sd.drafters.ar import ARDrafter
+    from hybrid_sd.models.packed_linear import pack_linears
+    target, _ = tiny_target(tmp_path, "llama", seed=5)
+    path = helpers.write_eagle3_checkpoint(tmp_path / "ar", target.config, **variant)
+    drafter = pack_linears(ARDrafter.from_pretrained(path, target))
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(5, drafter.fc.in_features, generator=g)
+    tokens = torch.randint(0, target.config.vocab_size, (5,), generator=g)
+    positions = torch.tensor([3, 4, 5, 9, 10])
+    caches = []
+    for chained in (True, False):
+        kept, drafter.chain = drafter.chain, (drafter.chain if chained else None)
+        drafter.cache = None  # a fresh, zeroed cache
+        drafter.reset(64)
+        drafter.catchup_step((5,), features, tokens, positions)
+        drafter.chain = kept
+        caches.append((drafter.cache.k[0].clone(), drafter.cache.v[0].clone()))
+    (k_c, v_c), (k_t, v_t) = caches
+    torch.testing.assert_close(k_c, k_t, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(v_c, v_t, rtol=1e-4, atol=1e-5)
+    assert k_c[:, :, positions].abs().sum() > 0 and k_c[:, :, 11:].abs().sum() == 0

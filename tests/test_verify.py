@@ -96,5 +96,7 @@ def test_judge_reads_the_router_signals_at_the_new_bonus_row(greedy):
     if greedy:
         assert (v.accepted, v.token) == (2, int(logits[2].argmax()))
     _, _, entropy, top1 = row_stats_reference(logits[v.accepted:v.accepted + 1])
-    assert v.draft_confidence == 0.25 and v.top1 == float(top1[0]) and v.entropy == float(entropy[0])
+    # the CPU kernel library's one pass (where loaded) equals the reference to float rounding
+    assert v.draft_confidence == 0.25 and v.top1 == pytest.approx(float(top1[0]), rel=1e-5)
+    assert v.entropy == pytest.approx(float(entropy[0]), rel=1e-5)
     assert judge(draft, None, logits, Sampling()).top1 is None  # no signals asked, none read

@@ -260,6 +260,10 @@ class ARDrafter(GraphedStep, AfterPacking):
     def catchup_step(self, key: tuple[int], features, next_tokens, positions) -> None:
         """KV-only rows (GraphedStep.catch_up): norms, k/v projections and RoPE only; row t pairs
         the target's features at t with the token at t + 1."""
+        if self.chain is not None and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            self.chain.bind(self.cache, self.rope_cos, self.rope_sin)
+            self.chain.catch_up(self.fuse(features), next_tokens.contiguous(), positions.contiguous())
+            return
         a, _ = self.midlayer.row_input(self.fuse(features), self.embed[0](next_tokens))
         k, v = self.midlayer.self_attn.kv(a, self.rope_cos[positions], self.rope_sin[positions])
         self.cache.write(0, positions, k, v)

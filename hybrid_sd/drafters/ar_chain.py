@@ -1,9 +1,10 @@
-"""An EAGLE-3 head's greedy chain as one call into the CPU kernel library (kernels/cpu_decoder.cpp).
+"""An EAGLE-3 head's greedy chain, and its KV-only catch-up rows, each as one call into the CPU
+kernel library (kernels/cpu_decoder.cpp).
 
 A chain of k draft tokens is k runs of the head's layer, norm, draft-vocab head and argmax,
 each fed the last: in PyTorch ~25 ops and a host round trip a token (~1.7 ms on SmolLM2's
 head, most of it dispatch); as one kernel call, what the arithmetic costs. `ARDrafter.graph_step`
-stays its reference and runs sampled chains, trees and every graph mode.
+and `catchup_step` stay the references and run sampled chains, trees and every graph mode.
 """
 from __future__ import annotations
 
@@ -45,6 +46,10 @@ class FusedChain:
         qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
         biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
         qkv_bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        # catch-up rows need only K and V: their own panels (a third of q|k|v's here)
+        n_q = attn.q_proj.out_features
+        self.kv_panels = cpu_rows.panels_of(qkv[n_q:])
+        self.kv_bias = None if qkv_bias is None else qkv_bias[n_q:].contiguous()
         self.hidden = c.hidden_size
         self.shape = cpu_rows.DraftShape(
             hidden=c.hidden_size, heads=attn.n_heads, kv_heads=attn.n_kv_heads, head_dim=drafter.head_dim,
@@ -73,6 +78,10 @@ class FusedChain:
         self.weights.k_cache, self.weights.v_cache = k.data_ptr(), v.data_ptr()
         self.shape.cache_len = min(cache.max_len, self.tables[0].shape[0])
         self.cache = cache
+
+    def catch_up(self, g: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        """KV-only rows: g [n, hidden] (fc of the target features), the next tokens and positions [n]."""
+        cpu_rows.eagle3_catch_up(self.shape, self.weights, self.kv_panels, self.kv_bias, g, tokens, positions)
 
     def __call__(self, g: torch.Tensor, token: int, start: int, k: int):
         """(target ids [k], drafter probabilities [k]) of the greedy chain from fused features
