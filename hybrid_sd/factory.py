@@ -22,6 +22,7 @@ from .graphs import DRAFT_BUCKETS, TREE_BUCKETS
 from .models.loading import load_target
 from .models.packed_linear import LAYOUT_VERSION, pack_linears
 from .router import FixedRouter, LatencyTable, load_router, router_names
+from .router.cost import MEASURE_VERSION
 from .weights import shipped_router
 
 PLAIN, HYBRID = "none", "hybrid"
@@ -122,7 +123,8 @@ def cached_latency(engine: Engine) -> LatencyTable:
     key = json.dumps([target.config.to_json_string(), [[d.name, d.config_dict()] for d in engine.drafters],
                       str(w.device), str(w.dtype), torch.get_num_threads(), engine.max_len,
                       platform.processor() or platform.machine(), engine.graphs_mode,
-                      DRAFT_BUCKETS, TREE_BUCKETS, LAYOUT_VERSION], sort_keys=True)  # the sizes measured, the kernels
+                      DRAFT_BUCKETS, TREE_BUCKETS, LAYOUT_VERSION, MEASURE_VERSION],
+                     sort_keys=True)  # the sizes measured, the kernels, how it was measured
     path = latency_cache_dir() / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     if path.is_file():
         try:
@@ -130,7 +132,7 @@ def cached_latency(engine: Engine) -> LatencyTable:
                                           catchup=[d.name for d in engine.drafters if d.feature_layers])
         except ValueError:
             pass  # unreadable or for other drafters: measure again
-    table = engine.measure_latency(repeats=2)
+    table = engine.measure_latency(repeats=5)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
     with os.fdopen(fd, "w") as f:

@@ -1,6 +1,6 @@
 """The fused CPU decoder (kernels/cpu_decoder.cpp through models/fused.py) equals the decoder's
 PyTorch forward, gives a row the same bits in a step and in a verify, and is used exactly
-where it is meant to be: a packed fp32 target, a cache, 1-12 rows, inference."""
+where it is meant to be: a packed fp32 target, a cache, 1-33 rows, inference."""
 import pytest
 import torch
 
@@ -35,7 +35,7 @@ def forward_both(target, tokens, positions, tree=None, context=CONTEXT, seed=0):
         try:
             with torch.inference_mode():
                 target(prompt, torch.arange(context), cache, causal=True)
-                hidden, feats = target(tokens[None], positions, cache, 32, CAPTURE, tree=tree)
+                hidden, feats = target(tokens[None], positions, cache, 64, CAPTURE, tree=tree)
         finally:
             target.fused_layers = kept
         results.append((hidden, feats, cache))
@@ -49,7 +49,7 @@ def test_packed_targets_run_fused(fused_target):
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 7, 12])
+@pytest.mark.parametrize("rows", [1, 2, 7, 12, 17, 33])
 def test_fused_equals_the_module_forward(fused_target, rows):
     g = torch.Generator().manual_seed(rows)
     tokens = torch.randint(0, fused_target.config.vocab_size, (rows,), generator=g)
@@ -111,7 +111,7 @@ def test_a_rows_bits_do_not_depend_on_the_rows_beside_it(fused_target):
 
 @needs_kernel
 def test_the_kernel_runs_only_where_it_is_meant_to(fused_target, monkeypatch):
-    """1-12 rows with a cache under inference: the kernel; 13 rows, no cache, or gradients on:
+    """1-33 rows with a cache under inference: the kernel; 34 rows, no cache, or gradients on:
     the module forward."""
     calls = []
     real = cpu_rows.decoder_layers
@@ -119,7 +119,7 @@ def test_the_kernel_runs_only_where_it_is_meant_to(fused_target, monkeypatch):
     cache = fused_target.new_cache(64)
     with torch.inference_mode():
         for rows in (1, fused.MAX_ROWS, fused.MAX_ROWS + 1):
-            fused_target(torch.zeros(1, rows, dtype=torch.long), torch.arange(rows), cache, 32)
+            fused_target(torch.zeros(1, rows, dtype=torch.long), torch.arange(rows), cache, 64)
         fused_target(torch.zeros(1, 3, dtype=torch.long), torch.arange(3))  # no cache: training's causal forward
     with torch.no_grad():
         fused_target(torch.zeros(1, 2, dtype=torch.long), torch.arange(2), cache, 32)

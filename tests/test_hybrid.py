@@ -153,6 +153,25 @@ def test_calibration_curves_follow_the_traces():
     assert cal.expected(0, 3, top1=0.99, acceptance=0.1) == pytest.approx(1 + 3 * 100 / 101, rel=1e-4)
 
 
+def test_latency_costs_are_made_non_decreasing():
+    """A noisy machine's medians can make a longer verify look cheaper than a shorter one (seen:
+    an 8-row verify at the cost of a 2-row one), and the router would then draft long for free.
+    The table pools such runs: least-squares non-decreasing costs."""
+    from hybrid_sd.router.cost import non_decreasing
+    assert non_decreasing({0: 1.0, 1: 3.0, 2: 2.0, 3: 5.0}) == {0: 1.0, 1: 2.5, 2: 2.5, 3: 5.0}
+    assert non_decreasing({1: 0.1, 2: 0.2, 4: 0.3}) == {1: 0.1, 2: 0.2, 4: 0.3}
+    assert non_decreasing({0: 3.0, 1: 2.0, 2: 1.0}) == {0: 2.0, 1: 2.0, 2: 2.0}
+
+    def work(n):
+        return sum(range(n))
+    # every cost measured falls with its size: the table must still not
+    table = LatencyTable.measure(lambda k: work(200_000 // (k + 1)), {"x": (lambda k: work(100_000 // k), None)},
+                                 repeats=3, longest_verify=8)
+    for row in (table.verify, table.draft["x"]):
+        costs = [row[k] for k in sorted(row)]
+        assert costs == sorted(costs)
+
+
 def test_latency_table_catch_up_buckets():
     table = LatencyTable({0: 1.0, 1: 1.1}, {"ar": {1: 0.1}}, {"ar": {1: 0.01, 4: 0.02, 64: 0.2}})
     assert table.catchup_seconds("ar", 0) == 0.0

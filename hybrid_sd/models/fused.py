@@ -16,9 +16,12 @@ import torch
 from ..kernels import cpu_rows
 from .packed_linear import PackedLinear
 
-# rows per call: a step or a verify; past this the products' panels pass over the weights again
-# per 12 rows while oneDNN's blocked product gets faster (kernels/cpu_rows.py, MAX_ROWS)
-MAX_ROWS = cpu_rows.MAX_ROWS
+# rows per call: steps, verifies, trees up to 32 nodes and short prefills. The products pass over
+# the weights once per 12 rows, so oneDNN's blocked product overtakes them at some point, but the
+# layers' other ops in PyTorch cost more until then: all layers, 2 threads, fused against the
+# module forward (docs/performance.md): 12 rows 39.5 / 49.3 ms, 17 rows 60.6 / 80.8, 33 rows
+# 103.0 / 115.8, 65 rows 205.5 / 167.0
+MAX_ROWS = 33
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:

@@ -48,6 +48,24 @@ def positive_int(value, what: str) -> int:
     return value
 
 
+# bump when `LatencyTable.measure` changes how it measures: cached tables key on it
+MEASURE_VERSION = 2  # 1: size after size, median of 2; 2: interleaved passes, median of 5, non-decreasing
+
+
+def non_decreasing(costs: dict[int, float]) -> dict[int, float]:
+    """The closest non-decreasing costs in size order, in least squares (pool adjacent violators):
+    a spike or a dip in one measured size is averaged with its neighbours instead of deciding
+    what the router drafts."""
+    blocks: list[list[float]] = []  # [mean, weight] of pooled runs of sizes
+    for size in sorted(costs):
+        blocks.append([costs[size], 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, w2), (m1, w1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2])
+    values = [m for m, w in blocks for _ in range(int(w))]
+    return dict(zip(sorted(costs), values))
+
+
 class LatencyTable:
     def __init__(self, verify: dict[int, float], draft: dict[str, dict[int, float]],
                  catchup: dict[str, dict[int, float]]):
@@ -96,21 +114,28 @@ class LatencyTable:
         """`verify_fn(k)` runs a (k+1)-token verify; per drafter name, `(draft_fn(k), catchup_fn(lag))`
         run a draft and a catch-up over `lag` missed positions. Median of `repeats` after one warm-up.
         Verifies are timed for the chain and tree buckets up to `longest_verify` drafts."""
-        def timed(fn, *args) -> float:
-            fn(*args)
-            samples = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn(*args)
-                samples.append(time.perf_counter() - t0)
-            return statistics.median(samples)
-
         sizes = sorted({0, *DRAFT_BUCKETS, *TREE_BUCKETS})
-        verify = {k: timed(verify_fn, k) for k in sizes if longest_verify is None or k <= max(longest_verify, DRAFT_BUCKETS[-1])}
-        draft = {name: {k: timed(d, k) for k in DRAFT_BUCKETS} for name, (d, _) in drafters.items()}
-        catchup = {name: {b: timed(c, b) for b in CATCHUP_BUCKETS} for name, (_, c) in drafters.items()
-                   if c is not None}
-        return cls(verify, draft, catchup)
+        jobs = {("verify", "", k): (verify_fn, k) for k in sizes
+                if longest_verify is None or k <= max(longest_verify, DRAFT_BUCKETS[-1])}
+        for name, (d, c) in drafters.items():
+            jobs.update({("draft", name, k): (d, k) for k in DRAFT_BUCKETS})
+            if c is not None:
+                jobs.update({("catchup", name, b): (c, b) for b in CATCHUP_BUCKETS})
+        for fn, arg in jobs.values():  # warm-up
+            fn(arg)
+        samples: dict[tuple, list[float]] = {key: [] for key in jobs}
+        for _ in range(repeats):  # every size once per pass: a slow spell of the machine hits them all
+            for key, (fn, arg) in jobs.items():
+                t0 = time.perf_counter()
+                fn(arg)
+                samples[key].append(time.perf_counter() - t0)
+        rows: dict[tuple[str, str], dict[int, float]] = {}
+        for (kind, name, size), times in samples.items():
+            rows.setdefault((kind, name), {})[size] = statistics.median(times)
+        # a longer verify, draft or catch-up never costs less; a noisy machine's medians may say so
+        rows = {key: non_decreasing(row) for key, row in rows.items()}
+        return cls(rows[("verify", "")], {name: rows[("draft", name)] for name in drafters},
+                   {name: rows[("catchup", name)] for name in drafters if ("catchup", name) in rows})
 
     def to_dict(self) -> dict:
         return {"verify": self.verify, "draft": self.draft, "catchup": self.catchup}
