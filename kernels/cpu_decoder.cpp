@@ -3,8 +3,9 @@
 // chain of k tokens (below). For the target, per layer: the norm, the fused q|k|v product,
 // per-head norms (Qwen3), RoPE, the K/V cache write, attention over the cache, the output
 // product, the residual, the norm, the gate|up product, SiLU(gate) * up, the down product and
-// the residual -- with no Python between them. A step in PyTorch spends ~20 ms of its ~45 on the ops around the products and the
-// dispatch between them (docs/performance.md); here they cost what their arithmetic costs.
+// the residual -- with no Python between them. A step in PyTorch spent ~20 ms of its ~45 on the
+// ops around the products and the dispatch between them (docs/performance.md); here they cost
+// what their arithmetic costs.
 //
 // The products are cpu_rows.cpp's. As there, every number a row gets is computed from that
 // row's inputs alone, in an order that does not depend on how many rows share the call, so a
@@ -227,7 +228,7 @@ extern "C" int decoder_layers(const DecoderShape* s, const LayerWeights* weights
 }
 
 struct DraftShape {  // mirrored by cpu_rows.py's DraftShape
-    int hidden, heads, kv_heads, head_dim, inner, draft_vocab, cache_len, norm_before_residual, norm_output;
+    int hidden, heads, kv_heads, head_dim, inner, draft_vocab, vocab, cache_len, norm_before_residual, norm_output;
     float eps;
 };
 

@@ -46,6 +46,11 @@ _eagle3_catch_up = None
 _why_not: str | None = None  # why it did not, once it failed
 
 
+def vector_multiples(*sizes: int) -> bool:
+    """Sizes the whole-layer kernels take: each a multiple of the vector width (the panel's)."""
+    return all(size % PANEL == 0 for size in sizes)
+
+
 def panels_of(weight: torch.Tensor) -> torch.Tensor:
     """weight [N, K] -> panels [N / 8, K, 8]: each panel's 8 columns for one k side by side."""
     n, k = weight.shape
@@ -127,6 +132,8 @@ def decoder_layers(shape: DecoderShape, weights, caches, h: torch.Tensor, cos: t
     positions, slots int64 [M]; mask bool [M, span] or None (row r sees positions 0..positions[r]).
     The reference is the decoder's PyTorch forward (models/transformer.py)."""
     m, hd = h.shape[0], shape.head_dim
+    if m == 0:
+        raise ValueError("the CPU decoder needs at least one row")
     ptrs = [_checked(h, torch.float32, (m, shape.hidden), "h"),
             _checked(cos, torch.float32, (m, hd), "cos"), _checked(sin_signed, torch.float32, (m, hd), "sin"),
             _checked(positions, torch.int64, (m,), "positions"), _checked(slots, torch.int64, (m,), "slots")]
@@ -134,6 +141,8 @@ def decoder_layers(shape: DecoderShape, weights, caches, h: torch.Tensor, cos: t
     if mask is not None:
         span = mask.shape[-1]
         _checked(mask, torch.bool, (m, span), "the mask")
+        if not bool(mask.any(-1).all()):  # a softmax over no key has no value
+            raise ValueError("every mask row must let its row see at least one cache position")
     out = None
     if n_capture:
         out = _checked(features, torch.float32, (m, n_capture * shape.hidden), "features")
@@ -151,7 +160,7 @@ def decoder_layers(shape: DecoderShape, weights, caches, h: torch.Tensor, cos: t
 class DraftShape(ctypes.Structure):
     """cpu_decoder.cpp's DraftShape: an EAGLE-3 head's sizes and flags, and its cache's length."""
     _fields_ = [(name, ctypes.c_int) for name in
-                ("hidden", "heads", "kv_heads", "head_dim", "inner", "draft_vocab", "cache_len",
+                ("hidden", "heads", "kv_heads", "head_dim", "inner", "draft_vocab", "vocab", "cache_len",
                  "norm_before_residual", "norm_output")] + [("eps", ctypes.c_float)]
 
 
@@ -170,7 +179,9 @@ def eagle3_chain(shape: DraftShape, weights: DraftWeights, g: torch.Tensor, toke
     _checked(g, torch.float32, (shape.hidden,), "g")
     if start < 0 or start + k > shape.cache_len:  # the kernel writes the drafter's cache unchecked
         raise ValueError(f"a chain at positions {start}..{start + k} does not fit a {shape.cache_len}-position cache")
-    tokens, confidence = torch.empty(k, dtype=torch.int64), torch.empty(k)
+    if not 0 <= token < shape.vocab:  # ... and reads the embedding row unchecked
+        raise ValueError(f"token {token} is outside the {shape.vocab}-token vocabulary")
+    tokens, confidence = torch.empty(k, dtype=torch.int64), torch.empty(k, dtype=torch.float32)
     if _eagle3_chain(ctypes.byref(shape), ctypes.byref(weights), g.data_ptr(), token, start, k, tokens.data_ptr(),
                      confidence.data_ptr(), torch.get_num_threads()) != 0:
         raise MemoryError("the CPU drafter chain could not allocate its scratch")
@@ -188,6 +199,9 @@ def eagle3_catch_up(shape: DraftShape, weights: DraftWeights, kv_panels: torch.T
     low, high = (int(v) for v in torch.aminmax(positions))
     if low < 0 or high >= shape.cache_len:  # the kernel writes the drafter's cache unchecked
         raise ValueError(f"catch-up rows at positions {low}..{high} do not fit a {shape.cache_len}-position cache")
+    low, high = (int(v) for v in torch.aminmax(tokens))
+    if low < 0 or high >= shape.vocab:  # ... and reads the embedding rows unchecked
+        raise ValueError(f"catch-up tokens {low}..{high} are outside the {shape.vocab}-token vocabulary")
     if _eagle3_catch_up(ctypes.byref(shape), ctypes.byref(weights), kv_panels.data_ptr(),
                         None if kv_bias is None else kv_bias.data_ptr(), *ptrs, n, torch.get_num_threads()) != 0:
         raise MemoryError("the CPU drafter catch-up could not allocate its scratch")
@@ -201,7 +215,7 @@ def loaded() -> bool:
 def takes_logits(logits: torch.Tensor) -> bool:
     """Logits that `row_stats`/`row_argmax` read as they are (once loaded)."""
     return (_row_stats_rows is not None and logits.dtype == torch.float32 and logits.device.type == "cpu"
-            and logits.dim() == 2 and logits.is_contiguous())
+            and logits.dim() == 2 and logits.shape[1] > 0 and logits.is_contiguous())
 
 
 def row_stats(logits: torch.Tensor, inv_temperature: float = 1.0):
@@ -209,7 +223,7 @@ def row_stats(logits: torch.Tensor, inv_temperature: float = 1.0):
     (argmax [R] int64, lse [R], entropy [R], top1 [R])."""
     r, v = logits.shape
     argmax = torch.empty(r, dtype=torch.int64)
-    lse, entropy, top1 = torch.empty(r), torch.empty(r), torch.empty(r)
+    lse, entropy, top1 = (torch.empty(r, dtype=torch.float32) for _ in range(3))
     _row_stats_rows(logits.data_ptr(), r, v, inv_temperature, 0, argmax.data_ptr(), lse.data_ptr(),
                     entropy.data_ptr(), top1.data_ptr())
     return argmax, lse, entropy, top1

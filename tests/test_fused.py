@@ -90,18 +90,20 @@ def test_fused_tree_equals_the_module_forward(fused_target):
 
 
 @needs_kernel
-def test_a_rows_bits_do_not_depend_on_the_rows_beside_it(fused_target):
-    """A verify of 7 rows gives each row exactly what 7 one-token steps give it: plain decoding
-    and every drafter's verify then agree on the target's logits bit for bit."""
+@pytest.mark.parametrize("rows", [7, 17])
+def test_a_rows_bits_do_not_depend_on_the_rows_beside_it(fused_target, rows):
+    """A verify gives each row exactly what one-token steps give it (17 rows: two passes of the
+    products, attention across threads): plain decoding and every drafter's verify then agree
+    on the target's logits bit for bit."""
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, fused_target.config.vocab_size, (1, CONTEXT), generator=g)
-    tokens = torch.randint(0, fused_target.config.vocab_size, (1, 7), generator=g)
+    tokens = torch.randint(0, fused_target.config.vocab_size, (1, rows), generator=g)
     outs = []
-    for steps in ([slice(0, 7)], [slice(i, i + 1) for i in range(7)]):
+    for steps in ([slice(0, rows)], [slice(i, i + 1) for i in range(rows)]):
         cache = fused_target.new_cache(64)
         with torch.inference_mode():
             fused_target(prompt, torch.arange(CONTEXT), cache, causal=True)
-            hidden = [fused_target(tokens[:, s], torch.arange(CONTEXT + s.start, CONTEXT + s.stop), cache, 32, CAPTURE)
+            hidden = [fused_target(tokens[:, s], torch.arange(CONTEXT + s.start, CONTEXT + s.stop), cache, 64, CAPTURE)
                       for s in steps]
         outs.append((torch.cat([h for h, _ in hidden], 1), torch.cat([f for _, f in hidden], 1), cache))
     (h7, f7, c7), (h1, f1, c1) = outs
@@ -129,11 +131,20 @@ def test_the_kernel_runs_only_where_it_is_meant_to(fused_target, monkeypatch):
 
 
 @needs_kernel
-def test_rows_outside_the_cache_are_refused(fused_target):
-    """The kernel writes the cache unchecked: a slot past its end must fail before it runs."""
+def test_inputs_the_kernel_would_misread_are_refused(fused_target):
+    """The kernel reads and writes raw memory: a slot past the cache, a mask row that sees
+    nothing or a capture past the last layer must fail before it runs."""
     cache = fused_target.new_cache(16)
-    with torch.inference_mode(), pytest.raises(ValueError, match="cache positions"):
-        fused_target(torch.zeros(1, 2, dtype=torch.long), torch.tensor([15, 16]), cache, 16)
+    two = torch.zeros(1, 2, dtype=torch.long)
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="cache positions"):
+            fused_target(two, torch.tensor([15, 16]), cache, 16)
+        with pytest.raises(ValueError, match="cache positions"):
+            fused_target(two, torch.tensor([3, 4]), cache, tree=(torch.tensor([3, -1]), torch.ones(2, 8, dtype=torch.bool)))
+        with pytest.raises(ValueError, match="at least one"):
+            fused_target(two, torch.tensor([3, 4]), cache, tree=(torch.tensor([3, 4]), torch.zeros(2, 8, dtype=torch.bool)))
+        with pytest.raises(ValueError, match="capture"):
+            fused_target(two, torch.tensor([3, 4]), cache, 16, capture=(fused_target.n_layers + 1,))
 
 
 def test_an_unpacked_target_is_not_fused(tmp_path):
@@ -171,6 +182,7 @@ def test_the_ar_chain_drafts_what_its_pytorch_steps_draft(tmp_path, variant):
     from hybrid_sd.drafters.ar import ARDrafter
     from hybrid_sd.models.packed_linear import pack_linears
     target, _ = tiny_target(tmp_path, "llama", seed=5)
+    variant = dict(variant)  # the parameter is shared between runs
     hidden = variant.pop("hidden", None)
     path = helpers.write_eagle3_checkpoint(tmp_path / "ar", target.config, hidden=hidden, **variant)
     drafter = pack_linears(ARDrafter.from_pretrained(path, target))
@@ -226,4 +238,10 @@ def test_the_ar_catch_up_writes_what_its_pytorch_step_writes(tmp_path, variant):
     (k_c, v_c), (k_t, v_t) = caches
     torch.testing.assert_close(k_c, k_t, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(v_c, v_t, rtol=1e-4, atol=1e-5)
-    assert k_c[:, :, positions].abs().sum() > 0 and k_c[:, :, 11:].abs().sum() == 0
+    untouched = [i for i in range(64) if i not in positions.tolist()]
+    assert k_c[:, :, positions].abs().sum() > 0 and k_c[:, :, untouched].abs().sum() == 0
+    with pytest.raises(ValueError, match="vocabulary"):  # the kernel reads embedding rows unchecked
+        drafter.chain.catch_up(torch.zeros(1, drafter.config.hidden_size), torch.tensor([target.config.vocab_size]),
+                               torch.tensor([0]))
+    with pytest.raises(ValueError, match="vocabulary"):
+        drafter.chain(torch.zeros(drafter.config.hidden_size), -1, 0, 2)

@@ -22,7 +22,7 @@ from ..cache import KVCache
 from ..config import TREE_WIDTH
 from ..errors import UserError
 from ..graphs import kv_bucket
-from ..models.packed_linear import AfterPacking
+from ..models.packed_linear import AfterPacking, graphing
 from ..models.transformer import MLP, RMSNorm, apply_rope, attend, rope_inv_freq, rope_tables
 from ..verify import Sampling
 from .ar_chain import FusedChain, why_not_chained
@@ -260,7 +260,7 @@ class ARDrafter(GraphedStep, AfterPacking):
     def catchup_step(self, key: tuple[int], features, next_tokens, positions) -> None:
         """KV-only rows (GraphedStep.catch_up): norms, k/v projections and RoPE only; row t pairs
         the target's features at t with the token at t + 1."""
-        if self.chain is not None and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        if self.chain is not None and not graphing():
             self.chain.bind(self.cache, self.rope_cos, self.rope_sin)
             self.chain.catch_up(self.fuse(features), next_tokens.contiguous(), positions.contiguous())
             return

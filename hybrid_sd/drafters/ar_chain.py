@@ -11,12 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..kernels import cpu_rows
-from ..models.packed_linear import PackedLinear
+from ..models.packed_linear import kernel_panels, profiled_call
 from ..models.transformer import signed_sin
-
-
-def _panels(linear) -> torch.Tensor | None:
-    return linear.panels if isinstance(linear, PackedLinear) else None
 
 
 def why_not_chained(drafter) -> str | None:
@@ -26,12 +22,12 @@ def why_not_chained(drafter) -> str | None:
     products = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, layer.mlp.gate_up, layer.mlp.down_proj,
                 drafter.lm_head)
     norms = (layer.input_layernorm, layer.hidden_norm, layer.post_attention_layernorm, drafter.norm)
-    if any(_panels(p) is None for p in products) or not all(n.cpu_kernel for n in norms):
+    if any(kernel_panels(p) is None for p in products) or not all(n.cpu_kernel for n in norms):
         return "not packed for the kernel"
     embed = drafter.embed[0].weight
     if embed.dtype != torch.float32 or not embed.is_contiguous() or embed.shape[1] != c.hidden_size:
         return "its embedding is not a contiguous fp32 table of the head's width"
-    if c.hidden_size % 8 or drafter.head_dim % 8 or c.intermediate_size % 8 or attn.n_heads % attn.n_kv_heads:
+    if not cpu_rows.vector_multiples(c.hidden_size, drafter.head_dim, c.intermediate_size) or attn.n_heads % attn.n_kv_heads:
         return "hidden size, head size or MLP width off the kernel's vector multiples"
     return None
 
@@ -53,7 +49,7 @@ class FusedChain:
         self.hidden = c.hidden_size
         self.shape = cpu_rows.DraftShape(
             hidden=c.hidden_size, heads=attn.n_heads, kv_heads=attn.n_kv_heads, head_dim=drafter.head_dim,
-            inner=c.intermediate_size, draft_vocab=drafter.draft_vocab, cache_len=0,
+            inner=c.intermediate_size, draft_vocab=drafter.draft_vocab, vocab=drafter.embed[0].weight.shape[0], cache_len=0,
             norm_before_residual=int(layer.norm_before_residual), norm_output=int(drafter.norm_output),
             eps=float(c.rms_norm_eps))
         tensors = dict(input_norm=layer.input_layernorm.weight, hidden_norm=layer.hidden_norm.weight,
@@ -64,29 +60,34 @@ class FusedChain:
                        lm_head=drafter.lm_head.panels, embed=drafter.embed[0].weight, d2t=drafter.d2t)
         self.weights = cpu_rows.DraftWeights(**{name: None if t is None else t.data_ptr() for name, t in tensors.items()})
         self.kept = list(tensors.values())  # held: the kernel reads them through raw pointers
-        self.cache = None
+        self.bound: tuple = ()  # the cache buffers and RoPE tables bound (held: never freed under the kernel)
         self.tables = ()
 
     def bind(self, cache, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> None:
-        if cache is self.cache:
+        """Point the kernel at the drafter's cache and RoPE tables (again whenever they are other tensors)."""
+        bound = (cache.k[0], cache.v[0], rope_cos, rope_sin)
+        if len(bound) == len(self.bound) and all(a is b for a, b in zip(bound, self.bound)):
             return
         k, v = cache.k[0], cache.v[0]
-        if k.shape[0] != 1 or k.dtype != torch.float32 or not (k.is_contiguous() and v.is_contiguous()):
-            raise ValueError("the CPU drafter chain needs the drafter's batch-1 contiguous fp32 cache")
+        shape = (1, self.shape.kv_heads, cache.max_len, self.shape.head_dim)
+        if tuple(k.shape) != shape or tuple(v.shape) != shape or k.dtype != torch.float32 or not (
+                k.is_contiguous() and v.is_contiguous()):
+            raise ValueError(f"the CPU drafter chain needs the drafter's contiguous fp32 cache of {shape}")
+        if rope_cos.shape[0] < cache.max_len:  # every cache position needs its RoPE row
+            raise ValueError(f"RoPE tables of {rope_cos.shape[0]} positions for a {cache.max_len}-position cache")
         self.tables = (rope_cos.contiguous(), signed_sin(rope_sin).contiguous())
         self.weights.cos, self.weights.sin_signed = (t.data_ptr() for t in self.tables)
         self.weights.k_cache, self.weights.v_cache = k.data_ptr(), v.data_ptr()
-        self.shape.cache_len = min(cache.max_len, self.tables[0].shape[0])
-        self.cache = cache
+        self.shape.cache_len = cache.max_len
+        self.bound = bound
 
     def catch_up(self, g: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> None:
         """KV-only rows: g [n, hidden] (fc of the target features), the next tokens and positions [n]."""
-        cpu_rows.eagle3_catch_up(self.shape, self.weights, self.kv_panels, self.kv_bias, g, tokens, positions)
+        profiled_call("hybrid_sd::eagle3_catch_up", cpu_rows.eagle3_catch_up, self.shape, self.weights,
+                      self.kv_panels, self.kv_bias, g, tokens, positions)
 
     def __call__(self, g: torch.Tensor, token: int, start: int, k: int):
         """(target ids [k], drafter probabilities [k]) of the greedy chain from fused features
         g [hidden] and the token at position `start`."""
-        if torch.autograd._profiler_enabled():
-            with torch.profiler.record_function("hybrid_sd::eagle3_chain"):
-                return cpu_rows.eagle3_chain(self.shape, self.weights, g, token, start, k)
-        return cpu_rows.eagle3_chain(self.shape, self.weights, g, token, start, k)
+        return profiled_call("hybrid_sd::eagle3_chain", cpu_rows.eagle3_chain, self.shape, self.weights, g, token,
+                             start, k)

@@ -14,7 +14,7 @@ import ctypes
 import torch
 
 from ..kernels import cpu_rows
-from .packed_linear import PackedLinear
+from .packed_linear import kernel_panels, profiled_call
 
 # rows per call: steps, verifies, trees up to 32 nodes and short prefills. The products pass over
 # the weights once per 12 rows, so oneDNN's blocked product overtakes them at some point, but the
@@ -28,23 +28,19 @@ def _pointer(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _panels(linear) -> torch.Tensor | None:
-    return linear.panels if isinstance(linear, PackedLinear) else None
-
-
 def why_not_fused(target) -> str | None:
     """Why the kernel cannot run this packed Transformer's layers (None: it can)."""
     c, first = target.config, target.model.layers[0]
     attn = first.self_attn
     if target.lm_head.weight.dtype != torch.float32 or target.lm_head.weight.device.type != "cpu":
         return "not an fp32 CPU model"
-    if c.hidden_size % 8 or attn.head_dim % 8 or c.intermediate_size % 8 or attn.n_heads % attn.n_kv_heads:
+    if not cpu_rows.vector_multiples(c.hidden_size, attn.head_dim, c.intermediate_size) or attn.n_heads % attn.n_kv_heads:
         return "hidden size, head size or MLP width off the kernel's vector multiples"
     for layer in target.model.layers:
         a, m = layer.self_attn, layer.mlp
         products = (a.qkv, a.o_proj, m.gate_up, m.down_proj)
         norms = (layer.input_layernorm, layer.post_attention_layernorm) + ((a.q_norm, a.k_norm) if a.has_qk_norm else ())
-        if any(_panels(p) is None for p in products) or not all(n.cpu_kernel for n in norms):
+        if any(kernel_panels(p) is None for p in products) or not all(n.cpu_kernel for n in norms):
             return "a layer is not packed for the kernel"
     return None
 
@@ -72,36 +68,40 @@ class FusedLayers:
             for name, t in tensors.items():
                 setattr(self.weights[i], name, _pointer(t))
             self.kept += [t for t in tensors.values() if t is not None]
-        self.cache = None  # the cache whose pointers `cache_pointers` holds
+        self.bound: tuple = ()  # the cache buffers `cache_pointers` points at (held: never freed under the kernel)
         self.cache_pointers = None
         self.captures: dict[tuple[int, ...], ctypes.Array] = {}
 
     def bind(self, cache) -> None:
-        """Point the kernel at `cache`'s buffers (once per cache)."""
-        if cache is self.cache:
+        """Point the kernel at `cache`'s buffers (again whenever they are other tensors)."""
+        buffers = tuple(t for pair in zip(cache.k, cache.v) for t in pair)
+        if len(buffers) == len(self.bound) and all(a is b for a, b in zip(buffers, self.bound)):
             return
-        buffers = [t for pair in zip(cache.k, cache.v) for t in pair]
+        shape = (1, self.shape.kv_heads, cache.max_len, self.shape.head_dim)
         if len(buffers) != 2 * self.shape.layers or any(
-                b.shape[0] != 1 or b.dtype != torch.float32 or not b.is_contiguous() for b in buffers):
-            raise ValueError("the CPU decoder needs a batch-1 contiguous fp32 cache with one K and V per layer")
-        self.cache, self.shape.cache_len = cache, cache.max_len
+                tuple(b.shape) != shape or b.dtype != torch.float32 or not b.is_contiguous() for b in buffers):
+            raise ValueError(f"the CPU decoder needs a contiguous fp32 cache of {shape} per layer's K and V")
+        self.bound, self.shape.cache_len = buffers, cache.max_len
         self.cache_pointers = (ctypes.c_void_p * len(buffers))(*(b.data_ptr() for b in buffers))
+
+    def capture_ids(self, capture: tuple[int, ...]) -> ctypes.Array:
+        ids = self.captures.get(capture)
+        if ids is None:
+            if any(not 0 <= i <= self.shape.layers for i in capture):
+                raise ValueError(f"capture {capture} names hidden states outside 0..{self.shape.layers}")
+            ids = self.captures[capture] = (ctypes.c_int * len(capture))(*capture)
+        return ids
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, positions: torch.Tensor,
                  slots: torch.Tensor, mask: torch.Tensor | None, cache, capture: tuple[int, ...]):
         """h [T, hidden] (overwritten with the last layer's output); returns features [T, C * hidden] or None."""
         self.bind(cache)
+        capture = tuple(capture)
         features = capture_ids = None
         if capture:
-            capture_ids = self.captures.get(capture)
-            if capture_ids is None:
-                capture_ids = self.captures[capture] = (ctypes.c_int * len(capture))(*capture)
-            features = torch.empty(h.shape[0], len(capture) * self.hidden)
-        args = (self.shape, self.weights, self.cache_pointers, h, cos, sin_signed, positions, slots, mask,
-                capture_ids, len(capture), features)
-        if torch.autograd._profiler_enabled():  # one op in the profiler's tables (profiling/ops.py)
-            with torch.profiler.record_function("hybrid_sd::decoder_layers"):
-                cpu_rows.decoder_layers(*args)
-        else:
-            cpu_rows.decoder_layers(*args)
+            capture_ids = self.capture_ids(capture)
+            features = torch.empty(h.shape[0], len(capture) * self.hidden, dtype=torch.float32)
+        profiled_call("hybrid_sd::decoder_layers", cpu_rows.decoder_layers, self.shape, self.weights,
+                      self.cache_pointers, h, cos, sin_signed, positions, slots, mask, capture_ids, len(capture),
+                      features)
         return features

@@ -85,9 +85,22 @@ def cpu_kernels_ready() -> bool:
     return cpu_rows.load(cache_root() / "kernels")
 
 
+def graphing() -> bool:
+    """A torch.compile or a TorchScript trace is running: it cannot hold a ctypes call."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def graphed_or_profiled() -> bool:
-    """A torch.compile, a TorchScript trace or the profiler is watching: ctypes calls are invisible to them."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.autograd._profiler_enabled()
+    """A graph mode or the profiler is watching: ctypes calls are invisible to them."""
+    return graphing() or torch.autograd._profiler_enabled()
+
+
+def profiled_call(name: str, function, *args):
+    """function(*args), as one op named `name` in the profiler's tables when it runs."""
+    if torch.autograd._profiler_enabled():
+        with torch.profiler.record_function(name):
+            return function(*args)
+    return function(*args)
 
 
 def onednn_available() -> bool:
@@ -145,7 +158,7 @@ class PackedLinear(nn.Module):
             else:
                 y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
         else:
-            if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            if graphing():
                 # inductor would lower a one-row matmul into its own loop (~1.7x slower here
                 # than MKL's): keep it one opaque call
                 y = row_times_slabs(rows, self.slabs)
@@ -183,10 +196,16 @@ class KernelNorm(nn.Module):
 
 
 class AfterPacking(nn.Module):
-    """A module with work to do once `pack_linears` has packed everything inside it."""
+    """A module with work to do once `pack_linears` has packed everything inside it. (A packed
+    module is not moved afterwards: `.to()` cannot convert oneDNN's packed weights.)"""
 
     def after_packing(self) -> None:
         raise NotImplementedError
+
+
+def kernel_panels(linear: nn.Module) -> torch.Tensor | None:
+    """The CPU kernel's panels of a packed linear (None: not packed for the kernel)."""
+    return linear.panels if isinstance(linear, PackedLinear) else None
 
 
 class Projections(nn.Module):

@@ -14,7 +14,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ..cache import KVCache
 from . import fused
-from .packed_linear import AfterPacking, KernelNorm, Projections
+from .packed_linear import AfterPacking, KernelNorm, Projections, graphing
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -269,8 +269,8 @@ class Transformer(AfterPacking):
         Returns (final-normed hidden [B, T, H], features or None).
         """
         if (self.fused_layers is not None and cache is not None and tokens.shape[0] == 1
-                and tokens.shape[1] <= fused.MAX_ROWS and not torch.is_grad_enabled()
-                and not (torch.compiler.is_compiling() or torch.jit.is_tracing())):
+                and 0 < tokens.shape[1] <= fused.MAX_ROWS and positions.dim() == 1
+                and positions.dtype == torch.int64 and not torch.is_grad_enabled() and not graphing()):
             return self.fused_forward(tokens, positions, cache, capture, tree)
         cos, sin = self.rope(positions)
         slots = positions
@@ -297,7 +297,8 @@ class Transformer(AfterPacking):
     def fused_forward(self, tokens, positions, cache, capture, tree):
         """`forward` with a cache, through the kernel: the same rows, keys and returns. Row r sees
         cache positions 0..positions[r] (the positional mask, and the causal one of a prefill
-        from 0) or, for a tree, what its mask row allows."""
+        from 0) or, for a tree, what its mask row allows; `kv_len` only bounds what the module
+        path reads, and every caller's covers its positions, so the kernel needs none."""
         slots, mask = tree if tree is not None else (positions, None)
         h = self.model.embed_tokens(tokens[0])  # a fresh [T, H] that the kernel overwrites
         features = self.fused_layers(h, self.rope_cos[positions], self.rope_sin_signed[positions], positions,
