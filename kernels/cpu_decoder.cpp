@@ -241,39 +241,69 @@ struct DraftWeights {  // mirrored by cpu_rows.py's DraftWeights; biases may be 
     float *k_cache, *v_cache;       // the drafter's layer, [kv_heads, cache_len, head_dim]
 };
 
-// An EAGLE-3 head's greedy chain of k tokens: from g [hidden] (its fused target features, then
-// its own hidden state) and the token at position start, k times: embed the token, run the
-// layer at the next position (K/V into the drafter's cache), the final norm and the draft-vocab
-// head, and take the argmax (mapped to a target id). Writes tokens [k] and each one's drafter
-// probability [k]. Returns 0, or -1 where its scratch could not be allocated.
-extern "C" int eagle3_chain(const DraftShape* s, const DraftWeights* w, float* g, int64_t token, int64_t start,
-                            int k, int64_t* tokens, float* confidence, int threads) {
+// One step of an EAGLE-3 head for M rows (a chain's next token, or a tree's frontier): each row
+// (g [hidden], the token at its position) runs the head's layer -- K/V written at its slot, its
+// attention over the cache positions it sees (mask row, or 0..positions[r]) -- then the final
+// norm and the draft-vocab head. g is overwritten with the rows' new hidden states (the normed
+// ones with norm_output), logits [M, draft_vocab] written. Returns 0, or -1 where its scratch
+// could not be allocated.
+static int eagle3_step(const DraftShape* s, const DraftWeights* w, float* g, const int64_t* tokens, int M,
+                       const int64_t* positions, const int64_t* slots, const uint8_t* mask, int span,
+                       float* logits, int threads) {
     const int D = s->hidden, H = s->heads, KV = s->kv_heads, hd = s->head_dim, I = s->inner, V = s->draft_vocab;
     const int n_qkv = (H + 2 * KV) * hd;
-    const size_t room = (size_t)start + k + 8;
-    const size_t floats = (size_t)2 * D + n_qkv + 2 * H * hd + 4 * D + 3 * I + hd + V + (size_t)H * room;
-    float* scratch = (float*)malloc(floats * sizeof(float) + (size_t)H * room * sizeof(int));
+    int seen = span;
+    if (!mask) {
+        seen = 0;
+        for (int r = 0; r < M; ++r) seen = positions[r] + 1 > seen ? (int)positions[r] + 1 : seen;
+    }
+    const size_t room = (size_t)seen + 8;
+    const size_t floats = (size_t)M * (2 * D + n_qkv + 2 * H * hd + 4 * D + 3 * I + 2 * hd) + (size_t)M * H * room;
+    float* scratch = (float*)malloc(floats * sizeof(float) + (size_t)M * H * room * sizeof(int));
     if (!scratch) return -1;
-    float *a = scratch, *qkv = a + 2 * D, *q = qkv + n_qkv, *y = q + H * hd, *h = y + H * hd, *x = h + D;
-    float *delta = x + D, *normed = delta + D, *gu = normed + D, *act = gu + 2 * I, *head_normed = act + I;
-    float *logits = head_normed + hd, *scores = logits + V;
-    int* keys = (int*)(scores + (size_t)H * room);
+    float *a = scratch, *qkv = a + (size_t)M * 2 * D, *q = qkv + (size_t)M * n_qkv, *y = q + (size_t)M * H * hd;
+    float *h = y + (size_t)M * H * hd, *x = h + (size_t)M * D, *delta = x + (size_t)M * D, *normed = delta + (size_t)M * D;
+    float *gu = normed + (size_t)M * D, *act = gu + (size_t)M * 2 * I, *cos_rows = act + (size_t)M * I;
+    float *sin_rows = cos_rows + (size_t)M * hd, *scores = sin_rows + (size_t)M * hd;
+    int* keys = (int*)(scores + (size_t)M * H * room);
+    for (int r = 0; r < M; ++r) {
+        float *ar = a + (size_t)r * 2 * D, *gr = g + (size_t)r * D;
+        rms_norm_rows(w->embed + (size_t)tokens[r] * D, 1, D, w->input_norm, s->eps, ar);
+        rms_norm_rows(gr, 1, D, w->hidden_norm, s->eps, ar + D);
+        memcpy(h + (size_t)r * D, s->norm_before_residual ? ar + D : gr, D * sizeof(float));
+        memcpy(cos_rows + (size_t)r * hd, w->cos + (size_t)positions[r] * hd, hd * sizeof(float));
+        memcpy(sin_rows + (size_t)r * hd, w->sin_signed + (size_t)positions[r] * hd, hd * sizeof(float));
+    }
+    rows_times_panels(a, M, 2 * D, w->qkv, w->qkv_bias, qkv, n_qkv, threads);
+    queries_and_cache(qkv, M, H, KV, hd, nullptr, nullptr, s->eps, cos_rows, sin_rows, slots, w->k_cache, w->v_cache,
+                      s->cache_len, q, nullptr);
+    attention(q, M, H, KV, hd, w->k_cache, w->v_cache, s->cache_len, positions, mask, span, seen, room, keys, scores, y,
+              threads);
+    rows_times_panels(y, M, H * hd, w->o, w->o_bias, delta, D, threads);
+    add_rows(h, delta, M * D);
+    mlp(h, M, D, I, w->post_norm, s->eps, w->gate_up, w->gate_up_bias, w->down, w->down_bias, x, gu, act, delta, threads);
+    rms_norm_rows(h, M, D, w->final_norm, s->eps, normed);
+    rows_times_panels(normed, M, D, w->lm_head, nullptr, logits, V, threads);
+    memcpy(g, s->norm_output ? normed : h, (size_t)M * D * sizeof(float));
+    free(scratch);
+    return 0;
+}
+
+// An EAGLE-3 head's greedy chain of k tokens: from g [hidden] (its fused target features, then
+// its own hidden state) and the token at position start, k steps, each taking the argmax (mapped
+// to a target id) as the next token. Writes tokens [k] and each one's drafter probability [k].
+// Returns 0, or -1 where its scratch could not be allocated.
+extern "C" int eagle3_chain(const DraftShape* s, const DraftWeights* w, float* g, int64_t token, int64_t start,
+                            int k, int64_t* tokens, float* confidence, int threads) {
+    const int V = s->draft_vocab;
+    float* logits = (float*)malloc((size_t)V * sizeof(float));
+    if (!logits) return -1;
     for (int j = 0; j < k; ++j) {
         const int64_t pos = start + j;
-        rms_norm_rows(w->embed + (size_t)token * D, 1, D, w->input_norm, s->eps, a);
-        rms_norm_rows(g, 1, D, w->hidden_norm, s->eps, a + D);
-        memcpy(h, s->norm_before_residual ? a + D : g, D * sizeof(float));
-        rows_times_panels(a, 1, 2 * D, w->qkv, w->qkv_bias, qkv, n_qkv, threads);
-        queries_and_cache(qkv, 1, H, KV, hd, nullptr, nullptr, s->eps, w->cos + (size_t)pos * hd,
-                          w->sin_signed + (size_t)pos * hd, &pos, w->k_cache, w->v_cache, s->cache_len, q, head_normed);
-        attention(q, 1, H, KV, hd, w->k_cache, w->v_cache, s->cache_len, &pos, nullptr, 0, (int)pos + 1, room, keys,
-                  scores, y, threads);
-        rows_times_panels(y, 1, H * hd, w->o, w->o_bias, delta, D, threads);
-        add_rows(h, delta, D);
-        mlp(h, 1, D, I, w->post_norm, s->eps, w->gate_up, w->gate_up_bias, w->down, w->down_bias, x, gu, act, delta,
-            threads);
-        rms_norm_rows(h, 1, D, w->final_norm, s->eps, normed);
-        rows_times_panels(normed, 1, D, w->lm_head, nullptr, logits, V, threads);
+        if (eagle3_step(s, w, g, &token, 1, &pos, &pos, nullptr, 0, logits, threads) != 0) {
+            free(logits);
+            return -1;
+        }
         int best = 0;
         for (int v = 1; v < V; ++v) best = logits[v] > logits[best] ? v : best;  // the first of equal maxima
         float total = 0.0f;
@@ -281,10 +311,19 @@ extern "C" int eagle3_chain(const DraftShape* s, const DraftWeights* w, float* g
         token = best + w->d2t[best];
         tokens[j] = token;
         confidence[j] = 1.0f / total;
-        memcpy(g, s->norm_output ? normed : h, D * sizeof(float));
     }
-    free(scratch);
+    free(logits);
     return 0;
+}
+
+// One depth of an EAGLE-3 head's draft tree: the frontier's rows (g [M, hidden], tokens [M]) at
+// RoPE positions, K/V at their slots, each seeing what its mask row [span] allows; g becomes the
+// rows' new hidden states and logits [M, draft_vocab] are written (the caller takes the top
+// children). Returns 0, or -1 where its scratch could not be allocated.
+extern "C" int eagle3_tree_step(const DraftShape* s, const DraftWeights* w, float* g, const int64_t* tokens, int M,
+                                const int64_t* positions, const int64_t* slots, const uint8_t* mask, int span,
+                                float* logits, int threads) {
+    return eagle3_step(s, w, g, tokens, M, positions, slots, mask, span, logits, threads);
 }
 
 // An EAGLE-3 head's catch-up: rows built from target features (g [n, hidden], after fc) and the

@@ -43,6 +43,7 @@ _decoder_layers = None
 _eagle3_chain = None
 _row_stats_rows = None
 _eagle3_catch_up = None
+_eagle3_tree_step = None
 _why_not: str | None = None  # why it did not, once it failed
 
 
@@ -207,6 +208,31 @@ def eagle3_catch_up(shape: DraftShape, weights: DraftWeights, kv_panels: torch.T
         raise MemoryError("the CPU drafter catch-up could not allocate its scratch")
 
 
+def eagle3_tree_step(shape: DraftShape, weights: DraftWeights, g: torch.Tensor, tokens: torch.Tensor,
+                     positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One depth of an EAGLE-3 head's tree (after a successful `load`): rows g [M, hidden]
+    (overwritten with their new hidden states), tokens, RoPE positions and cache slots int64
+    [M], mask bool [M, span]. Returns the draft-vocab logits [M, draft_vocab]. The reference is
+    ARDrafter.tree_step."""
+    m, span = g.shape[0], mask.shape[-1]
+    ptrs = (_checked(g, torch.float32, (m, shape.hidden), "g"), _checked(tokens, torch.int64, (m,), "tokens"),
+            _checked(positions, torch.int64, (m,), "positions"), _checked(slots, torch.int64, (m,), "slots"),
+            _checked(mask, torch.bool, (m, span), "the mask"))
+    low, high = (int(v) for v in torch.aminmax(torch.cat((positions, slots))))
+    if low < 0 or max(high, span - 1) >= shape.cache_len:  # the kernel reads and writes the cache unchecked
+        raise ValueError(f"tree rows reach cache positions {low}..{max(high, span - 1)} of a {shape.cache_len}-position cache")
+    low, high = (int(v) for v in torch.aminmax(tokens))
+    if low < 0 or high >= shape.vocab:
+        raise ValueError(f"tree tokens {low}..{high} are outside the {shape.vocab}-token vocabulary")
+    if not bool(mask.any(-1).all()):
+        raise ValueError("every mask row must let its row see at least one cache position")
+    logits = torch.empty(m, shape.draft_vocab, dtype=torch.float32)
+    if _eagle3_tree_step(ctypes.byref(shape), ctypes.byref(weights), ptrs[0], ptrs[1], m, ptrs[2], ptrs[3], ptrs[4],
+                         span, logits.data_ptr(), torch.get_num_threads()) != 0:
+        raise MemoryError("the CPU drafter tree step could not allocate its scratch")
+    return logits
+
+
 def loaded() -> bool:
     """Whether an earlier `load` (packing a model does it) succeeded; never builds anything."""
     return _rows_times_panels is not None
@@ -240,12 +266,12 @@ def row_argmax(logits: torch.Tensor) -> torch.Tensor:
 def load(build_dir: Path) -> bool:
     """Build (first time on this machine) and load the kernel; False, with `why_not()`, where it
     cannot run here. Tried once per process."""
-    global _rows_times_panels, _rms_norm_rows, _decoder_layers, _eagle3_chain, _eagle3_catch_up, _row_stats_rows
-    global _why_not
+    global _rows_times_panels, _rms_norm_rows, _decoder_layers, _eagle3_chain, _eagle3_catch_up, _eagle3_tree_step
+    global _row_stats_rows, _why_not
     if _rows_times_panels is not None or _why_not is not None:
         return _rows_times_panels is not None
     try:
-        (_rows_times_panels, _rms_norm_rows, _decoder_layers, _eagle3_chain, _eagle3_catch_up,
+        (_rows_times_panels, _rms_norm_rows, _decoder_layers, _eagle3_chain, _eagle3_catch_up, _eagle3_tree_step,
          _row_stats_rows) = _load(build_dir)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _why_not = str(e).strip() or type(e).__name__
@@ -333,8 +359,13 @@ def _load(build_dir: Path):
     catch_up.restype = ctypes.c_int
     catch_up.argtypes = [ctypes.POINTER(DraftShape), ctypes.POINTER(DraftWeights), ctypes.c_void_p, ctypes.c_void_p,
                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    tree_step = library.eagle3_tree_step
+    tree_step.restype = ctypes.c_int
+    tree_step.argtypes = [ctypes.POINTER(DraftShape), ctypes.POINTER(DraftWeights), ctypes.c_void_p, ctypes.c_void_p,
+                          ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                          ctypes.c_void_p, ctypes.c_int]
     stats = library.row_stats_rows
     stats.restype = None
     stats.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_void_p,
                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    return function, norm, layers, chain, catch_up, stats
+    return function, norm, layers, chain, catch_up, tree_step, stats

@@ -245,3 +245,38 @@ def test_the_ar_catch_up_writes_what_its_pytorch_step_writes(tmp_path, variant):
                                torch.tensor([0]))
     with pytest.raises(ValueError, match="vocabulary"):
         drafter.chain(torch.zeros(drafter.config.hidden_size), -1, 0, 2)
+
+
+@needs_kernel
+def test_the_ar_tree_steps_draft_what_their_pytorch_steps_draft(tmp_path, monkeypatch):
+    """Each depth of an AR draft tree through the kernel: the same trees (tokens and parents) as
+    ARDrafter.tree_step's PyTorch path, the same output, and the kernel really ran."""
+    from hybrid_sd.drafters.ar import ARDrafter
+    from hybrid_sd.models.packed_linear import pack_linears
+    target, _ = tiny_target(tmp_path, "llama", seed=5)
+    drafter = pack_linears(ARDrafter.from_pretrained(helpers.write_eagle3_checkpoint(tmp_path / "ar", target.config),
+                                                     target))
+    prompts = helpers.random_prompts(5, seed=6)
+    calls, real = [], cpu_rows.eagle3_tree_step
+    monkeypatch.setattr(cpu_rows, "eagle3_tree_step", lambda *a: calls.append(a[2].shape[0]) or real(*a))
+    runs = []
+    for chained in (True, False):
+        kept, drafter.chain = drafter.chain, (drafter.chain if chained else None)
+        trees, draft_tree = [], drafter.draft_tree
+
+        def spy(ctx, budget, depth, generator=None):
+            d = draft_tree(ctx, budget, depth, generator)
+            trees.append((d.tokens.tolist(), d.parents))
+            return d
+        drafter.draft_tree = spy
+        try:
+            e = helpers.engine(target, drafters=drafter, k=5, tree=True, tree_budget=16)
+            outs = [e.generate(p, 24).token_ids for p in prompts]
+        finally:
+            drafter.chain = kept
+            del drafter.draft_tree
+        runs.append((trees, outs))
+    (trees_k, outs_k), (trees_t, outs_t) = runs
+    assert trees_k == trees_t and outs_k == outs_t and len(trees_k) >= 10
+    assert any(len(parents) > len(set(parents)) for _, parents in trees_k)  # real trees: siblings
+    assert len(calls) >= len(trees_k) and max(calls) > 1  # every tree through the kernel, frontiers of several rows

@@ -308,7 +308,11 @@ class ARDrafter(GraphedStep, AfterPacking):
         `positions`, writing K/V at `slots` and attending where `mask` [R, span] allows. Returns
         (new g [R, H], log-probabilities [R, TREE_WIDTH] and target ids [R, TREE_WIDTH] of each
         row's best next tokens)."""
-        g, logits = self.step(g, self.embed[0](tokens), positions, key[1], (slots, mask))
+        if self.chain is not None and not graphing():
+            self.chain.bind(self.cache, self.rope_cos, self.rope_sin)
+            g, logits = self.chain.tree_step(g, tokens, positions, slots, mask)
+        else:
+            g, logits = self.step(g, self.embed[0](tokens), positions, key[1], (slots, mask))
         logp, ids = torch.log_softmax(logits, dim=-1).topk(TREE_WIDTH, dim=-1)
         return g, logp, self.to_target_ids(ids)
 

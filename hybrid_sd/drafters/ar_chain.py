@@ -1,10 +1,10 @@
-"""An EAGLE-3 head's greedy chain, and its KV-only catch-up rows, each as one call into the CPU
-kernel library (kernels/cpu_decoder.cpp).
+"""An EAGLE-3 head's greedy chain, each depth of its draft tree and its KV-only catch-up rows,
+each as one call into the CPU kernel library (kernels/cpu_decoder.cpp).
 
 A chain of k draft tokens is k runs of the head's layer, norm, draft-vocab head and argmax,
 each fed the last: in PyTorch ~25 ops and a host round trip a token (~1.7 ms on SmolLM2's
-head, most of it dispatch); as one kernel call, what the arithmetic costs. `ARDrafter.graph_step`
-and `catchup_step` stay the references and run sampled chains, trees and every graph mode.
+head, most of it dispatch); as one kernel call, what the arithmetic costs. `ARDrafter.graph_step`,
+`step` and `catchup_step` stay the references and run sampled chains and every graph mode.
 """
 from __future__ import annotations
 
@@ -85,6 +85,14 @@ class FusedChain:
         """KV-only rows: g [n, hidden] (fc of the target features), the next tokens and positions [n]."""
         profiled_call("hybrid_sd::eagle3_catch_up", cpu_rows.eagle3_catch_up, self.shape, self.weights,
                       self.kv_panels, self.kv_bias, g, tokens, positions)
+
+    def tree_step(self, g: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                  mask: torch.Tensor):
+        """One depth of a tree: (new g [R, hidden], draft-vocab logits [R, V]) of rows g [R, hidden]."""
+        g = g.contiguous().clone()  # the kernel overwrites it; the caller's rows may be a view
+        logits = profiled_call("hybrid_sd::eagle3_tree_step", cpu_rows.eagle3_tree_step, self.shape, self.weights, g,
+                               tokens.contiguous(), positions.contiguous(), slots.contiguous(), mask.contiguous())
+        return g, logits
 
     def __call__(self, g: torch.Tensor, token: int, start: int, k: int):
         """(target ids [k], drafter probabilities [k]) of the greedy chain from fused features
