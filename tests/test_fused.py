@@ -152,24 +152,27 @@ def test_an_unpacked_target_is_not_fused(tmp_path):
     assert model.fused_layers is None
 
 
-def recorded_drafts(drafter, target, prompts, chained: bool, sampling=None):
-    """Every draft (tokens, confidence) an AR engine makes over `prompts`, with the kernel's
-    chain or with the PyTorch steps."""
+def recorded_drafts(drafter, target, prompts, chained: bool, sampling=None, tree: bool = False):
+    """Every draft an AR engine makes over `prompts`, with the kernel's chain or with the PyTorch
+    steps: (tokens, confidence) per chain, or with `tree` (tokens, parents) per tree of up to 16
+    nodes. Returns (drafts, outputs)."""
     from hybrid_sd.verify import Sampling
+    method = "draft_tree" if tree else "draft"
     kept, drafter.chain = drafter.chain, (drafter.chain if chained else None)
-    drafts, draft = [], drafter.draft
+    drafts, real = [], getattr(drafter, method)
 
-    def spy(ctx, k, s, generator=None):
-        d = draft(ctx, k, s, generator)
-        drafts.append((d.tokens.tolist(), d.confidence))
+    def spy(ctx, *args):
+        d = real(ctx, *args)
+        drafts.append((d.tokens.tolist(), d.parents if tree else d.confidence))
         return d
-    drafter.draft = spy
+    setattr(drafter, method, spy)
     try:
-        e = helpers.engine(target, drafters=drafter, k=6)
+        config = dict(tree=True, tree_budget=16) if tree else {}
+        e = helpers.engine(target, drafters=drafter, k=5 if tree else 6, **config)
         outs = [e.generate(p, 24, sampling or Sampling()).token_ids for p in prompts]
     finally:
         drafter.chain = kept
-        del drafter.draft
+        delattr(drafter, method)
     return drafts, outs
 
 
@@ -259,24 +262,8 @@ def test_the_ar_tree_steps_draft_what_their_pytorch_steps_draft(tmp_path, monkey
     prompts = helpers.random_prompts(5, seed=6)
     calls, real = [], cpu_rows.eagle3_tree_step
     monkeypatch.setattr(cpu_rows, "eagle3_tree_step", lambda *a: calls.append(a[2].shape[0]) or real(*a))
-    runs = []
-    for chained in (True, False):
-        kept, drafter.chain = drafter.chain, (drafter.chain if chained else None)
-        trees, draft_tree = [], drafter.draft_tree
-
-        def spy(ctx, budget, depth, generator=None):
-            d = draft_tree(ctx, budget, depth, generator)
-            trees.append((d.tokens.tolist(), d.parents))
-            return d
-        drafter.draft_tree = spy
-        try:
-            e = helpers.engine(target, drafters=drafter, k=5, tree=True, tree_budget=16)
-            outs = [e.generate(p, 24).token_ids for p in prompts]
-        finally:
-            drafter.chain = kept
-            del drafter.draft_tree
-        runs.append((trees, outs))
-    (trees_k, outs_k), (trees_t, outs_t) = runs
+    trees_k, outs_k = recorded_drafts(drafter, target, prompts, True, tree=True)
+    trees_t, outs_t = recorded_drafts(drafter, target, prompts, False, tree=True)
     assert trees_k == trees_t and outs_k == outs_t and len(trees_k) >= 10
     assert any(len(parents) > len(set(parents)) for _, parents in trees_k)  # real trees: siblings
     assert len(calls) >= len(trees_k) and max(calls) > 1  # every tree through the kernel, frontiers of several rows
