@@ -5,7 +5,8 @@ a decoding step or a verify needs nothing from PyTorch between the embedding and
 norm: `FusedLayers` hands the kernel every layer's weights (pointers gathered once) and runs
 the whole stack for up to `MAX_ROWS` rows, with no Python, dispatch or allocation per op.
 The module path stays the definition (`Transformer.forward` without it) and runs everything
-else: prefill, training, graph modes, other dtypes and devices.
+else: longer prefills, training, graph modes, other dtypes and devices. One model decodes one
+stream at a time: the kernel is pointed at one cache at a time (`bind`), as the engine uses it.
 """
 from __future__ import annotations
 
