@@ -173,6 +173,15 @@ static void mlp(float* h, int M, int D, int I, const float* norm, float eps, con
     add_rows(h, delta, M * D);
 }
 
+// The widest range of cache positions a row sees: the mask's span, or the last row position + 1
+// (sizes each (row, head)'s attention scratch)
+static int widest_view(const int64_t* positions, int M, const uint8_t* mask, int span) {
+    if (mask) return span;
+    int seen = 0;
+    for (int r = 0; r < M; ++r) seen = positions[r] + 1 > seen ? (int)positions[r] + 1 : seen;
+    return seen;
+}
+
 // Returns 0, or -1 where its scratch could not be allocated (nothing written then).
 //   caches: [2 * layers] pointers, layer l's K then V, each [kv_heads, cache_len, head_dim]
 //   h: [M, hidden], the embeddings in, the last layer's output (before the final norm) out
@@ -187,11 +196,7 @@ extern "C" int decoder_layers(const DecoderShape* s, const LayerWeights* weights
                               const int* capture, int n_capture, float* features, int threads) {
     const int D = s->hidden, H = s->heads, KV = s->kv_heads, hd = s->head_dim, I = s->inner;
     const int n_qkv = (H + 2 * KV) * hd;
-    int seen = span;  // the widest range of cache positions a row may see
-    if (!mask) {
-        seen = 0;
-        for (int r = 0; r < M; ++r) seen = positions[r] + 1 > seen ? (int)positions[r] + 1 : seen;
-    }
+    const int seen = widest_view(positions, M, mask, span);
     const size_t room = (size_t)seen + 8;
     const size_t floats = (size_t)M * (D + n_qkv + 2 * H * hd + D + 2 * I + I + hd) + (size_t)M * H * room;
     float* scratch = (float*)malloc(floats * sizeof(float) + (size_t)M * H * room * sizeof(int));
@@ -241,22 +246,18 @@ struct DraftWeights {  // mirrored by cpu_rows.py's DraftWeights; biases may be 
     float *k_cache, *v_cache;       // the drafter's layer, [kv_heads, cache_len, head_dim]
 };
 
-// One step of an EAGLE-3 head for M rows (a chain's next token, or a tree's frontier): each row
+// One step of an EAGLE-3 head for M rows (a chain's next token, or a depth of a tree): each row
 // (g [hidden], the token at its position) runs the head's layer -- K/V written at its slot, its
 // attention over the cache positions it sees (mask row, or 0..positions[r]) -- then the final
 // norm and the draft-vocab head. g is overwritten with the rows' new hidden states (the normed
 // ones with norm_output), logits [M, draft_vocab] written. Returns 0, or -1 where its scratch
 // could not be allocated.
-static int eagle3_step(const DraftShape* s, const DraftWeights* w, float* g, const int64_t* tokens, int M,
-                       const int64_t* positions, const int64_t* slots, const uint8_t* mask, int span,
-                       float* logits, int threads) {
+extern "C" int eagle3_step(const DraftShape* s, const DraftWeights* w, float* g, const int64_t* tokens, int M,
+                           const int64_t* positions, const int64_t* slots, const uint8_t* mask, int span,
+                           float* logits, int threads) {
     const int D = s->hidden, H = s->heads, KV = s->kv_heads, hd = s->head_dim, I = s->inner, V = s->draft_vocab;
     const int n_qkv = (H + 2 * KV) * hd;
-    int seen = span;
-    if (!mask) {
-        seen = 0;
-        for (int r = 0; r < M; ++r) seen = positions[r] + 1 > seen ? (int)positions[r] + 1 : seen;
-    }
+    const int seen = widest_view(positions, M, mask, span);
     const size_t room = (size_t)seen + 8;
     const size_t floats = (size_t)M * (2 * D + n_qkv + 2 * H * hd + 4 * D + 3 * I + 2 * hd) + (size_t)M * H * room;
     float* scratch = (float*)malloc(floats * sizeof(float) + (size_t)M * H * room * sizeof(int));
@@ -314,16 +315,6 @@ extern "C" int eagle3_chain(const DraftShape* s, const DraftWeights* w, float* g
     }
     free(logits);
     return 0;
-}
-
-// One depth of an EAGLE-3 head's draft tree: the frontier's rows (g [M, hidden], tokens [M]) at
-// RoPE positions, K/V at their slots, each seeing what its mask row [span] allows; g becomes the
-// rows' new hidden states and logits [M, draft_vocab] are written (the caller takes the top
-// children). Returns 0, or -1 where its scratch could not be allocated.
-extern "C" int eagle3_tree_step(const DraftShape* s, const DraftWeights* w, float* g, const int64_t* tokens, int M,
-                                const int64_t* positions, const int64_t* slots, const uint8_t* mask, int span,
-                                float* logits, int threads) {
-    return eagle3_step(s, w, g, tokens, M, positions, slots, mask, span, logits, threads);
 }
 
 // An EAGLE-3 head's catch-up: rows built from target features (g [n, hidden], after fc) and the

@@ -36,14 +36,7 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-fno-excepti
          "-Wl,--as-needed"]
 ENV_SWITCH = "HYBRID_SD_CPU_KERNEL"  # =off keeps the PyTorch paths (for A/B runs)
 
-# the library's entry points, once `load` succeeded
-_rows_times_panels = None
-_rms_norm_rows = None
-_decoder_layers = None
-_eagle3_chain = None
-_row_stats_rows = None
-_eagle3_catch_up = None
-_eagle3_tree_step = None
+_library = None  # the loaded library (its entry points typed), once `load` succeeded
 _why_not: str | None = None  # why it did not, once it failed
 
 
@@ -83,7 +76,7 @@ def rows_times_panels(rows: torch.Tensor, panels: torch.Tensor, bias: torch.Tens
         raise ValueError(f"the CPU row kernel takes contiguous fp32 CPU rows [M, {panels.shape[1]}], "
                          f"got {rows.dtype} {tuple(rows.shape)} on {rows.device}")
     out = torch.empty(m, n, dtype=torch.float32)
-    _rows_times_panels(rows.data_ptr(), m, k, panels.data_ptr(), None if bias is None else bias.data_ptr(),
+    _library.rows_times_panels(rows.data_ptr(), m, k, panels.data_ptr(), None if bias is None else bias.data_ptr(),
                        out.data_ptr(), n, torch.get_num_threads())
     return out
 
@@ -99,7 +92,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         raise ValueError(f"the CPU RMSNorm takes contiguous fp32 CPU rows [..., {d}], "
                          f"got {x.dtype} {tuple(x.shape)} on {x.device}")
     out = torch.empty_like(x)
-    _rms_norm_rows(x.data_ptr(), x.numel() // d, d, weight.data_ptr(), eps, out.data_ptr())
+    _library.rms_norm_rows(x.data_ptr(), x.numel() // d, d, weight.data_ptr(), eps, out.data_ptr())
     return out
 
 
@@ -116,11 +109,32 @@ class LayerWeights(ctypes.Structure):
                  "gate_up", "gate_up_bias", "down", "down_bias")]
 
 
+def pointers(tensors: dict[str, torch.Tensor | None]) -> dict[str, int | None]:
+    """A structure's fields from named tensors (None: a null pointer, no such bias or norm)."""
+    return {name: None if t is None else t.data_ptr() for name, t in tensors.items()}
+
+
 def _checked(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], what: str) -> int:
     if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.device.type != "cpu":
         raise ValueError(f"the CPU decoder takes {what} as contiguous {dtype} CPU {shape}, "
                          f"got {t.dtype} {tuple(t.shape)} on {t.device}")
     return t.data_ptr()
+
+
+# the kernels read and write raw memory: indices out of range must fail here, before they run
+def _check_within(values: torch.Tensor, limit: int, what: str, span: int = 0) -> None:
+    """values (and a mask's span) inside 0..limit-1."""
+    low, high = (int(v) for v in torch.aminmax(values))
+    if low < 0 or max(high, span - 1) >= limit:
+        raise ValueError(f"{what} {low}..{max(high, span - 1)} are outside 0..{limit - 1}")
+
+
+def _check_mask(mask: torch.Tensor, m: int) -> int:
+    """A tree mask's pointer, once every row sees something: a softmax over no key has no value."""
+    ptr = _checked(mask, torch.bool, (m, mask.shape[-1]), "the mask")
+    if not bool(mask.any(-1).all()):
+        raise ValueError("every mask row must let its row see at least one cache position")
+    return ptr
 
 
 def decoder_layers(shape: DecoderShape, weights, caches, h: torch.Tensor, cos: torch.Tensor,
@@ -138,22 +152,15 @@ def decoder_layers(shape: DecoderShape, weights, caches, h: torch.Tensor, cos: t
     ptrs = [_checked(h, torch.float32, (m, shape.hidden), "h"),
             _checked(cos, torch.float32, (m, hd), "cos"), _checked(sin_signed, torch.float32, (m, hd), "sin"),
             _checked(positions, torch.int64, (m,), "positions"), _checked(slots, torch.int64, (m,), "slots")]
-    span = 0
-    if mask is not None:
-        span = mask.shape[-1]
-        _checked(mask, torch.bool, (m, span), "the mask")
-        if not bool(mask.any(-1).all()):  # a softmax over no key has no value
-            raise ValueError("every mask row must let its row see at least one cache position")
+    span = 0 if mask is None else mask.shape[-1]
+    mask_ptr = None if mask is None else _check_mask(mask, m)
     out = None
     if n_capture:
         out = _checked(features, torch.float32, (m, n_capture * shape.hidden), "features")
-    # the kernel writes and reads the cache unchecked: slots (and without a mask, positions) must fit
-    low, high = (int(v) for v in torch.aminmax(slots if mask is not None else torch.cat((slots, positions))))
-    if low < 0 or max(high, span - 1) >= shape.cache_len:
-        raise ValueError(f"rows reach cache positions {low}..{max(high, span - 1)} of a {shape.cache_len}-position cache")
-    done = _decoder_layers(ctypes.byref(shape), weights, caches, ptrs[0], m, ptrs[1], ptrs[2], ptrs[3], ptrs[4],
-                           None if mask is None else mask.data_ptr(), span, capture, n_capture, out,
-                           torch.get_num_threads())
+    # slots are written; without a mask, positions bound the keys read
+    _check_within(slots if mask is not None else torch.cat((slots, positions)), shape.cache_len, "cache positions", span)
+    done = _library.decoder_layers(ctypes.byref(shape), weights, caches, ptrs[0], m, ptrs[1], ptrs[2], ptrs[3],
+                                   ptrs[4], mask_ptr, span, capture, n_capture, out, torch.get_num_threads())
     if done != 0:
         raise MemoryError("the CPU decoder could not allocate its scratch")
 
@@ -178,12 +185,12 @@ def eagle3_chain(shape: DraftShape, weights: DraftWeights, g: torch.Tensor, toke
     (fused target features; overwritten) and `token` at position `start`. Returns (target ids
     [k] int64, drafter probabilities [k]). The reference is ARDrafter.graph_step, greedy."""
     _checked(g, torch.float32, (shape.hidden,), "g")
-    if start < 0 or start + k > shape.cache_len:  # the kernel writes the drafter's cache unchecked
+    if start < 0 or start + k > shape.cache_len:
         raise ValueError(f"a chain at positions {start}..{start + k} does not fit a {shape.cache_len}-position cache")
-    if not 0 <= token < shape.vocab:  # ... and reads the embedding row unchecked
+    if not 0 <= token < shape.vocab:
         raise ValueError(f"token {token} is outside the {shape.vocab}-token vocabulary")
     tokens, confidence = torch.empty(k, dtype=torch.int64), torch.empty(k, dtype=torch.float32)
-    if _eagle3_chain(ctypes.byref(shape), ctypes.byref(weights), g.data_ptr(), token, start, k, tokens.data_ptr(),
+    if _library.eagle3_chain(ctypes.byref(shape), ctypes.byref(weights), g.data_ptr(), token, start, k, tokens.data_ptr(),
                      confidence.data_ptr(), torch.get_num_threads()) != 0:
         raise MemoryError("the CPU drafter chain could not allocate its scratch")
     return tokens, confidence
@@ -197,13 +204,9 @@ def eagle3_catch_up(shape: DraftShape, weights: DraftWeights, kv_panels: torch.T
     n = g.shape[0]
     ptrs = (_checked(g, torch.float32, (n, shape.hidden), "g"), _checked(tokens, torch.int64, (n,), "tokens"),
             _checked(positions, torch.int64, (n,), "positions"))
-    low, high = (int(v) for v in torch.aminmax(positions))
-    if low < 0 or high >= shape.cache_len:  # the kernel writes the drafter's cache unchecked
-        raise ValueError(f"catch-up rows at positions {low}..{high} do not fit a {shape.cache_len}-position cache")
-    low, high = (int(v) for v in torch.aminmax(tokens))
-    if low < 0 or high >= shape.vocab:  # ... and reads the embedding rows unchecked
-        raise ValueError(f"catch-up tokens {low}..{high} are outside the {shape.vocab}-token vocabulary")
-    if _eagle3_catch_up(ctypes.byref(shape), ctypes.byref(weights), kv_panels.data_ptr(),
+    _check_within(positions, shape.cache_len, "cache positions")
+    _check_within(tokens, shape.vocab, "tokens (the vocabulary)")
+    if _library.eagle3_catch_up(ctypes.byref(shape), ctypes.byref(weights), kv_panels.data_ptr(),
                         None if kv_bias is None else kv_bias.data_ptr(), *ptrs, n, torch.get_num_threads()) != 0:
         raise MemoryError("the CPU drafter catch-up could not allocate its scratch")
 
@@ -217,30 +220,19 @@ def eagle3_tree_step(shape: DraftShape, weights: DraftWeights, g: torch.Tensor, 
     m, span = g.shape[0], mask.shape[-1]
     ptrs = (_checked(g, torch.float32, (m, shape.hidden), "g"), _checked(tokens, torch.int64, (m,), "tokens"),
             _checked(positions, torch.int64, (m,), "positions"), _checked(slots, torch.int64, (m,), "slots"),
-            _checked(mask, torch.bool, (m, span), "the mask"))
-    low, high = (int(v) for v in torch.aminmax(torch.cat((positions, slots))))
-    if low < 0 or max(high, span - 1) >= shape.cache_len:  # the kernel reads and writes the cache unchecked
-        raise ValueError(f"tree rows reach cache positions {low}..{max(high, span - 1)} of a {shape.cache_len}-position cache")
-    low, high = (int(v) for v in torch.aminmax(tokens))
-    if low < 0 or high >= shape.vocab:
-        raise ValueError(f"tree tokens {low}..{high} are outside the {shape.vocab}-token vocabulary")
-    if not bool(mask.any(-1).all()):
-        raise ValueError("every mask row must let its row see at least one cache position")
+            _check_mask(mask, m))
+    _check_within(torch.cat((positions, slots)), shape.cache_len, "cache positions", span)
+    _check_within(tokens, shape.vocab, "tokens (the vocabulary)")
     logits = torch.empty(m, shape.draft_vocab, dtype=torch.float32)
-    if _eagle3_tree_step(ctypes.byref(shape), ctypes.byref(weights), ptrs[0], ptrs[1], m, ptrs[2], ptrs[3], ptrs[4],
+    if _library.eagle3_step(ctypes.byref(shape), ctypes.byref(weights), ptrs[0], ptrs[1], m, ptrs[2], ptrs[3], ptrs[4],
                          span, logits.data_ptr(), torch.get_num_threads()) != 0:
         raise MemoryError("the CPU drafter tree step could not allocate its scratch")
     return logits
 
 
-def loaded() -> bool:
-    """Whether an earlier `load` (packing a model does it) succeeded; never builds anything."""
-    return _rows_times_panels is not None
-
-
 def takes_logits(logits: torch.Tensor) -> bool:
-    """Logits that `row_stats`/`row_argmax` read as they are (once loaded)."""
-    return (_row_stats_rows is not None and logits.dtype == torch.float32 and logits.device.type == "cpu"
+    """Logits that `row_stats`/`row_argmax` read as they are (once loaded; never builds anything)."""
+    return (_library is not None and logits.dtype == torch.float32 and logits.device.type == "cpu"
             and logits.dim() == 2 and logits.shape[1] > 0 and logits.is_contiguous())
 
 
@@ -250,7 +242,7 @@ def row_stats(logits: torch.Tensor, inv_temperature: float = 1.0):
     r, v = logits.shape
     argmax = torch.empty(r, dtype=torch.int64)
     lse, entropy, top1 = (torch.empty(r, dtype=torch.float32) for _ in range(3))
-    _row_stats_rows(logits.data_ptr(), r, v, inv_temperature, 0, argmax.data_ptr(), lse.data_ptr(),
+    _library.row_stats_rows(logits.data_ptr(), r, v, inv_temperature, 0, argmax.data_ptr(), lse.data_ptr(),
                     entropy.data_ptr(), top1.data_ptr())
     return argmax, lse, entropy, top1
 
@@ -259,26 +251,24 @@ def row_argmax(logits: torch.Tensor) -> torch.Tensor:
     """torch's argmax per row (the first of equal maxima) through the library: [R, V] -> [R] int64."""
     r, v = logits.shape
     argmax = torch.empty(r, dtype=torch.int64)
-    _row_stats_rows(logits.data_ptr(), r, v, 1.0, 1, argmax.data_ptr(), None, None, None)
+    _library.row_stats_rows(logits.data_ptr(), r, v, 1.0, 1, argmax.data_ptr(), None, None, None)
     return argmax
 
 
 def load(build_dir: Path) -> bool:
     """Build (first time on this machine) and load the kernel; False, with `why_not()`, where it
     cannot run here. Tried once per process."""
-    global _rows_times_panels, _rms_norm_rows, _decoder_layers, _eagle3_chain, _eagle3_catch_up, _eagle3_tree_step
-    global _row_stats_rows, _why_not
-    if _rows_times_panels is not None or _why_not is not None:
-        return _rows_times_panels is not None
+    global _library, _why_not
+    if _library is not None or _why_not is not None:
+        return _library is not None
     try:
-        (_rows_times_panels, _rms_norm_rows, _decoder_layers, _eagle3_chain, _eagle3_catch_up, _eagle3_tree_step,
-         _row_stats_rows) = _load(build_dir)
+        _library = _load(build_dir)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _why_not = str(e).strip() or type(e).__name__
         if not turned_off():
             print(f"hybrid_sd: the CPU row kernel is off ({_why_not}); decoding steps use PyTorch's "
                   "products (slower: docs/performance.md, the CPU row kernel)", file=sys.stderr)
-    return _rows_times_panels is not None
+    return _library is not None
 
 
 def turned_off() -> bool:
@@ -341,31 +331,19 @@ def _load(build_dir: Path):
             if os.path.exists(tmp):
                 os.unlink(tmp)
     library = ctypes.CDLL(str(path))
-    function, norm, layers = library.rows_times_panels, library.rms_norm_rows, library.decoder_layers
-    function.restype = norm.restype = None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                         ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-    norm.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p]
-    layers.restype = ctypes.c_int
-    layers.argtypes = [ctypes.POINTER(DecoderShape), ctypes.POINTER(LayerWeights), ctypes.c_void_p,
-                       ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                       ctypes.c_void_p, ctypes.c_int]
-    chain = library.eagle3_chain
-    chain.restype = ctypes.c_int
-    chain.argtypes = [ctypes.POINTER(DraftShape), ctypes.POINTER(DraftWeights), ctypes.c_void_p, ctypes.c_int64,
-                      ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    catch_up = library.eagle3_catch_up
-    catch_up.restype = ctypes.c_int
-    catch_up.argtypes = [ctypes.POINTER(DraftShape), ctypes.POINTER(DraftWeights), ctypes.c_void_p, ctypes.c_void_p,
-                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-    tree_step = library.eagle3_tree_step
-    tree_step.restype = ctypes.c_int
-    tree_step.argtypes = [ctypes.POINTER(DraftShape), ctypes.POINTER(DraftWeights), ctypes.c_void_p, ctypes.c_void_p,
-                          ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                          ctypes.c_void_p, ctypes.c_int]
-    stats = library.row_stats_rows
-    stats.restype = None
-    stats.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_void_p,
-                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    return function, norm, layers, chain, catch_up, tree_step, stats
+    pointer, count, c_int, c_float = ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_float
+    draft = [ctypes.POINTER(DraftShape), ctypes.POINTER(DraftWeights)]
+    signatures = {  # name: (result, arguments), as cpu_rows.cpp and cpu_decoder.cpp declare them
+        "rows_times_panels": (None, [pointer, count, count, pointer, pointer, pointer, count, c_int]),
+        "rms_norm_rows": (None, [pointer, count, count, pointer, c_float, pointer]),
+        "decoder_layers": (c_int, [ctypes.POINTER(DecoderShape), ctypes.POINTER(LayerWeights), pointer, pointer, count,
+                                   pointer, pointer, pointer, pointer, pointer, count, pointer, count, pointer, c_int]),
+        "eagle3_chain": (c_int, draft + [pointer, ctypes.c_int64, ctypes.c_int64, count, pointer, pointer, c_int]),
+        "eagle3_catch_up": (c_int, draft + [pointer, pointer, pointer, pointer, pointer, count, c_int]),
+        "eagle3_step": (c_int, draft + [pointer, pointer, count, pointer, pointer, pointer, count, pointer, c_int]),
+        "row_stats_rows": (None, [pointer, count, count, c_float, c_int, pointer, pointer, pointer, pointer]),
+    }
+    for name, (result, arguments) in signatures.items():
+        function = getattr(library, name)
+        function.restype, function.argtypes = result, arguments
+    return library

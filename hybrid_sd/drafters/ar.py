@@ -141,6 +141,14 @@ class ARDrafter(GraphedStep, AfterPacking):
     def after_packing(self) -> None:
         self.chain = None if why_not_chained(self) else FusedChain(self)
 
+    def bound_chain(self) -> FusedChain | None:
+        """The kernel's chain pointed at this drafter's cache and RoPE tables; None where it cannot
+        run (not packed for it, or inside a graph mode's trace or compile)."""
+        if self.chain is None or graphing():
+            return None
+        self.chain.bind(self.cache, self.rope_cos, self.rope_sin)
+        return self.chain
+
     # ---- checkpoint format -------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, target, aux_ids: str | None = None) -> "ARDrafter":
@@ -260,9 +268,9 @@ class ARDrafter(GraphedStep, AfterPacking):
     def catchup_step(self, key: tuple[int], features, next_tokens, positions) -> None:
         """KV-only rows (GraphedStep.catch_up): norms, k/v projections and RoPE only; row t pairs
         the target's features at t with the token at t + 1."""
-        if self.chain is not None and not graphing():
-            self.chain.bind(self.cache, self.rope_cos, self.rope_sin)
-            self.chain.catch_up(self.fuse(features), next_tokens.contiguous(), positions.contiguous())
+        chain = self.bound_chain()
+        if chain is not None:
+            chain.catch_up(self.fuse(features), next_tokens.contiguous(), positions.contiguous())
             return
         a, _ = self.midlayer.row_input(self.fuse(features), self.embed[0](next_tokens))
         k, v = self.midlayer.self_attn.kv(a, self.rope_cos[positions], self.rope_sin[positions])
@@ -308,9 +316,9 @@ class ARDrafter(GraphedStep, AfterPacking):
         `positions`, writing K/V at `slots` and attending where `mask` [R, span] allows. Returns
         (new g [R, H], log-probabilities [R, TREE_WIDTH] and target ids [R, TREE_WIDTH] of each
         row's best next tokens)."""
-        if self.chain is not None and not graphing():
-            self.chain.bind(self.cache, self.rope_cos, self.rope_sin)
-            g, logits = self.chain.tree_step(g, tokens, positions, slots, mask)
+        chain = self.bound_chain()
+        if chain is not None:
+            g, logits = chain.tree_step(g, tokens, positions, slots, mask)
         else:
             g, logits = self.step(g, self.embed[0](tokens), positions, key[1], (slots, mask))
         logp, ids = torch.log_softmax(logits, dim=-1).topk(TREE_WIDTH, dim=-1)
@@ -396,10 +404,10 @@ class ARDrafter(GraphedStep, AfterPacking):
         device = self.lm_head.weight.device
         if k <= 0 or n == 0:
             return Draft(torch.empty(0, dtype=torch.long, device=device))
-        if self.chain is not None and sampling.greedy and self.step_graphs.mode == "eager":
-            self.chain.bind(self.cache, self.rope_cos, self.rope_sin)
+        chain = self.bound_chain() if sampling.greedy and self.step_graphs.mode == "eager" else None
+        if chain is not None:  # the whole chain in one kernel call; graph_step is its reference
             g = self.fuse(ctx.feature_rows(self.feature_layers, n - 1, n))
-            tokens, confidence = self.chain(g[0], int(ctx.tokens[n]), n - 1, k)
+            tokens, confidence = chain(g[0], int(ctx.tokens[n]), n - 1, k)
             return Draft(tokens, None, confidence)
         start = torch.full((1,), n - 1, dtype=torch.long, device=device)
         tokens, confidence, proposals = self.replay_draft(n, k, sampling, generator, ctx.feature_rows(

@@ -46,7 +46,6 @@ class FusedChain:
         n_q = attn.q_proj.out_features
         self.kv_panels = cpu_rows.panels_of(qkv[n_q:])
         self.kv_bias = None if qkv_bias is None else qkv_bias[n_q:].contiguous()
-        self.hidden = c.hidden_size
         self.shape = cpu_rows.DraftShape(
             hidden=c.hidden_size, heads=attn.n_heads, kv_heads=attn.n_kv_heads, head_dim=drafter.head_dim,
             inner=c.intermediate_size, draft_vocab=drafter.draft_vocab, vocab=drafter.embed[0].weight.shape[0], cache_len=0,
@@ -58,7 +57,7 @@ class FusedChain:
                        gate_up=layer.mlp.gate_up.panels, gate_up_bias=layer.mlp.gate_up.bias,
                        down=layer.mlp.down_proj.panels, down_bias=layer.mlp.down_proj.bias,
                        lm_head=drafter.lm_head.panels, embed=drafter.embed[0].weight, d2t=drafter.d2t)
-        self.weights = cpu_rows.DraftWeights(**{name: None if t is None else t.data_ptr() for name, t in tensors.items()})
+        self.weights = cpu_rows.DraftWeights(**cpu_rows.pointers(tensors))
         self.kept = list(tensors.values())  # held: the kernel reads them through raw pointers
         self.bound: tuple = ()  # the cache buffers and RoPE tables bound (held: never freed under the kernel)
         self.tables = ()
@@ -89,7 +88,7 @@ class FusedChain:
     def tree_step(self, g: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                   mask: torch.Tensor):
         """One depth of a tree: (new g [R, hidden], draft-vocab logits [R, V]) of rows g [R, hidden]."""
-        g = g.contiguous().clone()  # the kernel overwrites it; the caller's rows may be a view
+        g = g.clone(memory_format=torch.contiguous_format)  # the kernel overwrites it; the caller's rows may be a view
         logits = profiled_call("hybrid_sd::eagle3_tree_step", cpu_rows.eagle3_tree_step, self.shape, self.weights, g,
                                tokens.contiguous(), positions.contiguous(), slots.contiguous(), mask.contiguous())
         return g, logits

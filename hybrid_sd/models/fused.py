@@ -25,10 +25,6 @@ from .packed_linear import kernel_panels, profiled_call
 MAX_ROWS = 33
 
 
-def _pointer(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def why_not_fused(target) -> str | None:
     """Why the kernel cannot run this packed Transformer's layers (None: it can)."""
     c, first = target.config, target.model.layers[0]
@@ -56,9 +52,9 @@ class FusedLayers:
         self.shape = cpu_rows.DecoderShape(layers=len(target.model.layers), hidden=c.hidden_size,
                                            heads=attn.n_heads, kv_heads=attn.n_kv_heads, head_dim=attn.head_dim,
                                            inner=c.intermediate_size, cache_len=0, eps=float(c.rms_norm_eps))
-        self.weights = (cpu_rows.LayerWeights * self.shape.layers)()
+        layer_weights = []
         self.kept = []  # every tensor behind a pointer, held so that none is freed under the kernel
-        for i, layer in enumerate(target.model.layers):
+        for layer in target.model.layers:
             a, m = layer.self_attn, layer.mlp
             tensors = dict(input_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
                            q_norm=a.q_norm.weight if a.has_qk_norm else None,
@@ -66,9 +62,9 @@ class FusedLayers:
                            qkv=a.qkv.panels, qkv_bias=a.qkv.bias, o=a.o_proj.panels, o_bias=a.o_proj.bias,
                            gate_up=m.gate_up.panels, gate_up_bias=m.gate_up.bias,
                            down=m.down_proj.panels, down_bias=m.down_proj.bias)
-            for name, t in tensors.items():
-                setattr(self.weights[i], name, _pointer(t))
+            layer_weights.append(cpu_rows.LayerWeights(**cpu_rows.pointers(tensors)))
             self.kept += [t for t in tensors.values() if t is not None]
+        self.weights = (cpu_rows.LayerWeights * len(layer_weights))(*layer_weights)
         self.bound: tuple = ()  # the cache buffers `cache_pointers` points at (held: never freed under the kernel)
         self.cache_pointers = None
         self.captures: dict[tuple[int, ...], ctypes.Array] = {}

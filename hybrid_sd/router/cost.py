@@ -56,13 +56,13 @@ def non_decreasing(costs: dict[int, float]) -> dict[int, float]:
     """The closest non-decreasing costs in size order, in least squares (pool adjacent violators):
     a spike or a dip in one measured size is averaged with its neighbours instead of deciding
     what the router drafts."""
-    blocks: list[list[float]] = []  # [mean, weight] of pooled runs of sizes
+    blocks: list[tuple[float, int]] = []  # (mean, sizes pooled) of runs of sizes
     for size in sorted(costs):
-        blocks.append([costs[size], 1.0])
+        blocks.append((costs[size], 1))
         while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
             (m2, w2), (m1, w1) = blocks.pop(), blocks.pop()
-            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2])
-    values = [m for m, w in blocks for _ in range(int(w))]
+            blocks.append(((m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2))
+    values = [m for m, w in blocks for _ in range(w)]
     return dict(zip(sorted(costs), values))
 
 
