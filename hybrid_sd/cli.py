@@ -205,3 +205,19 @@ def write_atomic(path: str | Path, data: str | bytes | None = None, writer=None)
             except OSError:
                 pass
     return path
+
+
+def resolve_device(name: str):
+    """The torch device `--device` names (cpu or cuda[:N]), or a UserError saying what is wrong."""
+    import torch
+
+    from .errors import UserError
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r} (use cpu or cuda[:N])") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but this torch build sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported device {name!r} (use cpu or cuda[:N])")
+    return device

@@ -7,7 +7,7 @@ import math
 import os
 import sys
 
-from .cli import SEED_MAX, Parser
+from .cli import SEED_MAX, Parser, resolve_device
 from .errors import BROKEN_PIPE, UserError, silence_stdout
 
 TEMPERATURE_MIN, TEMPERATURE_MAX = 1e-4, 100.0  # sampling temperatures; 0 = greedy
@@ -111,19 +111,6 @@ def check_args(args) -> None:
             raise UserError("--budget sets the tree size: add --tree auto")
         if not 1 <= args.budget <= TREE_BUCKETS[-1]:
             raise UserError(f"--budget must be 1..{TREE_BUCKETS[-1]} tree nodes, got {args.budget}")
-
-
-def resolve_device(name: str):
-    import torch
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r} (use cpu or cuda[:N])") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but this torch build sees no CUDA device")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"unsupported device {name!r} (use cpu or cuda[:N])")
-    return device
 
 
 def emit(text: str) -> None:

@@ -399,7 +399,6 @@ def test_sampled_rest_draws_distinct_outside_tokens_with_their_weight():
 def test_block_loss_with_the_whole_rest_is_the_full_vocabulary_loss(setup):
     """Drawing every token outside the loss vocabulary makes the hard-label loss the full-head
     cross-entropy that drafting's argmax answers to; without negatives it is the subset's."""
-    from hybrid_sd.train.common import Sequence
     _, _, target = setup
     drafter, seq, f, anchors = block_case(target, 2)
     vocab = torch.unique(seq)
@@ -409,11 +408,10 @@ def test_block_loss_with_the_whole_rest_is_the_full_vocabulary_loss(setup):
     head = target.lm_head.weight.detach()
     rest = (to_sub < 0).nonzero().view(-1)
     drawn, correction = train_block.sampled_rest(rest, rest.numel(), torch.Generator())
-    s = Sequence(seq, 2, "chat")
     with torch.no_grad():
         rows, log_weight = train_block.loss_columns(head[vocab], head[drawn], correction)
-        _, with_rest, _ = train_block.block_loss(drafter, rows, to_sub, f[0], s, anchors, 4.0, log_weight=log_weight)
-        _, subset_only, _ = train_block.block_loss(drafter, head[vocab], to_sub, f[0], s, anchors, 4.0)
+        _, with_rest, _ = train_block.block_loss(drafter, rows, to_sub, f[0], seq, anchors, 4.0, log_weight=log_weight)
+        _, subset_only, _ = train_block.block_loss(drafter, head[vocab], to_sub, f[0], seq, anchors, 4.0)
         hidden = train_block.block_forward(drafter, f[0], seq, anchors)[:, 1:]
         labels = seq[anchors[:, None] + torch.arange(1, 8)]
         w = torch.exp(-torch.arange(7.0) / 4.0).expand(3, 7)
@@ -448,3 +446,38 @@ def test_a_sampled_column_weighs_as_the_tokens_it_stands_for(temperature):
     torch.testing.assert_close(part_hard, full_hard)
     merged = torch.cat([full_in.grad[:, :2], full_in.grad[:, 2:].sum(1, keepdim=True)], dim=1)
     torch.testing.assert_close(part_in.grad, merged)
+
+
+def test_fit_minutes_sets_the_step_count_from_the_speed_of_the_first_steps(setup, capsys):
+    from hybrid_sd.train.common import FIT_PROBE_STEPS, fit_total
+    # 20 steps in 2 s, 3 s into a 63 s budget: 0.95 * 60 s at 0.1 s a step
+    assert fit_total(25, 2.0, 3.0, 63.0) == 25 + 570
+    assert fit_total(25, 2.0, 70.0, 63.0) == 26  # over budget already: one more step
+    ckpt = tiny_run(setup, "ar", "fit", "--fit-minutes", "0.02", "--epochs", "40")
+    log = [r for r in torch.load(ckpt / "last.pt", weights_only=False)["log"] if "loss" in r]
+    said = capsys.readouterr()
+    assert FIT_PROBE_STEPS < len(log) and f"--fit-minutes 0.02: {len(log)} steps" in said.out + said.err
+    assert torch.load(ckpt / "last.pt", weights_only=False)["total"] == len(log)
+
+
+def test_fit_minutes_and_steps_together_are_refused(setup, capsys):
+    tmp, path, _ = setup
+    assert train_ar.main(["--data", str(tmp / "data"), "--target", str(path), "--out", str(tmp / "x"),
+                          "--fit-minutes", "1", "--steps", "10"]) == 2
+    assert "--fit-minutes sets the step count" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["ar", "block"])
+def test_training_on_cuda_follows_the_cpu_run(setup, kind):
+    """--device cuda: the drafter is built on the CPU and moved, each batch moves over, so the
+    first steps' losses are the CPU run's up to rounding; the checkpoint loads on the CPU."""
+    _, _, target = setup
+    runs = {dev: tiny_run(setup, kind, f"{dev}-{kind}", "--steps", "6", "--device", dev) for dev in ("cpu", "cuda")}
+    losses = {dev: [r["loss"] for r in torch.load(ck / "last.pt", weights_only=False)["log"] if "loss" in r]
+              for dev, ck in runs.items()}
+    assert len(losses["cuda"]) == 6
+    torch.testing.assert_close(torch.tensor(losses["cuda"]), torch.tensor(losses["cpu"]), rtol=2e-3, atol=2e-3)
+    cls = ARDrafter if kind == "ar" else BlockDrafter
+    cls.from_pretrained(runs["cuda"].parent / f"out-cuda-{kind}", target)

@@ -126,7 +126,7 @@ def loss_rows(lengths: torch.Tensor, response_start: torch.Tensor, steps: int) -
     first = (response_start - 1 - steps).clamp(min=0)
     count = (lengths - 2 - first).clamp(min=0)
     width = max(1, int(count.max()))
-    offsets = torch.arange(width)
+    offsets = torch.arange(width, device=lengths.device)
     rows = (first[:, None] + offsets[None, :]).clamp(max=int(lengths.max()) - 2)
     return rows, offsets[None, :] < count[:, None]
 
@@ -146,7 +146,7 @@ def ttt_forward(drafter: ARDrafter, embed, feats, tokens, steps: int, rows: torc
     B, T = tokens.shape
     R = T - 1  # row t pairs f_t with x_{t+1}
     if rows is None:
-        rows = torch.arange(R).expand(B, R)
+        rows = torch.arange(R, device=tokens.device).expand(B, R)
     layer, attn = drafter.midlayer, drafter.midlayer.self_attn
     nH, nKV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
     cos, sin = drafter.rope_cos, drafter.rope_sin
@@ -160,8 +160,8 @@ def ttt_forward(drafter: ARDrafter, embed, feats, tokens, steps: int, rows: torc
         return k.repeat_interleave(nH // nKV, 1), v.repeat_interleave(nH // nKV, 1)
 
     a_all, _ = layer.row_input(g_all, emb_all[:, 1:1 + R])
-    key0, value0 = keys_values(a_all, torch.arange(R).expand(B, R))
-    causal = (torch.arange(R)[None, None, :] <= rows[:, :, None])[:, None]  # [B, 1, R', R]: step-0 keys s <= t
+    key0, value0 = keys_values(a_all, torch.arange(R, device=tokens.device).expand(B, R))
+    causal = (torch.arange(R, device=tokens.device)[None, None, :] <= rows[:, :, None])[:, None]  # [B, 1, R', R]: step-0 keys s <= t
     g = gather_rows(g_all, rows)
     keys, values = [], []
     for j in range(steps):
@@ -193,7 +193,7 @@ def ttt_loss(drafter: ARDrafter, embed, feats, tokens, lengths, response_start, 
     `teacher(positions)` gives the target's logits over the draft vocabulary at those positions
     [N] x [N] (batch item, position: the one whose next token is the label); see common.mixed_loss."""
     rows, real = loss_rows(lengths, response_start, steps)
-    items = torch.arange(tokens.shape[0])[:, None].expand_as(rows)
+    items = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(rows)
     total, accs, ces = 0.0, [], []
     for j, normed in ttt_forward(drafter, embed, feats, tokens, steps, rows):
         # labels x_{t+2+j}: inside the sequence, inside the response, inside the draft vocabulary
@@ -229,7 +229,7 @@ def train(args) -> Path:
     from ..models.loading import load_target
     from .data import default_data_dir
 
-    check_recipe(args)
+    device = check_recipe(args)
     if args.ttt_steps < 1:
         raise UserError(f"--ttt-steps must be at least 1, got {args.ttt_steps}")
     torch.manual_seed(args.seed)
@@ -246,19 +246,21 @@ def train(args) -> Path:
     else:
         vocab_ids = frequent_tokens(train_seqs, args.draft_vocab or DEFAULT_DRAFT_VOCAB)
         drafter = new_drafter(target, vocab_ids, args.intermediate, args.init)
+    target.to(device)  # built on the CPU (checkpoints load there), trained where asked
+    drafter.to(device)
     feats, last = with_last_hidden(target, train_seqs, drafter.feature_layers, last=args.kd > 0)
-    target_to_draft = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
-    target_to_draft[vocab_ids] = torch.arange(len(vocab_ids))
-    head_rows = target.lm_head.weight[vocab_ids].detach()
+    target_to_draft = torch.full((target.config.vocab_size,), -1, dtype=torch.long, device=device)
+    target_to_draft[vocab_ids.to(device)] = torch.arange(len(vocab_ids), device=device)
+    head_rows = target.lm_head.weight[vocab_ids.to(device)].detach()
     drafter.reset(max(len(s.tokens) for s in train_seqs) + args.ttt_steps + 8)
     drafter.train()
     embed = target.model.embed_tokens
 
     def step_fn(group, generator):
-        tokens, f, lengths, starts = collate(train_seqs, feats, group)
+        tokens, f, lengths, starts = (t.to(device) for t in collate(train_seqs, feats, group))
         teacher = None
         if last is not None:
-            h = collate(train_seqs, last, group)[1]  # [B, T, H]
+            h = collate(train_seqs, last, group)[1].to(device)  # [B, T, H]
 
             def teacher(items, positions):  # the target's logits at the position before each label
                 return teacher_logits(target, h[items, positions], head_rows)

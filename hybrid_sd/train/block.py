@@ -76,15 +76,16 @@ def new_drafter(target, n_layers: int, block_size: int, mask_token_id: int,
 def block_forward(drafter: BlockDrafter, feats: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor):
     """Normed hidden states [A, B, H] of the blocks after `anchors` in one sequence."""
     B, A, T = drafter.block_size, anchors.numel(), tokens.numel()
+    device = tokens.device
     embed, _ = drafter.target_io
     cos, sin = drafter.rope_cos, drafter.rope_sin
     ctx = drafter.context(feats.float())  # [T, H]: fused features of every position
-    block_pos = (anchors[:, None] + torch.arange(B)).reshape(-1)  # [A*B]
-    block = torch.full((A, B), drafter.mask_token_id, dtype=torch.long)
+    block_pos = (anchors[:, None] + torch.arange(B, device=device)).reshape(-1)  # [A*B]
+    block = torch.full((A, B), drafter.mask_token_id, dtype=torch.long, device=device)
     block[:, 0] = tokens[anchors]
     x = embed(block.reshape(-1))
-    ctx_pos = torch.arange(T)
-    blk_id = torch.arange(A).repeat_interleave(B)
+    ctx_pos = torch.arange(T, device=device)
+    blk_id = torch.arange(A, device=device).repeat_interleave(B)
     sees_ctx = ctx_pos[None, :] < anchors.repeat_interleave(B)[:, None]  # strictly before the anchor
     sees_blk = blk_id[:, None] == blk_id[None, :]  # its own block, both directions
     mask = torch.cat([sees_ctx, sees_blk], dim=1)
@@ -124,7 +125,7 @@ def loss_columns(head_rows: torch.Tensor, negatives: torch.Tensor | None, correc
     return torch.cat([head_rows, negatives]), log_weight
 
 
-def block_loss(drafter, rows, target_to_sub, feats, seq, anchors, gamma, last=None, target=None,
+def block_loss(drafter, rows, target_to_sub, feats, tokens, anchors, gamma, last=None, target=None,
                kd: float = 0.0, temperature: float = 1.0, log_weight: torch.Tensor | None = None):
     """Position-weighted loss of the blocks after `anchors` (slot i weighs exp(-(i-1)/gamma),
     DFlash's decay: early slots decide how much of a draft is accepted), with distillation
@@ -135,12 +136,12 @@ def block_loss(drafter, rows, target_to_sub, feats, seq, anchors, gamma, last=No
     full-vocabulary one) and top-1 accuracy per slot over the loss vocabulary and the drawn
     tokens (unweighted logits, as drafting sees them)."""
     B = drafter.block_size
-    T = seq.tokens.numel()
-    normed = block_forward(drafter, feats, seq.tokens, anchors)[:, 1:]  # slots 1..B-1
-    label_pos = anchors[:, None] + torch.arange(1, B)
-    labels = target_to_sub[seq.tokens[label_pos.clamp(max=T - 1)]]
+    T = tokens.numel()
+    normed = block_forward(drafter, feats, tokens, anchors)[:, 1:]  # slots 1..B-1
+    label_pos = anchors[:, None] + torch.arange(1, B, device=tokens.device)
+    labels = target_to_sub[tokens[label_pos.clamp(max=T - 1)]]
     valid = (label_pos < T) & (labels >= 0)
-    weights = torch.exp(-(torch.arange(B - 1, dtype=torch.float32)) / gamma).expand_as(label_pos)
+    weights = torch.exp(-(torch.arange(B - 1, dtype=torch.float32, device=tokens.device)) / gamma).expand_as(label_pos)
     logits = (normed[valid] @ rows.T).float()
     teacher = (teacher_logits(target, last[(label_pos - 1)[valid]], rows)
                if last is not None and kd > 0 else None)
@@ -158,7 +159,7 @@ def train(args) -> Path:
     from ..models.loading import load_target
     from .data import default_data_dir
 
-    check_recipe(args)
+    device = check_recipe(args)
     torch.manual_seed(args.seed)
     data_dir = Path(args.data) if args.data else default_data_dir()
     target, tokenizer, eos = load_target(args.target, load_tokenizer=args.mask_token_id is None)
@@ -174,28 +175,32 @@ def train(args) -> Path:
         drafter = BlockDrafter.from_pretrained(args.start_from, target)
     else:
         drafter = new_drafter(target, args.layers, args.block_size, mask_id, layer_ids, args.init)
+    target.to(device)  # built on the CPU (checkpoints load there), trained where asked
+    drafter.to(device)
     feats, last = with_last_hidden(target, seqs, drafter.feature_layers, last=args.kd > 0)
     vocab_ids = frequent_tokens(seqs, args.loss_vocab)
     target_to_sub = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
     target_to_sub[vocab_ids] = torch.arange(len(vocab_ids))
-    head_rows = target.lm_head.weight[vocab_ids].detach()
-    rest_ids = (target_to_sub < 0).nonzero().view(-1)
+    rest_ids = (target_to_sub < 0).nonzero().view(-1)  # on the CPU, where the seeded draws are made
+    target_to_sub = target_to_sub.to(device)
+    head_rows = target.lm_head.weight[vocab_ids.to(device)].detach()
     drafter.reset(max(len(s.tokens) for s in seqs) + drafter.block_size)
     drafter.train()
 
     def step_fn(group, generator):
         losses, ces, slots = [], [], []
         drawn, correction = sampled_rest(rest_ids, args.negatives, generator)
-        negatives = target.lm_head.weight[drawn].detach() if drawn.numel() else None
+        negatives = target.lm_head.weight[drawn.to(device)].detach() if drawn.numel() else None
         rows, log_weight = loss_columns(head_rows, negatives, correction)
         for g in group:
             seq = seqs[g]
             # anchors: random positions whose next token is in the response (the bonus is x_a)
             candidates = torch.arange(max(1, seq.response_start - 1), seq.tokens.numel() - 1)
             pick = torch.randperm(candidates.numel(), generator=generator)[:args.anchors]
-            loss, ce, per_slot = block_loss(drafter, rows, target_to_sub, feats[g], seq, candidates[pick], args.gamma,
-                                        last[g] if last is not None else None, target, args.kd, args.kd_temperature,
-                                        log_weight)
+            loss, ce, per_slot = block_loss(drafter, rows, target_to_sub, feats[g].to(device), seq.tokens.to(device),
+                                            candidates[pick].to(device), args.gamma,
+                                            last[g].to(device) if last is not None else None, target, args.kd,
+                                            args.kd_temperature, log_weight)
             (loss / len(group)).backward()
             losses.append(loss.item())
             ces.append(ce)

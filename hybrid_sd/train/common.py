@@ -86,6 +86,7 @@ def target_features(target, sequences: list[Sequence], layers: tuple[int, ...], 
 
 def _compute_features(target, sequences: list[Sequence], layers: tuple[int, ...], batch_tokens: int):
     H = target.config.hidden_size
+    device = target.lm_head.weight.device
     out = [torch.empty(len(s.tokens), len(layers) * H, dtype=torch.float16) for s in sequences]
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].tokens))
     bar = tqdm(total=len(sequences), desc=f"target features {layers}", unit="seq")
@@ -99,7 +100,8 @@ def _compute_features(target, sequences: list[Sequence], layers: tuple[int, ...]
         batch = torch.zeros(len(group), width, dtype=torch.long)
         for r, g in enumerate(group):
             batch[r, :len(sequences[g].tokens)] = sequences[g].tokens
-        _, f = target(batch, torch.arange(width), capture=layers)
+        _, f = target(batch.to(device), torch.arange(width, device=device), capture=layers)
+        f = f.cpu()
         for r, g in enumerate(group):
             out[g][:] = f[r, :len(sequences[g].tokens)]
         bar.update(len(group))
@@ -157,6 +159,9 @@ def add_recipe_args(p, *, kd: float, clip: float = 1.0, steps_per_eval: int = 20
     p.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature of the distillation")
     p.add_argument("--steps", type=int, default=None,
                    help="optimizer steps in all (default: --epochs passes over the data); the schedule spans them")
+    p.add_argument("--fit-minutes", type=float, default=None,
+                   help="set the step count so that the run (its warm-up and cosine decay) fills this many minutes, "
+                        "from the speed of its first steps; instead of --steps")
     p.add_argument("--warmup", type=float, default=0.05, help="linear warm-up, as a fraction of the steps, then cosine")
     p.add_argument("--clip", type=float, default=clip, help=f"gradient norm clipping (default {clip})")
     p.add_argument("--eval-every", type=int, default=steps_per_eval,
@@ -168,6 +173,9 @@ def add_recipe_args(p, *, kd: float, clip: float = 1.0, steps_per_eval: int = 20
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --ckpt-dir")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop (with a checkpoint) after this many steps; --resume continues to the end")
+    p.add_argument("--device", default="cpu",
+                   help="where the target's features are computed and the drafter trains: cpu or cuda[:N]; "
+                        "the data stay on the CPU and each batch moves over")
 
 
 def default_ckpt_dir(kind: str) -> Path:
@@ -211,13 +219,19 @@ def mixed_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor
     return (1 - kd) * hard + kd * soft, hard.detach()
 
 
-def check_recipe(args) -> None:
+def check_recipe(args) -> torch.device:
+    """Refuse a bad recipe flag before any work; the device the run trains on."""
+    from ..cli import resolve_device
     if not 0 <= args.kd <= 1:
         raise UserError(f"--kd must be between 0 and 1, got {args.kd}")
     if not args.kd_temperature > 0:  # NaN too
         raise UserError(f"--kd-temperature must be positive, got {args.kd_temperature}")
     if not 0 <= args.warmup < 1:
         raise UserError(f"--warmup must be a fraction in [0, 1), got {args.warmup}")
+    if args.fit_minutes is not None and not args.fit_minutes > 0:  # NaN too
+        raise UserError(f"--fit-minutes must be positive, got {args.fit_minutes}")
+    if args.fit_minutes is not None and args.steps is not None:
+        raise UserError("--fit-minutes sets the step count: drop --steps")
     for flag in ("steps", "stop_at"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
@@ -228,6 +242,7 @@ def check_recipe(args) -> None:
         raise UserError(f"--ckpt-every must be at least 1, got {args.ckpt_every}")
     if not args.clip > 0:  # NaN too
         raise UserError(f"--clip must be positive, got {args.clip}")
+    return resolve_device(args.device)
 
 
 class Checkpoints:
@@ -271,6 +286,17 @@ def epoch_batches(n_items: int, batch: int, generator: torch.Generator, lengths:
         span = sorted(order[i:i + batch * group], key=lambda g: lengths[g])
         batches += [span[j:j + batch] for j in range(0, len(span), batch)]
     return [batches[b] for b in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+FIT_SKIP_STEPS, FIT_PROBE_STEPS = 5, 20  # --fit-minutes: steps left out of the timing, steps timed
+
+
+def fit_total(step: int, probe_seconds: float, elapsed: float, budget: float) -> int:
+    """The step count that fills `budget` seconds at the speed of the last FIT_PROBE_STEPS
+    steps (taking `probe_seconds`), `elapsed` seconds and `step` steps into the run; held-out
+    checks and checkpoints take a little of it, hence 0.95."""
+    per_step = probe_seconds / FIT_PROBE_STEPS
+    return max(step + 1, step + int(0.95 * (budget - elapsed) / per_step))
 
 
 def run_training(kind: str, drafter, n_items: int, step_fn, args, evaluate=None,
@@ -318,7 +344,15 @@ def run_training(kind: str, drafter, n_items: int, step_fn, args, evaluate=None,
 
     bar = tqdm(total=total, initial=state["step"], desc=f"train {kind}", unit="step", dynamic_ncols=True)
     t0, base = time.time(), state["seconds"]
+    fitted = args.resume or args.fit_minutes is None  # a resumed run keeps the total it was given
     while state["step"] < total:
+        if not fitted and state["step"] == FIT_PROBE_STEPS + FIT_SKIP_STEPS:
+            total = fit_total(state["step"], time.time() - t_probe, time.time() - t0, args.fit_minutes * 60)
+            warmup = max(1, round(total * args.warmup))
+            bar.total, fitted = total, True
+            bar.write(f"--fit-minutes {args.fit_minutes:g}: {total} steps")
+        if not fitted and state["step"] == FIT_SKIP_STEPS:
+            t_probe = time.time()  # the first steps (allocations, kernel warm-up) are not timed
         if state["pos"] >= len(state["order"]):
             state["order"] = epoch_batches(n_items, args.batch, gen, lengths)
             state["pos"], state["epoch"] = 0, state["epoch"] + 1

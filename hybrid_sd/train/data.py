@@ -491,14 +491,18 @@ def main(argv=None) -> int:
                    help="target hidden states stored with the training shards: auto (what the trainers read by "
                         "default), none, or ids (0 = embeddings, i = output of layer i-1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu",
+                   help="where the target answers: cpu or cuda[:N] (a GPU answers large batches far faster)")
     return exit_code(build, p.parse_args(argv))
 
 
 def build(args) -> Path:
+    from ..cli import resolve_device
     from ..models.loading import load_target
     from ..models.packed_linear import pack_linears
 
     check_args(args)
+    device = resolve_device(args.device)
     out = Path(args.out) if args.out else default_data_dir()
     out.mkdir(parents=True, exist_ok=True)
     plan = load_or_build_plan(out, args)
@@ -510,9 +514,10 @@ def build(args) -> Path:
     todo = [(rel, first, items) for rel, first, items in jobs if str(rel) not in done]
     if not todo:
         return out
-    model, tokenizer, eos = load_target(args.target, load_tokenizer=True)
+    model, tokenizer, eos = load_target(args.target, device=device, load_tokenizer=True)
     layers = capture_layers(args.capture, model.n_layers)
-    pack_linears(model)
+    if device.type == "cpu":  # oneDNN's packed products and the CPU kernel library
+        pack_linears(model)
     exclusions = Exclusions(plan["heldout"])
     # on a terminal a live bar; in a log file one line per shard with the same meter and ETA
     tty = sys.stderr.isatty()

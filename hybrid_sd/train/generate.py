@@ -43,14 +43,15 @@ def pick(logits: torch.Tensor, sampler: Sampler | None) -> torch.Tensor:
     probs = torch.softmax(logits.float() / sampler.temperature, -1)
     sorted_p, order = probs.sort(-1, descending=True)
     sorted_p = sorted_p * ((sorted_p.cumsum(-1) - sorted_p) < sampler.top_p)  # the top token always stays
-    choice = torch.multinomial(sorted_p, 1, generator=sampler.generator)
+    # the seeded generator lives on the CPU: the same draws whatever device the logits are on
+    choice = torch.multinomial(sorted_p.cpu(), 1, generator=sampler.generator).to(order.device)
     return order.gather(-1, choice).squeeze(-1)
 
 
 def row_mask(pad: torch.Tensor, cols: torch.Tensor, kv_len: int) -> torch.Tensor:
     """[B, 1, T, kv_len], True = may attend: query column q of row b sees key columns c <= q
     from the row's first token on; a padding query sees only itself."""
-    keys = torch.arange(kv_len)
+    keys = torch.arange(kv_len, device=pad.device)
     causal = keys[None, :] <= cols[:, None]                 # [T, kv]
     real = keys[None, :] >= pad[:, None]                    # [B, kv]
     own = keys[None, :] == cols[:, None]                    # [T, kv]
@@ -99,19 +100,20 @@ def generate(model, prompts: list[list[int]], max_new: int, eos, sampler: Sample
     B, width = len(prompts), max(len(p) for p in prompts)
     if width + max_new > model.max_len:
         raise UserError(f"a prompt of {width} tokens plus {max_new} new ones exceeds the target's {model.max_len} positions")
+    w = model.lm_head.weight
     tokens = torch.zeros(B, width, dtype=torch.long)
     for b, p in enumerate(prompts):
         tokens[b, width - len(p):] = torch.tensor(p)
-    pad = torch.tensor([width - len(p) for p in prompts])
-    w = model.lm_head.weight
+    tokens = tokens.to(w.device)
+    pad = torch.tensor([width - len(p) for p in prompts], device=w.device)
     cache = KVCache(model.n_layers, width + max_new, model.config.num_key_value_heads, model.head_dim,
                     w.dtype, w.device, batch=B)
     chunk = max(1, prefill_tokens // B)  # bounds the prefill's attention scores and activations
     for s in range(0, width, chunk):
-        hidden, feats = forward_rows(model, tokens[:, s:s + chunk], torch.arange(s, min(s + chunk, width)), pad, cache,
-                                     capture)
+        hidden, feats = forward_rows(model, tokens[:, s:s + chunk], torch.arange(s, min(s + chunk, width), device=w.device),
+                                     pad, cache, capture)
         if capture:
-            feats = feats.half()
+            feats = feats.half().cpu()
             for b, first in enumerate(pad.tolist()):
                 if first < s + feats.shape[1]:
                     on_features(b, feats[b, max(0, first - s):])
@@ -130,15 +132,16 @@ def generate(model, prompts: list[list[int]], max_new: int, eos, sampler: Sample
         if all(ended) or step == max_new - 1:
             break
         if sum(ended) >= max(1, len(rows) // 8):  # drop ended rows: later steps cost only the live ones
-            keep = torch.tensor([r for r, e in enumerate(ended) if not e])
+            keep = torch.tensor([r for r, e in enumerate(ended) if not e], device=w.device)
             cache.k = [k.index_select(0, keep) for k in cache.k]
             cache.v = [v.index_select(0, keep) for v in cache.v]
             pad, nxt = pad[keep], nxt[keep]
             rows = [rows[r] for r in keep.tolist()]
             ended = [False] * len(rows)
-        hidden, feats = forward_rows(model, nxt[:, None], torch.tensor([width + step]), pad, cache, capture)
+        hidden, feats = forward_rows(model, nxt[:, None], torch.tensor([width + step], device=w.device), pad, cache,
+                                     capture)
         if capture:  # a row that has just ended fed its EOS: not a position of its answer to keep
-            feats = feats.half()
+            feats = feats.half().cpu()
             for r in range(len(rows)):
                 if not ended[r]:
                     on_features(rows[r], feats[r])
