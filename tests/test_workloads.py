@@ -98,3 +98,24 @@ def test_plan_for_n_is_a_prefix_of_the_plan_for_more(plan):
 def test_structured_workload_has_single_calls_and_multi_turn_transcripts():
     roles = [[m["role"] for m in messages] for messages in workloads(4)["structured"]]
     assert ["system", "user"] in roles and ["system", "user", "assistant", "user"] in roles
+
+
+def test_the_shipped_data_set_keeps_held_out_and_benchmark_prompts_out_of_training():
+    """data/smollm2-v3.tar.xz, the self-distilled set kept in git: no user turn of a training
+    row equals or contains a held-out, benchmark-workload or router-trace prompt, and its
+    held-out rows are the plan's held-out split."""
+    import tarfile
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "data" / "smollm2-v3.tar.xz"
+    rows = {"train": [], "heldout": []}
+    with tarfile.open(path) as tar:
+        plan = json.load(tar.extractfile("smollm2-v3/prompts.json"))
+        for member in tar.getmembers():
+            if member.name.endswith(".jsonl"):  # smollm2-v3/{train,heldout}/NNNNN.jsonl
+                rows[member.name.split("/")[1]] += [json.loads(line) for line in tar.extractfile(member)]
+    assert len(rows["train"]) > 7000 and len(rows["heldout"]) == len(plan["heldout"])
+    exclusions = data.Exclusions(plan["heldout"])
+    users = {m["content"] for r in rows["train"] for m in r["messages"] if m["role"] == "user"}
+    assert not [u for u in users if exclusions.hit(u)]
+    assert {r["prompt"] for r in rows["heldout"]} == {it["messages"][-1]["content"] for it in plan["heldout"]}
