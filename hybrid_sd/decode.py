@@ -51,7 +51,7 @@ def build_parser() -> Parser:
                    help=f"{' | '.join(drafter_choices())}: plain decoding, one registered drafter, or the hybrid "
                         "of the drafters its router knows (default: hybrid on the embedded target, ngram otherwise)")
     p.add_argument("--draft", help="drafter checkpoint directory (for --drafter ar/block)")
-    p.add_argument("--router", default="entropy", help=f"hybrid: {' | '.join(ROUTERS)} (calibrated rule | MLP)")
+    p.add_argument("--router", default="learned", help=f"hybrid: {' | '.join(ROUTERS)} (calibrated rule | MLP)")
     p.add_argument("--lam", type=float, default=1.0,
                    help="hybrid: latency weight; maximise expected tokens - lam * round cost in plain steps")
     p.add_argument("--router-dir", help="hybrid: router directory (default: shipped for the embedded target)")

@@ -65,7 +65,7 @@ def test_sampling_is_seeded():
     (("--drafter", "magic", "x"), "unknown drafter"),
     (("--drafter", "ar", "--draft", "/nonexistent/eagle3", "x"), "does not exist"),
     (("--drafter", "hybrid", "--router", "magic", "x"), "unknown router"),
-    (("--drafter", "hybrid", "--router-dir", "/nonexistent/router", "x"), "no entropy.json"),
+    (("--drafter", "hybrid", "--router-dir", "/nonexistent/router", "x"), "no learned.json"),
     (("--lam", "-1", "x"), "--lam"),
     (("--target", "/nonexistent/ckpt", "x"), "no config.json"),
     pytest.param(("--device", "cuda", "x"), "CUDA", marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is present")),

@@ -481,3 +481,28 @@ def test_training_on_cuda_follows_the_cpu_run(setup, kind):
     torch.testing.assert_close(torch.tensor(losses["cuda"]), torch.tensor(losses["cpu"]), rtol=2e-3, atol=2e-3)
     cls = ARDrafter if kind == "ar" else BlockDrafter
     cls.from_pretrained(runs["cuda"].parent / f"out-cuda-{kind}", target)
+
+
+@pytest.mark.slow
+def test_gpu_train_script_dry_run_on_the_cpu(tmp_path):
+    """scripts/gpu-train's own logic (data, both trainers side by side, packing into pieces),
+    at tiny size on the CPU, so that a lent GPU machine gets a script that runs."""
+    import io
+    import lzma
+    import os
+    import subprocess
+    import tarfile
+    from pathlib import Path
+    script = Path(__file__).parent.parent / "scripts" / "gpu-train"
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "DEVICE": "cpu",
+           "PER_CATEGORY": "1", "HELDOUT": "1", "BATCH": "8", "DATA_MINUTES": "5", "TRAIN_MINUTES": "0.05"}
+    run = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = (tmp_path / "out" / "run.log").read_text()
+    assert "ar training ended with 0" in log and "block training ended with 0" in log, log
+    for name in ("data", "ar", "block"):
+        pieces = sorted((tmp_path / "out").glob(f"{name}.tar.xz.*"))
+        joined = io.BytesIO(b"".join(p.read_bytes() for p in pieces))
+        with tarfile.open(fileobj=lzma.LZMAFile(joined)) as tar:
+            names = tar.getnames()
+        assert any(n.endswith(".jsonl") for n in names) if name == "data" else f"{name}/model.safetensors" in names
