@@ -218,6 +218,8 @@ def resolve_device(name: str):
         raise UserError(f"unknown device {name!r} (use cpu or cuda[:N])") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but this torch build sees no CUDA device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"unsupported device {name!r} (use cpu or cuda[:N])")
     return device

@@ -33,7 +33,7 @@ def build_parser() -> Parser:
     from .config import DEFAULT_CONTEXT, DEFAULT_NGRAM_MAX
     from .factory import drafter_choices
     from .graphs import MODES
-    from .router import ROUTERS
+    from .router import DEFAULT_ROUTER, ROUTERS
     p = Parser(prog="python -m hybrid_sd.decode", description=__doc__, epilog=EPILOG,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", help="the prompt; read from stdin when absent (bytes that are not UTF-8 "
@@ -51,7 +51,7 @@ def build_parser() -> Parser:
                    help=f"{' | '.join(drafter_choices())}: plain decoding, one registered drafter, or the hybrid "
                         "of the drafters its router knows (default: hybrid on the embedded target, ngram otherwise)")
     p.add_argument("--draft", help="drafter checkpoint directory (for --drafter ar/block)")
-    p.add_argument("--router", default="learned", help=f"hybrid: {' | '.join(ROUTERS)} (calibrated rule | MLP)")
+    p.add_argument("--router", default=DEFAULT_ROUTER, help=f"hybrid: {' | '.join(ROUTERS)} (calibrated rule | MLP)")
     p.add_argument("--lam", type=float, default=1.0,
                    help="hybrid: latency weight; maximise expected tokens - lam * round cost in plain steps")
     p.add_argument("--router-dir", help="hybrid: router directory (default: shipped for the embedded target)")

@@ -112,5 +112,6 @@ def test_batched_generation_on_cuda_answers_as_the_cpu(tmp_path):
     gpu_model = model.to("cuda")
     gpu = generate_sorted(gpu_model, prompts, 24, eos, batch=4)
     assert sum(a == b for a, b in zip(cpu, gpu)) >= 8
+    # the seeded draws are made on the CPU: the same samples, but for a near-boundary draw
     sampled = generate(gpu_model, prompts, 12, (), Sampler(seed=3))
-    assert [len(s) for s in sampled] == [12] * len(prompts)
+    assert sum(a == b for a, b in zip(generate(model.cpu(), prompts, 12, (), Sampler(seed=3)), sampled)) >= 8

@@ -66,7 +66,8 @@ def test_engine_rejects_cuda_graphs_without_cuda(target):
 
 
 def switching_engine(target, tmp_path, **config):
-    drafters = [make_drafter("ar", target, tmp_path), make_drafter("block", target, tmp_path), NgramDrafter(max_n=3)]
+    drafters = [make_drafter("ar", target, tmp_path), make_drafter("block", target, tmp_path),
+                NgramDrafter(max_n=3, device=target.lm_head.weight.device)]
     return engine(target, (), drafters, router=AlternatingRouter(3), **{"max_len": 256, **config})
 
 

@@ -160,8 +160,9 @@ def add_recipe_args(p, *, kd: float, clip: float = 1.0, steps_per_eval: int = 20
     p.add_argument("--steps", type=int, default=None,
                    help="optimizer steps in all (default: --epochs passes over the data); the schedule spans them")
     p.add_argument("--fit-minutes", type=float, default=None,
-                   help="set the step count so that the run (its warm-up and cosine decay) fills this many minutes, "
-                        "from the speed of its first steps; instead of --steps")
+                   help="set the step count so that the optimisation (its warm-up and cosine decay, from the first "
+                        "step on: loading and target features come before) fills this many minutes, from the speed of "
+                        "its first steps; instead of --steps")
     p.add_argument("--warmup", type=float, default=0.05, help="linear warm-up, as a fraction of the steps, then cosine")
     p.add_argument("--clip", type=float, default=clip, help=f"gradient norm clipping (default {clip})")
     p.add_argument("--eval-every", type=int, default=steps_per_eval,
@@ -316,11 +317,11 @@ def run_training(kind: str, drafter, n_items: int, step_fn, args, evaluate=None,
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     total = args.steps or math.ceil(n_items / args.batch) * args.epochs
-    warmup = max(1, round(total * args.warmup))
     gen = torch.Generator().manual_seed(args.seed)
     ckpt = Checkpoints(Path(args.ckpt_dir) if args.ckpt_dir else default_ckpt_dir(kind))
     identity = json.loads(json.dumps(identity or {}))  # comparable after a round trip
-    state = {"step": 0, "epoch": -1, "order": [], "pos": 0, "log": [], "seconds": 0.0}
+    state = {"step": 0, "epoch": -1, "order": [], "pos": 0, "log": [], "seconds": 0.0,
+             "fitted": args.fit_minutes is None, "warmup": max(1, round(total * args.warmup))}
     if args.resume:
         saved = ckpt.load()
         theirs = saved.get("identity", {})
@@ -332,7 +333,7 @@ def run_training(kind: str, drafter, n_items: int, step_fn, args, evaluate=None,
         opt.load_state_dict(saved["optimizer"])
         gen.set_state(saved["generator"])
         torch.set_rng_state(saved["torch_rng"])
-        state = {k: saved[k] for k in state}
+        state = {k: saved.get(k, state[k]) for k in state}  # checkpoints before --fit-minutes: fitted
         total = saved["total"]
         print(f"resuming {kind} from step {state['step']}/{total} ({ckpt.path})", file=sys.stderr)
 
@@ -342,23 +343,29 @@ def run_training(kind: str, drafter, n_items: int, step_fn, args, evaluate=None,
                    "torch_rng": torch.get_rng_state(), "total": total, "identity": identity,
                    "args": vars(args), **state})
 
+    # --fit-minutes: this process times steps probe..probe+FIT_PROBE_STEPS (its first ones, with
+    # allocations and kernel warm-up, are left out), then sets the count; until then the count
+    # only has to reach past the probe. A run resumed after the fit keeps its count.
+    probe = state["step"] + FIT_SKIP_STEPS
+    if not state["fitted"]:
+        total = max(total, probe + FIT_PROBE_STEPS + 1)
     bar = tqdm(total=total, initial=state["step"], desc=f"train {kind}", unit="step", dynamic_ncols=True)
     t0, base = time.time(), state["seconds"]
-    fitted = args.resume or args.fit_minutes is None  # a resumed run keeps the total it was given
     while state["step"] < total:
-        if not fitted and state["step"] == FIT_PROBE_STEPS + FIT_SKIP_STEPS:
-            total = fit_total(state["step"], time.time() - t_probe, time.time() - t0, args.fit_minutes * 60)
-            warmup = max(1, round(total * args.warmup))
-            bar.total, fitted = total, True
+        if not state["fitted"] and state["step"] == probe:
+            t_probe = time.time()
+        if not state["fitted"] and state["step"] == probe + FIT_PROBE_STEPS:
+            total = fit_total(state["step"], time.time() - t_probe, base + time.time() - t0, args.fit_minutes * 60)
+            if state["step"] < state["warmup"]:  # still warming up: over the new count (past it: no second ramp)
+                state["warmup"] = max(1, round(total * args.warmup))
+            bar.total, state["fitted"] = total, True
             bar.write(f"--fit-minutes {args.fit_minutes:g}: {total} steps")
-        if not fitted and state["step"] == FIT_SKIP_STEPS:
-            t_probe = time.time()  # the first steps (allocations, kernel warm-up) are not timed
         if state["pos"] >= len(state["order"]):
             state["order"] = epoch_batches(n_items, args.batch, gen, lengths)
             state["pos"], state["epoch"] = 0, state["epoch"] + 1
         indices = state["order"][state["pos"]]
         state["pos"] += 1
-        lr = cosine_lr(state["step"], total, args.lr, warmup)
+        lr = cosine_lr(state["step"], total, args.lr, state["warmup"])
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)

@@ -16,4 +16,4 @@ def shipped(kind: str, marker: str = "config.json") -> Path | None:
 
 def shipped_router() -> Path | None:
     """The shipped router directory (entropy.json, learned.*), or None."""
-    return shipped("router", "entropy.json")
+    return shipped("router", "learned.json")
