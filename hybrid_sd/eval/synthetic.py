@@ -69,4 +69,4 @@ def build_in(config, dtype, max_len):
                          head_dim=head.head_dim, rms_norm_eps=config.rms_norm_eps, vocab_size=V, rope_theta=1e6,
                          max_position_embeddings=config.max_position_embeddings)
     block = randomize(BlockDrafter(dflash, target, spacing, mask_token_id=V - 1, block_size=BLOCK_SIZE).to(dtype))
-    return target, [ar, block, NgramDrafter(max_n=3, device=device)]
+    return target, [ar, block, NgramDrafter(max_n=3, device=target.lm_head.weight.device)]
