@@ -507,9 +507,8 @@ class Engine:
                 verdict = judge_tree(draft.parents, drafted, logits, sampling, generator, signals=self.routed,
                                      draft_confidence=draft.confidence)
             else:
-                # the buffer's copy, on the target's device even where a drafter drafted on another
-                verdict = judge(self.tokens[n + 1:n + 1 + kd], draft.probs, logits, sampling, generator,
-                                signals=self.routed, draft_confidence=draft.confidence)
+                verdict = judge(draft.tokens, draft.probs, logits, sampling, generator, signals=self.routed,
+                                draft_confidence=draft.confidence)
             a, token = verdict.accepted, verdict.token
         with self.clock.phase("commit"):
             if tree:

@@ -516,8 +516,7 @@ def build(args) -> Path:
         return out
     model, tokenizer, eos = load_target(args.target, device=device, load_tokenizer=True)
     layers = capture_layers(args.capture, model.n_layers)
-    if device.type == "cpu":  # oneDNN's packed products and the CPU kernel library
-        pack_linears(model)
+    pack_linears(model)  # a no-op for a model on a GPU
     exclusions = Exclusions(plan["heldout"])
     # on a terminal a live bar; in a log file one line per shard with the same meter and ETA
     tty = sys.stderr.isatty()
