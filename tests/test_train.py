@@ -76,7 +76,7 @@ def block_case(target, seed: int):
 def test_block_training_forward_equals_drafting(setup):
     _, _, target = setup
     drafter, seq, f, anchors = block_case(target, 1)
-    trained = train_block.block_forward(drafter, f[0], seq, anchors)
+    trained = train_block.block_forward(drafter, f, seq[None], anchors[None])[0]
     for i, a in enumerate(anchors.tolist()):
         ctx = context_for(target, seq[:a + 1].tolist(), drafter.feature_layers)  # bonus x_a at n = a
         drafter.reset(64)
@@ -84,6 +84,56 @@ def test_block_training_forward_equals_drafting(setup):
         n, B = ctx.n, drafter.block_size
         hidden = drafter.forward_block(ctx.tokens[n:n + 1], torch.arange(n, n + B), drafter.cache.max_len)
         torch.testing.assert_close(hidden, trained[i], rtol=1e-4, atol=1e-4)
+
+
+def test_block_loss_batched_over_padded_sequences_equals_each_alone(setup):
+    """One pass over right-padded sequences of different lengths, with padded anchors, gives the
+    mean of the per-sequence losses and their gradients: padding is never read."""
+    _, _, target = setup
+    drafter = train_block.new_drafter(target, 2, 8, mask_token_id=2)
+    drafter.reset(64)
+    gen = torch.Generator().manual_seed(3)
+    lengths = [30, 19, 25]
+    seqs = [torch.randint(4, 96, (n,), generator=gen) for n in lengths]
+    feats = [target(s[None], torch.arange(len(s)), capture=drafter.feature_layers + (2,))[1][0] for s in seqs]
+    width = drafter.fc.in_features
+    picks = [torch.tensor([3, 10, 17]), torch.tensor([1, 12]), torch.tensor([20, 5, 9])]
+    V = target.config.vocab_size
+    to_sub = torch.full((V,), -1, dtype=torch.long)
+    to_sub[torch.arange(0, V, 2)] = torch.arange(V // 2)  # odd tokens fall outside the loss vocabulary
+    rows = target.lm_head.weight.detach()[::2]
+    kw = dict(target=target, kd=0.5)
+
+    def grads():
+        out = [p.grad.clone() for p in drafter.parameters() if p.grad is not None]
+        drafter.zero_grad()
+        return out
+
+    alone_loss, alone_ce = 0.0, 0.0
+    for s, f, a in zip(seqs, feats, picks):
+        with torch.enable_grad():
+            loss, ce, _ = train_block.block_loss(drafter, rows, to_sub, f[None, :, :width], s[None], a[None], 4.0,
+                                                 f[None, :, width:], **kw)
+            (loss / len(seqs)).backward()
+        alone_loss, alone_ce = alone_loss + loss.item() / len(seqs), alone_ce + ce / len(seqs)
+    alone = grads()
+    T, A = max(lengths), 3
+    tokens, batch = torch.zeros(3, T, dtype=torch.long), torch.zeros(3, T, feats[0].shape[-1])
+    anchors, real = torch.zeros(3, A, dtype=torch.long), torch.zeros(3, A, dtype=torch.bool)
+    for r, (s, f, a) in enumerate(zip(seqs, feats, picks)):
+        tokens[r, :len(s)], batch[r, :len(s)] = s, f
+        batch[r, len(s):] = 7.0  # padding that would show if read
+        anchors[r, :len(a)], real[r, :len(a)] = a, True
+    with torch.enable_grad():
+        loss, ce, acc = train_block.block_loss(drafter, rows, to_sub, batch[..., :width], tokens, anchors, 4.0,
+                                               batch[..., width:], lengths=torch.tensor(lengths), anchor_real=real,
+                                               **kw)
+        loss.backward()
+    assert loss.item() == pytest.approx(alone_loss, rel=1e-5)
+    assert ce == pytest.approx(alone_ce, rel=1e-5)
+    assert len(acc) == 7
+    for a, b in zip(alone, grads()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["ar", "block"])
@@ -410,9 +460,10 @@ def test_block_loss_with_the_whole_rest_is_the_full_vocabulary_loss(setup):
     drawn, correction = train_block.sampled_rest(rest, rest.numel(), torch.Generator())
     with torch.no_grad():
         rows, log_weight = train_block.loss_columns(head[vocab], head[drawn], correction)
-        _, with_rest, _ = train_block.block_loss(drafter, rows, to_sub, f[0], seq, anchors, 4.0, log_weight=log_weight)
-        _, subset_only, _ = train_block.block_loss(drafter, head[vocab], to_sub, f[0], seq, anchors, 4.0)
-        hidden = train_block.block_forward(drafter, f[0], seq, anchors)[:, 1:]
+        _, with_rest, _ = train_block.block_loss(drafter, rows, to_sub, f, seq[None], anchors[None], 4.0,
+                                                   log_weight=log_weight)
+        _, subset_only, _ = train_block.block_loss(drafter, head[vocab], to_sub, f, seq[None], anchors[None], 4.0)
+        hidden = train_block.block_forward(drafter, f, seq[None], anchors[None])[0, :, 1:]
         labels = seq[anchors[:, None] + torch.arange(1, 8)]
         w = torch.exp(-torch.arange(7.0) / 4.0).expand(3, 7)
         full = torch.nn.functional.cross_entropy((hidden @ head.T).reshape(-1, V), labels.reshape(-1), reduction="none")

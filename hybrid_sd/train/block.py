@@ -74,34 +74,43 @@ def new_drafter(target, n_layers: int, block_size: int, mask_token_id: int,
 
 
 def block_forward(drafter: BlockDrafter, feats: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor):
-    """Normed hidden states [A, B, H] of the blocks after `anchors` in one sequence."""
-    B, A, T = drafter.block_size, anchors.numel(), tokens.numel()
+    """Normed hidden states [N, A, B, H] of the blocks after `anchors` [N, A] in N right-padded
+    sequences (`feats` [N, T, F], `tokens` [N, T]), in one pass: a block sees the context before
+    its anchor and nothing past it, so no row reads a sequence's padding. Batched over sequences
+    because a loop of small passes is bound by kernel launches on a GPU."""
+    B = drafter.block_size
+    (N, A), T = anchors.shape, tokens.shape[1]
+    L = A * B  # block rows per sequence
     device = tokens.device
     embed, _ = drafter.target_io
     cos, sin = drafter.rope_cos, drafter.rope_sin
-    ctx = drafter.context(feats.float())  # [T, H]: fused features of every position
-    block_pos = (anchors[:, None] + torch.arange(B, device=device)).reshape(-1)  # [A*B]
-    block = torch.full((A, B), drafter.mask_token_id, dtype=torch.long, device=device)
-    block[:, 0] = tokens[anchors]
+    ctx = drafter.context(feats.float()).reshape(N * T, -1)  # fused features of every position
+    ctx_pos = torch.arange(T, device=device).repeat(N)
+    block_pos = (anchors[..., None] + torch.arange(B, device=device)).reshape(-1)  # [N*L]
+    block = torch.full((N, A, B), drafter.mask_token_id, dtype=torch.long, device=device)
+    block[..., 0] = tokens.gather(1, anchors)
     x = embed(block.reshape(-1))
-    ctx_pos = torch.arange(T, device=device)
     blk_id = torch.arange(A, device=device).repeat_interleave(B)
-    sees_ctx = ctx_pos[None, :] < anchors.repeat_interleave(B)[:, None]  # strictly before the anchor
-    sees_blk = blk_id[:, None] == blk_id[None, :]  # its own block, both directions
-    mask = torch.cat([sees_ctx, sees_blk], dim=1)
+    sees_ctx = torch.arange(T, device=device) < anchors.repeat_interleave(B, dim=1)[..., None]  # [N, L, T]
+    sees_blk = (blk_id[:, None] == blk_id[None, :]).expand(N, L, L)  # its own block, both directions
+    mask = torch.cat([sees_ctx, sees_blk], dim=2)[:, None]
+
+    def per_sequence(t: torch.Tensor, rows: int) -> torch.Tensor:  # [1, heads, N*rows, d] -> [N, heads, rows, d]
+        return t[0].unflatten(1, (N, rows)).transpose(0, 1)
+
     for layer in drafter.layers:
         attn = layer.self_attn
         h = layer.input_layernorm(x)
-        q = attn.q_norm(attn.q_proj(h).view(A * B, attn.n_heads, -1)).transpose(0, 1)
+        q = attn.q_norm(attn.q_proj(h).view(N * L, attn.n_heads, -1)).transpose(0, 1)
         q = apply_rope(q, cos[block_pos], sin[block_pos])
         k_c, v_c = attn.kv(ctx, cos[ctx_pos], sin[ctx_pos])
         k_b, v_b = attn.kv(h, cos[block_pos], sin[block_pos])
-        k = torch.cat([k_c, k_b], dim=2)[0]
-        v = torch.cat([v_c, v_b], dim=2)[0]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        x = x + attn.o_proj(y.transpose(0, 1).reshape(A * B, -1))
+        k = torch.cat([per_sequence(k_c, T), per_sequence(k_b, L)], dim=2)
+        v = torch.cat([per_sequence(v_c, T), per_sequence(v_b, L)], dim=2)
+        y = F.scaled_dot_product_attention(per_sequence(q[None], L), k, v, attn_mask=mask, enable_gqa=True)
+        x = x + attn.o_proj(y.transpose(1, 2).reshape(N * L, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return drafter.norm(x).view(A, B, -1)
+    return drafter.norm(x).view(N, A, B, -1)
 
 
 def sampled_rest(rest_ids: torch.Tensor, n: int, generator: torch.Generator) -> tuple[torch.Tensor, float]:
@@ -126,32 +135,42 @@ def loss_columns(head_rows: torch.Tensor, negatives: torch.Tensor | None, correc
 
 
 def block_loss(drafter, rows, target_to_sub, feats, tokens, anchors, gamma, last=None, target=None,
-               kd: float = 0.0, temperature: float = 1.0, log_weight: torch.Tensor | None = None):
-    """Position-weighted loss of the blocks after `anchors` (slot i weighs exp(-(i-1)/gamma),
-    DFlash's decay: early slots decide how much of a draft is accepted), with distillation
-    against the target's distribution at the position before each label when kd > 0 (`last`:
-    the target's last hidden states of the sequence). `rows`, `log_weight`: from loss_columns;
-    the drawn negatives join both softmaxes as classes no label names. Also the weighted
-    hard-label cross-entropy (comparable across kd; with negatives, a sampled estimate of the
-    full-vocabulary one) and top-1 accuracy per slot over the loss vocabulary and the drawn
-    tokens (unweighted logits, as drafting sees them)."""
+               kd: float = 0.0, temperature: float = 1.0, log_weight: torch.Tensor | None = None,
+               lengths: torch.Tensor | None = None, anchor_real: torch.Tensor | None = None):
+    """Position-weighted loss of the blocks after `anchors` [N, A] in N right-padded sequences
+    (`tokens` [N, T] of `lengths` tokens; `anchor_real` [N, A] False where a short sequence's
+    anchors are padding), averaged over the sequences. Slot i weighs exp(-(i-1)/gamma), DFlash's
+    decay: early slots decide how much of a draft is accepted. With kd > 0, partly distilled
+    against the target's distribution at the position before each label (`last` [N, T, H]: the
+    target's last hidden states). `rows`, `log_weight`: from loss_columns; the drawn negatives
+    join both softmaxes as classes no label names. Also the weighted hard-label cross-entropy
+    (comparable across kd; with negatives, a sampled estimate of the full-vocabulary one) and
+    top-1 accuracy per slot over the loss vocabulary and the drawn tokens (unweighted logits, as
+    drafting sees them), each averaged over the sequences that have that slot."""
     B = drafter.block_size
-    T = tokens.numel()
-    normed = block_forward(drafter, feats, tokens, anchors)[:, 1:]  # slots 1..B-1
-    label_pos = anchors[:, None] + torch.arange(1, B, device=tokens.device)
-    labels = target_to_sub[tokens[label_pos.clamp(max=T - 1)]]
-    valid = (label_pos < T) & (labels >= 0)
-    weights = torch.exp(-(torch.arange(B - 1, dtype=torch.float32, device=tokens.device)) / gamma).expand_as(label_pos)
+    (N, A), T = anchors.shape, tokens.shape[1]
+    device = tokens.device
+    lengths = torch.full((N,), T, device=device) if lengths is None else lengths
+    anchor_real = torch.ones(N, A, dtype=torch.bool, device=device) if anchor_real is None else anchor_real
+    normed = block_forward(drafter, feats, tokens, anchors)[:, :, 1:]  # slots 1..B-1
+    label_pos = anchors[..., None] + torch.arange(1, B, device=device)  # [N, A, B-1]
+    labels = target_to_sub[tokens.gather(1, label_pos.clamp(max=T - 1).flatten(1)).view_as(label_pos)]
+    valid = (label_pos < lengths[:, None, None]) & (labels >= 0) & anchor_real[..., None]
     logits = (normed[valid] @ rows.T).float()
-    teacher = (teacher_logits(target, last[(label_pos - 1)[valid]], rows)
-               if last is not None and kd > 0 else None)
+    teacher = None
+    if last is not None and kd > 0:
+        seq_of = torch.arange(N, device=device)[:, None, None].expand_as(label_pos)
+        teacher = teacher_logits(target, last[seq_of[valid], (label_pos - 1)[valid]], rows)
     ce, hard = mixed_loss(logits, labels[valid], teacher, kd, temperature, log_weight)
-    w = weights[valid] / weights[valid].sum()
-    loss = (ce * w).sum()
-    hit = torch.zeros_like(label_pos, dtype=torch.float32)
+    decay = torch.exp(-torch.arange(B - 1, dtype=torch.float32, device=device) / gamma)
+    weights = decay * valid  # each sequence's weights sum to 1 (0 when it has no label)
+    weights = (weights / weights.sum((1, 2), keepdim=True).clamp_min(1e-30))[valid]
+    loss = (ce * weights).sum() / N
+    hit = torch.zeros(N, A, B - 1, device=device)
     hit[valid] = (logits.argmax(-1) == labels[valid]).float()
-    per_slot = [(hit[:, i][valid[:, i]].mean().item() if valid[:, i].any() else float("nan")) for i in range(B - 1)]
-    return loss, (hard * w).sum().item(), per_slot
+    counted = valid.sum(1)  # [N, B-1]
+    per_sequence = torch.where(counted > 0, hit.sum(1) / counted.clamp_min(1), torch.nan)
+    return loss, (hard * weights).sum().item() / N, per_sequence.nanmean(0).tolist()
 
 
 @torch.enable_grad()
@@ -188,25 +207,34 @@ def train(args) -> Path:
     drafter.train()
 
     def step_fn(group, generator):
-        losses, ces, slots = [], [], []
         drawn, correction = sampled_rest(rest_ids, args.negatives, generator)
         negatives = target.lm_head.weight[drawn.to(device)].detach() if drawn.numel() else None
         rows, log_weight = loss_columns(head_rows, negatives, correction)
-        for g in group:
+        picks = []
+        for g in group:  # anchors: random positions whose next token is in the response (the bonus is x_a)
             seq = seqs[g]
-            # anchors: random positions whose next token is in the response (the bonus is x_a)
             candidates = torch.arange(max(1, seq.response_start - 1), seq.tokens.numel() - 1)
-            pick = torch.randperm(candidates.numel(), generator=generator)[:args.anchors]
-            loss, ce, per_slot = block_loss(drafter, rows, target_to_sub, feats[g].to(device), seq.tokens.to(device),
-                                            candidates[pick].to(device), args.gamma,
-                                            last[g].to(device) if last is not None else None, target, args.kd,
-                                            args.kd_temperature, log_weight)
-            (loss / len(group)).backward()
-            losses.append(loss.item())
-            ces.append(ce)
-            slots.append(per_slot)
-        acc = torch.tensor(slots).nanmean(0).nan_to_num(0.0).tolist()
-        return {"loss": sum(losses) / len(losses), "ce": sum(ces) / len(ces), "acc1": acc[0], "acc": acc}
+            picks.append(candidates[torch.randperm(candidates.numel(), generator=generator)[:args.anchors]])
+        lengths = torch.tensor([seqs[g].tokens.numel() for g in group])
+        T, A = int(lengths.max()), max(p.numel() for p in picks)
+        tokens = torch.zeros(len(group), T, dtype=torch.long)
+        batch_feats = torch.zeros(len(group), T, feats[group[0]].shape[-1], dtype=feats[group[0]].dtype)
+        batch_last = torch.zeros(len(group), T, last[group[0]].shape[-1], dtype=last[group[0]].dtype) if last is not None else None
+        anchors = torch.zeros(len(group), A, dtype=torch.long)
+        anchor_real = torch.zeros(len(group), A, dtype=torch.bool)
+        for r, (g, pick) in enumerate(zip(group, picks)):
+            n = seqs[g].tokens.numel()
+            tokens[r, :n], batch_feats[r, :n] = seqs[g].tokens, feats[g]
+            if last is not None:
+                batch_last[r, :n] = last[g]
+            anchors[r, :pick.numel()], anchor_real[r, :pick.numel()] = pick, True
+        loss, ce, acc = block_loss(drafter, rows, target_to_sub, batch_feats.to(device), tokens.to(device),
+                                   anchors.to(device), args.gamma,
+                                   batch_last.to(device) if last is not None else None, target, args.kd, args.kd_temperature,
+                                   log_weight, lengths.to(device), anchor_real.to(device))
+        loss.backward()
+        acc = torch.tensor(acc).nan_to_num(0.0).tolist()
+        return {"loss": loss.item(), "ce": ce, "acc1": acc[0], "acc": acc}
 
     identity = {"sequences": len(seqs), "tokens": sum(len(s.tokens) for s in seqs), "vocab": int(vocab_ids.sum()),
                 "loss_vocab": len(vocab_ids), "negatives": args.negatives, "batch": args.batch,
@@ -217,7 +245,8 @@ def train(args) -> Path:
                 "steps": args.steps, "epochs": args.epochs}
     k = drafter.block_size - 1
     evaluate = heldout_check(target, eos, drafter, k, data_dir, args.eval_prompts)
-    log, complete = run_training("block", drafter, len(seqs), step_fn, args, evaluate, identity)
+    log, complete = run_training("block", drafter, len(seqs), step_fn, args, evaluate, identity,
+                                 lengths=[len(s.tokens) for s in seqs])
     if not complete:
         print(f"stopped at step {log[-1]['step']}; --resume continues", file=sys.stderr)
         return Path(args.ckpt_dir) if args.ckpt_dir else default_ckpt_dir("block")
