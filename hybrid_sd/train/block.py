@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from transformers import Qwen3Config
 
 from ..cli import Parser
@@ -215,23 +216,17 @@ def train(args) -> Path:
             seq = seqs[g]
             candidates = torch.arange(max(1, seq.response_start - 1), seq.tokens.numel() - 1)
             picks.append(candidates[torch.randperm(candidates.numel(), generator=generator)[:args.anchors]])
+        # right-padded to the longest sequence (and anchor count) of the batch
         lengths = torch.tensor([seqs[g].tokens.numel() for g in group])
-        T, A = int(lengths.max()), max(p.numel() for p in picks)
-        tokens = torch.zeros(len(group), T, dtype=torch.long)
-        batch_feats = torch.zeros(len(group), T, feats[group[0]].shape[-1], dtype=feats[group[0]].dtype)
-        batch_last = torch.zeros(len(group), T, last[group[0]].shape[-1], dtype=last[group[0]].dtype) if last is not None else None
-        anchors = torch.zeros(len(group), A, dtype=torch.long)
-        anchor_real = torch.zeros(len(group), A, dtype=torch.bool)
-        for r, (g, pick) in enumerate(zip(group, picks)):
-            n = seqs[g].tokens.numel()
-            tokens[r, :n], batch_feats[r, :n] = seqs[g].tokens, feats[g]
-            if last is not None:
-                batch_last[r, :n] = last[g]
-            anchors[r, :pick.numel()], anchor_real[r, :pick.numel()] = pick, True
+        tokens = pad_sequence([seqs[g].tokens for g in group], batch_first=True)
+        batch_feats = pad_sequence([feats[g] for g in group], batch_first=True)
+        batch_last = pad_sequence([last[g] for g in group], batch_first=True) if last is not None else None
+        anchors = pad_sequence(picks, batch_first=True)
+        anchor_real = pad_sequence([torch.ones(p.numel(), dtype=torch.bool) for p in picks], batch_first=True)
         loss, ce, acc = block_loss(drafter, rows, target_to_sub, batch_feats.to(device), tokens.to(device),
                                    anchors.to(device), args.gamma,
-                                   batch_last.to(device) if last is not None else None, target, args.kd, args.kd_temperature,
-                                   log_weight, lengths.to(device), anchor_real.to(device))
+                                   batch_last.to(device) if last is not None else None, target, args.kd,
+                                   args.kd_temperature, log_weight, lengths.to(device), anchor_real.to(device))
         loss.backward()
         acc = torch.tensor(acc).nan_to_num(0.0).tolist()
         return {"loss": loss.item(), "ce": ce, "acc1": acc[0], "acc": acc}
