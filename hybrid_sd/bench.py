@@ -113,6 +113,7 @@ class Methods:
         self.hf = self.hf_model() if any(m.startswith("hf") for m in names) else None
         self.llamacpp = {m: self.llamacpp_model(m == "llamacpp-lookup") for m in names if m in LLAMACPP}
         self.engines = {}
+        self.latency = None  # the first hybrid's latency table: prices every method's rounds alike
         for name in names:
             kind, k, tree, budget, graphs = method_spec(name)
             if kind in PEERS:
@@ -121,6 +122,7 @@ class Methods:
                 router = "learned" if kind == "hybrid-learned" else "entropy"
                 config = EngineConfig(EVAL_CONTEXT, tree=tree, tree_budget=budget, graphs=graphs)
                 self.engines[name] = factory.build_hybrid(self.target, eos, config, router, lam)
+                self.latency = self.latency or factory.cached_latency(self.engines[name])
                 continue
             kind = factory.PLAIN if kind == "plain" else kind
             config = EngineConfig(EVAL_CONTEXT, draft_k={kind: k} if k else {}, tree=tree, tree_budget=budget,
@@ -206,7 +208,7 @@ def run(args) -> dict:
                         raise SystemExit(f"bench: {name} output differs from plain decoding on {cat} prompt "
                                          f"{prompts[j][1]} (at token {first_difference(out, outputs['plain'])})")
         bar.close()
-    result = summarize(names, prompts, times, tokens, gens, profile)
+    result = summarize(names, prompts, times, tokens, gens, profile, methods.latency)
     result["equal_outputs"] = {m: f"{equal[m]}/{len(prompts)}" for m in names}
     write(result, Path(args.out), plots=not args.no_plots)
     return result
@@ -216,7 +218,7 @@ def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def summarize(names, prompts, times, tokens, gens, profile) -> dict:
+def summarize(names, prompts, times, tokens, gens, profile, latency=None) -> dict:
     cats = list(dict.fromkeys(cat for cat, _, _ in prompts))
     groups = {cat: [j for j, p in enumerate(prompts) if p[0] == cat] for cat in cats} | {"mix": list(range(len(prompts)))}
     median = {(m, j): statistics.median(v) for (m, j), v in times.items()}
@@ -226,6 +228,7 @@ def summarize(names, prompts, times, tokens, gens, profile) -> dict:
                    f"torch {torch.__version__}",
         "profile": profile, "methods": names, "categories": cats,
         "tokens_per_s": {}, "speedup": {}, "tau": {}, "phases_ms_per_round": {}, "routing": {},
+        "modelled_speedup": {},  # rounds priced by the hybrid's latency table (with a hybrid among the methods)
     }
     for m in names:
         result["tokens_per_s"][m], result["speedup"][m] = {}, {}
@@ -238,10 +241,12 @@ def summarize(names, prompts, times, tokens, gens, profile) -> dict:
             continue  # other libraries' methods: no rounds to look into
         result["tau"][m], result["phases_ms_per_round"][m] = {}, {}
         for g, js in groups.items():
-            stats = RoundStats.of(r for j in js for r in gens[m, j].rounds)
+            stats = RoundStats.of((r for j in js for r in gens[m, j].rounds), latency)
             if not stats.rounds:
                 continue
             result["tau"][m][g] = round(stats.tau, 3)
+            if latency is not None:
+                result["modelled_speedup"].setdefault(m, {})[g] = round(stats.modelled_speedup, 3)
             result["phases_ms_per_round"][m][g] = {ph: round(stats.ms_per_round(ph), 3) for ph in PHASES}
         if m.startswith("hybrid"):  # one generation per category: which drafter, how much accepted
             result["routing"][m] = {cat: [[r.drafter, r.k, r.accepted, r.committed] for r in gens[m, groups[cat][0]].rounds]
@@ -269,6 +274,10 @@ def markdown(result: dict) -> str:
     if peers:  # this engine's methods always equal plain decoding (the run fails otherwise)
         lines += ["", "Outputs equal to plain decoding: " + ", ".join(
             f"{LABELS[m]} {result['equal_outputs'][m]}" for m in peers) + "."]
+    modelled = result.get("modelled_speedup", {})
+    if modelled:  # deterministic: the same rounds give the same figure on a noisy machine
+        lines += ["", "Modelled speed-up on the mix (every round priced by the hybrid's latency table): " + ", ".join(
+            f"{m} {by['mix']:.2f}x" for m, by in modelled.items() if "mix" in by) + "."]
     lines += ["", "Milliseconds per round by phase (mix):", "",
               "| method | " + " | ".join(PHASES) + " | total |", "|---" * (len(PHASES) + 2) + "|"]
     for m, by in result["phases_ms_per_round"].items():

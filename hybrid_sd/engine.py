@@ -84,14 +84,17 @@ class RoundStats:
     committed: int = 0
     catchup_tokens: int = 0
     seconds: dict[str, float] = field(default_factory=dict)  # per phase, summed
+    modelled_steps: float = 0.0  # the rounds priced by a latency table, in plain steps (when given one)
 
     @classmethod
-    def of(cls, rounds: Iterable[RoundRecord]) -> "RoundStats":
+    def of(cls, rounds: Iterable[RoundRecord], latency: LatencyTable | None = None) -> "RoundStats":
         total = cls()
         for r in rounds:
             total.rounds += 1
             total.committed += r.committed
             total.catchup_tokens += r.catchup_tokens
+            if latency is not None:
+                total.modelled_steps += latency.spent_steps(r.drafter, r.k, r.catchup_tokens)
             for phase, t in r.times.items():
                 total.seconds[phase] = total.seconds.get(phase, 0.0) + t
         return total
@@ -101,12 +104,19 @@ class RoundStats:
         for phase, t in other.seconds.items():
             seconds[phase] = seconds.get(phase, 0.0) + t
         return RoundStats(self.rounds + other.rounds, self.committed + other.committed,
-                          self.catchup_tokens + other.catchup_tokens, seconds)
+                          self.catchup_tokens + other.catchup_tokens, seconds,
+                          self.modelled_steps + other.modelled_steps)
 
     @property
     def tau(self) -> float:
         """Tokens committed per verify round (accepted drafts + the target's token)."""
         return self.committed / self.rounds if self.rounds else 0.0
+
+    @property
+    def modelled_speedup(self) -> float:
+        """Tokens per plain step with every round priced by the latency table: the speed-up
+        these rounds would give on the machine the table was measured on, free of timing noise."""
+        return self.committed / self.modelled_steps if self.modelled_steps else 0.0
 
     @property
     def switching_overhead(self) -> float:

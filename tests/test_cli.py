@@ -108,6 +108,11 @@ def test_bench_quick_runs_every_method_and_writes_results_and_plots(tmp_path):
     strip = result["routing"]["hybrid"]["chat"]  # [drafter, k, accepted, committed] per round
     assert all(0 <= a <= k and c == a + 1 for _, k, a, c in strip)
     assert "| AR drafter k=3 |" in (tmp_path / "results.md").read_text()
+    # every method's rounds priced by the hybrid's table: a plain step costs one plain step
+    modelled = result["modelled_speedup"]
+    assert set(modelled) == set(methods[:1] + methods[3:]) and modelled["plain"]["mix"] == 1.0
+    assert all(v > 0 for m in methods[3:] for v in modelled[m].values())
+    assert "Modelled speed-up on the mix" in (tmp_path / "results.md").read_text()
     for png in ("speedup.png", "accepted.png", "phases.png", "routing-hybrid.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 

@@ -181,6 +181,26 @@ def test_latency_table_catch_up_buckets():
     assert LatencyTable.from_dict(json.loads(json.dumps(table.to_dict()))).to_dict() == table.to_dict()
 
 
+def test_modelled_speedup_prices_each_round_as_it_happened(target, drafters):
+    """Plain decoding is 1x by construction; a hybrid's rounds are priced one by one, each by its
+    drafter, draft length and lag, so the figure is the hand sum and does not depend on the clock."""
+    from hybrid_sd.engine import RoundStats
+    buckets = range(1, 8)
+    latency = LatencyTable({0: 2.0, **{k: 2.0 + 0.5 * k for k in buckets}},
+                           {n: {k: 0.25 * k for k in buckets} for n in NAMES},
+                           {n: {b: 0.1 * b for b in CATCHUP_BUCKETS} for n in ("ar", "block")})
+    plain = engine(target, (), []).generate(PROMPTS[1], MAX_NEW)
+    assert RoundStats.of(plain.rounds, latency).modelled_speedup == pytest.approx(1.0)
+    hybrid = engine(target, (), drafters, router=AlternatingRouter(3)).generate(PROMPTS[1], MAX_NEW)
+    assert set(NAMES) <= {r.drafter for r in hybrid.rounds} and any(r.catchup_tokens for r in hybrid.rounds)
+    steps = sum((0.25 * r.k + 2.0 + 0.5 * r.k + latency.catchup_seconds(r.drafter, r.catchup_tokens)) / 2.0
+                for r in hybrid.rounds)
+    stats = RoundStats.of(hybrid.rounds, latency)
+    assert stats.modelled_steps == pytest.approx(steps)
+    assert stats.modelled_speedup == pytest.approx(sum(r.committed for r in hybrid.rounds) / steps)
+    assert RoundStats.of(hybrid.rounds).modelled_speedup == 0.0  # no table, no price
+
+
 def test_the_latency_table_is_kept_for_retrained_weights_of_the_same_shape(target, tmp_path, monkeypatch):
     """Measured once per machine and drafter shape: a drafter retrained in place (same config,
     new weights, a new file time) keeps the table and so its routing; another shape is measured."""

@@ -114,7 +114,7 @@ def test_the_shipped_data_set_keeps_held_out_and_benchmark_prompts_out_of_traini
         for member in tar.getmembers():
             if member.name.endswith(".jsonl"):  # smollm2-v3/{train,heldout}/NNNNN.jsonl
                 rows[member.name.split("/")[1]] += [json.loads(line) for line in tar.extractfile(member)]
-    assert len(rows["train"]) > 7000 and len(rows["heldout"]) == len(plan["heldout"])
+    assert len(rows["train"]) > 10000 and len(rows["heldout"]) == len(plan["heldout"])
     exclusions = data.Exclusions(plan["heldout"])
     users = {m["content"] for r in rows["train"] for m in r["messages"] if m["role"] == "user"}
     assert not [u for u in users if exclusions.hit(u)]

@@ -3,8 +3,10 @@
 
 Greedy decoding of each held-out prompt with each (drafter, k), side by side with plain
 decoding of the same prompt; every output is checked equal to plain decoding. Reports tau
-(tokens committed per verify round: accepted drafts + the target's token) and the speed-up
-in tokens/s over plain decoding, per category and over the whole mix.
+(tokens committed per verify round: accepted drafts + the target's token), the speed-up
+in tokens/s over plain decoding, and the modelled speed-up (every round priced by the
+hybrid's cached latency table, in plain steps: free of timing noise, so two drafters or
+routers compare on it even on a busy machine), per category and over the whole mix.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from ..cli import Parser, int_list, nonnegative_float, out_dir, positive_int, wr
 from ..config import EVAL_CONTEXT, EngineConfig
 from ..engine import Engine, RoundStats
 from ..errors import UserError, exit_code
+from ..router import LatencyTable
 
 
 @dataclass
@@ -30,12 +33,12 @@ class Tally:
     seconds: float = 0.0
     stats: RoundStats = field(default_factory=RoundStats)
 
-    def add(self, engine, ids, max_new):
+    def add(self, engine, ids, max_new, latency: LatencyTable | None = None):
         t0 = time.perf_counter()
         gen = engine.generate(ids, max_new)
         self.seconds += time.perf_counter() - t0
         self.tokens += len(gen.token_ids)
-        self.stats += RoundStats.of(gen.rounds)
+        self.stats += RoundStats.of(gen.rounds, latency)
         return gen
 
     def __add__(self, other: "Tally") -> "Tally":
@@ -110,15 +113,18 @@ def run(args) -> dict:
         for k in sorted({k for k in ks if k <= drafter.max_draft} | {drafter.default_k}):
             runs[f"{kind}@{k}"] = Engine(target, eos, [drafter], config=EngineConfig(EVAL_CONTEXT, draft_k={kind: k}))
     plain = Engine(target, eos, config=EngineConfig(EVAL_CONTEXT))
+    # one price list for every method: the hybrid's table (cached per machine and drafter shapes)
+    latency = factory.cached_latency(factory.build_hybrid(target, eos, EngineConfig(EVAL_CONTEXT), "learned", args.lam,
+                                                          args.router_dir, {"ar": args.ar, "block": args.block}))
     tally = defaultdict(lambda: defaultdict(Tally))  # method -> category -> Tally
     bar = tqdm(total=sum(len(v) for v in by_cat.values()) * (len(runs) + 1), desc="acceptance", unit="run")
     with torch.inference_mode():
         for cat, prompts in by_cat.items():
             for ids in prompts:
-                ref = tally["plain"][cat].add(plain, ids, args.max_new_tokens)
+                ref = tally["plain"][cat].add(plain, ids, args.max_new_tokens, latency)
                 bar.update()
                 for name, engine in runs.items():
-                    gen = tally[name][cat].add(engine, ids, args.max_new_tokens)
+                    gen = tally[name][cat].add(engine, ids, args.max_new_tokens, latency)
                     if gen.token_ids != ref.token_ids:
                         raise SystemExit(f"acceptance: {name} diverged from plain decoding on a {cat} prompt")
                     bar.update()
@@ -133,18 +139,21 @@ def run(args) -> dict:
             base = sum((tally["plain"][c] for c in pick), Tally())
             entry[cat] = {"tau": round(mine.stats.tau, 3),
                           "speedup": round(mine.tokens_per_s / base.tokens_per_s, 3),
+                          "modelled_speedup": round(mine.stats.modelled_speedup, 3),
                           "switching_overhead": round(mine.stats.switching_overhead, 4)}
         result["methods"][name] = entry
     lines = ["| drafter@k | " + " | ".join(cats + ["mix"]) + " |", "|---" * (len(cats) + 2) + "|"]
     for name, entry in result["methods"].items():
-        cells = [f"{entry[c]['tau']:.2f} ({entry[c]['speedup']:.2f}x)" for c in cats + ["mix"]]
+        cells = [f"{entry[c]['tau']:.2f} ({entry[c]['speedup']:.2f}x, {entry[c]['modelled_speedup']:.2f}x)"
+                 for c in cats + ["mix"]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     hybrid = [n for n in result["methods"] if n.startswith("hybrid")]
     if hybrid:  # catch-up time / round time, over every round of every prompt
         lines += ["", "switching overhead (catch-up time / round time): " + ", ".join(
             f"{n} {result['methods'][n]['mix']['switching_overhead']:.1%}" for n in hybrid)]
     table = "\n".join(lines)
-    print("tau = tokens per round (speed-up vs plain decoding, same prompts, same run)\n" + table)
+    print("tau = tokens per round (speed-up vs plain decoding, same prompts, same run; modelled speed-up: every "
+          "round priced by the latency table)\n" + table)
     if args.out:
         write_atomic(Path(args.out) / "results.json", json.dumps(result, indent=2) + "\n")
         write_atomic(Path(args.out) / "results.md", table + "\n")

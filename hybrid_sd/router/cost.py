@@ -108,6 +108,14 @@ class LatencyTable:
         seconds = self.draft[name][k] + self.verify[k] + self.catchup_seconds(name, lag)
         return seconds / self.step
 
+    def spent_steps(self, name: str, k: int, lag: int = 0) -> float:
+        """What a round that happened cost, in plain steps: its draft (0 for a plain step or a
+        drafter the table does not know; a tree's as the longest chain draft, which the table
+        prices below a tree's), its verify of k drafts (a chain or a tree's k nodes) and its
+        catch-up. Deterministic where a clock is not, so decodings compare without noise."""
+        seconds = (self.draft_seconds(name, k) if k else 0.0) + self.verify_seconds(k) + self.catchup_seconds(name, lag)
+        return seconds / self.step
+
     @classmethod
     def measure(cls, verify_fn: Callable[[int], None], drafters: dict[str, tuple[Callable, Callable]],
                 repeats: int = 3, longest_verify: int | None = None) -> "LatencyTable":
