@@ -94,7 +94,7 @@ class RoundStats:
             total.committed += r.committed
             total.catchup_tokens += r.catchup_tokens
             if latency is not None:
-                total.modelled_steps += latency.spent_steps(r.drafter, r.k, r.catchup_tokens)
+                total.modelled_steps += latency.round_cost(r.drafter, r.k, r.catchup_tokens)
             for phase, t in r.times.items():
                 total.seconds[phase] = total.seconds.get(phase, 0.0) + t
         return total

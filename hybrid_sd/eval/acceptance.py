@@ -5,8 +5,8 @@ Greedy decoding of each held-out prompt with each (drafter, k), side by side wit
 decoding of the same prompt; every output is checked equal to plain decoding. Reports tau
 (tokens committed per verify round: accepted drafts + the target's token), the speed-up
 in tokens/s over plain decoding, and the modelled speed-up (every round priced by the
-hybrid's cached latency table, in plain steps: free of timing noise, so two drafters or
-routers compare on it even on a busy machine), per category and over the whole mix.
+hybrid's cached latency table, in plain steps: free of timing noise, so two drafters of one
+kind compare on it even on a busy machine), per category and over the whole mix.
 """
 from __future__ import annotations
 
@@ -114,8 +114,10 @@ def run(args) -> dict:
             runs[f"{kind}@{k}"] = Engine(target, eos, [drafter], config=EngineConfig(EVAL_CONTEXT, draft_k={kind: k}))
     plain = Engine(target, eos, config=EngineConfig(EVAL_CONTEXT))
     # one price list for every method: the hybrid's table (cached per machine and drafter shapes)
-    latency = factory.cached_latency(factory.build_hybrid(target, eos, EngineConfig(EVAL_CONTEXT), "learned", args.lam,
-                                                          args.router_dir, {"ar": args.ar, "block": args.block}))
+    pricing = runs.get("hybrid-learned") or factory.build_hybrid(target, eos, EngineConfig(EVAL_CONTEXT), "learned",
+                                                                 args.lam, args.router_dir,
+                                                                 {"ar": args.ar, "block": args.block})
+    latency = factory.cached_latency(pricing)
     tally = defaultdict(lambda: defaultdict(Tally))  # method -> category -> Tally
     bar = tqdm(total=sum(len(v) for v in by_cat.values()) * (len(runs) + 1), desc="acceptance", unit="run")
     with torch.inference_mode():

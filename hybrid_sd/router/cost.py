@@ -99,21 +99,17 @@ class LatencyTable:
         return self.verify[lo] + (self.verify[hi] - self.verify[lo]) * (k - lo) / (hi - lo)
 
     def draft_seconds(self, name: str, k: int) -> float:
-        """A k-token draft by `name` (its longest measured one past the buckets; 0 if unknown)."""
-        row = self.draft.get(name, {})
-        return row.get(k, row[max(row)] if row else 0.0)
+        """A k-token draft by `name` (its longest measured one past the buckets, e.g. a tree's
+        nodes, which prices a tree below its cost; 0 for no draft or a drafter it does not know)."""
+        row = self.draft.get(name)
+        if not k or not row:
+            return 0.0
+        return row[k] if k in row else row[max(row)]
 
     def round_cost(self, name: str, k: int, lag: int = 0) -> float:
-        """Draft + verify (+ catch-up) of one round, in plain decoding steps."""
-        seconds = self.draft[name][k] + self.verify[k] + self.catchup_seconds(name, lag)
-        return seconds / self.step
-
-    def spent_steps(self, name: str, k: int, lag: int = 0) -> float:
-        """What a round that happened cost, in plain steps: its draft (0 for a plain step or a
-        drafter the table does not know; a tree's as the longest chain draft, which the table
-        prices below a tree's), its verify of k drafts (a chain or a tree's k nodes) and its
-        catch-up. Deterministic where a clock is not, so decodings compare without noise."""
-        seconds = (self.draft_seconds(name, k) if k else 0.0) + self.verify_seconds(k) + self.catchup_seconds(name, lag)
+        """Draft + verify (+ catch-up) of one round, in plain decoding steps: a candidate's for
+        the routers, or a round that happened (a plain step costs 1), which RoundStats sums."""
+        seconds = self.draft_seconds(name, k) + self.verify_seconds(k) + self.catchup_seconds(name, lag)
         return seconds / self.step
 
     @classmethod
