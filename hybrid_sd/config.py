@@ -18,6 +18,7 @@ TREE_TOP = 8            # block trees (DDTree): best tokens per slot a tree may 
 class DraftOptions:
     """What building a drafter may need besides its checkpoint."""
     ngram_max: int = DEFAULT_NGRAM_MAX
+    datastore: str = "auto"  # the lookup drafter's store of answers: auto (shipped, embedded target), none, or a directory
 
 
 @dataclass(frozen=True)

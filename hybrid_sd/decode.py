@@ -66,6 +66,10 @@ def build_parser() -> Parser:
                    help="with --tree auto: verify exactly this many tree nodes per round (1..64) instead of "
                         "choosing by cost")
     p.add_argument("--ngram-max", type=int, default=DEFAULT_NGRAM_MAX, help="longest n-gram the prompt-lookup drafter matches")
+    p.add_argument("--datastore", default="auto",
+                   help="ngram and hybrid: a datastore of the target's own answers that the lookup drafter searches "
+                        "too (python -m hybrid_sd.train.datastore writes one): auto = the shipped one on the "
+                        "embedded target, none = prompt lookup only, or a directory")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--threads", type=int, default=None,
@@ -207,7 +211,7 @@ def run(args) -> int:
                         "shorten the prompt or raise --max-context")
     if args.drafter is None:
         args.drafter = factory.default_drafter(embedded)
-    options = DraftOptions(ngram_max=args.ngram_max)
+    options = DraftOptions(ngram_max=args.ngram_max, datastore=args.datastore)
     if args.drafter == factory.HYBRID:
         engine = factory.build_hybrid(target, eos, engine_config(args), args.router, args.lam, args.router_dir,
                                       {"ar": args.ar_draft, "block": args.block_draft}, options, embedded)

@@ -55,10 +55,11 @@ def drafter_kind(name: str) -> DrafterKind:
 
 def checkpoint_of(name: str, path: str | Path | None, embedded: bool) -> Path | None:
     """The checkpoint directory a drafter is built from: the one given, else on the embedded
-    default the shipped one; None for a drafter that needs none."""
+    default the shipped one; for a drafter that needs none, the shipped extra it may use (the
+    lookup drafter's datastore) on the embedded default, else None."""
     kind = drafter_kind(name)
     if not kind.needs_checkpoint:
-        return None
+        return kind.shipped_checkpoint() if embedded else None
     if path is None and embedded:
         path = kind.shipped_checkpoint()
     if path is None:

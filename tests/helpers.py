@@ -263,8 +263,8 @@ class MixedDrafter(Drafter):
     def rewind(self, position):
         self.inner.rewind(position)
 
-    def available(self, ctx, k_max):
-        return self.inner.available(ctx, k_max)
+    def lookahead(self, ctx, k_max):
+        return self.inner.lookahead(ctx, k_max)
 
     def use_graphs(self, mode, kv_block, device, pad=None):
         self.inner.use_graphs(mode, kv_block, device, pad)

@@ -67,7 +67,7 @@ class Draft:
 class Drafter(ABC):
     """Everything the engine and the routers use of a drafter. A drafter without target
     features or device steps (prompt lookup) overrides only `draft`, `reset` and, if it can
-    tell before drafting how much it has to propose, `available`; the rest are no-ops here.
+    tell before drafting what it will propose, `lookahead`; the rest are no-ops here.
 
     `frontier` is the number of committed positions whose context it has consumed: the engine
     calls `catch_up` before every draft, and a drafter that was not picked for a while just has
@@ -122,10 +122,16 @@ class Drafter(ABC):
         k = draft.tokens.numel()
         return Draft(draft.tokens, None, draft.confidence, chain_parents(k), None)
 
-    def available(self, ctx: Context, k_max: int) -> int | None:
-        """What a router may read before choosing: how many tokens this drafter would propose
-        now, if it knows without drafting (prompt lookup: its match); None = up to k_max."""
+    def lookahead(self, ctx: Context, k_max: int) -> list[int] | None:
+        """What it would draft now (at most k_max tokens), where knowing costs nothing (prompt
+        lookup: its match); None for a drafter that must run to know."""
         return None
+
+    def available(self, ctx: Context, k_max: int) -> int | None:
+        """What a router may read before choosing: how many tokens it would propose now, where
+        it knows without drafting; None = up to k_max."""
+        proposal = self.lookahead(ctx, k_max)
+        return None if proposal is None else len(proposal)
 
     def use_graphs(self, mode: str, kv_block: int, device, pad: bool | None = None) -> None:
         """Run the device steps as `mode` (graphs.MODES) with attention spans in blocks of

@@ -1,16 +1,25 @@
-"""Prompt-lookup drafting: continue the latest earlier occurrence of the context's last n-gram.
+"""Lookup drafting: continue the latest earlier occurrence of the context's last n-gram.
 
 Training-free and model-free. Tries n = max_n down to min_n and proposes the tokens that
-followed the most recent earlier match of the last n committed tokens.
+followed the most recent earlier match of the last n committed tokens (prompt lookup). With a
+datastore of the target's own answers (`drafters/datastore.py`; one ships for the embedded
+default) it also looks the context's suffix up there, and drafts from the store where its match
+is longer than the context's own by more than DATASTORE_MARGIN tokens.
 """
 from __future__ import annotations
 
 import torch
 
 from ..config import DraftOptions
+from ..errors import UserError
 from ..tree import children_of, depths, trie
 from ..verify import Sampling
 from .base import Context, Draft, Drafter
+from .datastore import Datastore
+
+# the store's match must beat the context's by more than this to draft (the context's own
+# repeats are the better bet at equal length; chosen on the held-out split, docs/drafters.md)
+DATASTORE_MARGIN = 1
 
 TREE_MATCHES = 8  # earlier occurrences a tree merges (the most recent of the longest n-grams first)
 
@@ -19,16 +28,30 @@ class NgramDrafter(Drafter):
     name = "ngram"
     default_k = 8
 
-    def __init__(self, max_n: int = 4, min_n: int = 1, device: str | torch.device = "cpu"):
+    def __init__(self, max_n: int = 4, min_n: int = 1, device: str | torch.device = "cpu",
+                 datastore: Datastore | None = None):
         if not 1 <= min_n <= max_n:
             raise ValueError(f"need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
-        self.max_n, self.min_n, self.device = max_n, min_n, device
+        self.max_n, self.min_n, self.device, self.datastore = max_n, min_n, device, datastore
         self.frontier = 0
         self.last = None  # (len(ids), last id, k, continuation): a router's query, reused by draft
 
     @classmethod
     def load(cls, target, checkpoint, options: DraftOptions) -> "NgramDrafter":
-        return cls(max_n=options.ngram_max, device=target.lm_head.weight.device)
+        """`checkpoint`, where given, is a datastore directory (the factory passes the shipped one
+        on the embedded default); options.datastore can name another or switch it off."""
+        path = checkpoint if options.datastore == "auto" else None if options.datastore == "none" else options.datastore
+        datastore = None
+        if path is not None:
+            try:
+                datastore = Datastore.load(path, target.config.vocab_size)
+            except ValueError as e:
+                raise UserError(f"--datastore: {e}") from None
+        return cls(max_n=options.ngram_max, device=target.lm_head.weight.device, datastore=datastore)
+
+    def config_dict(self) -> dict:
+        """Whether it looks up a store (its host work per round is in the latency table)."""
+        return {"datastore": self.datastore is not None}
 
     def reset(self, max_len: int) -> None:
         self.frontier, self.last = 0, None
@@ -38,40 +61,51 @@ class NgramDrafter(Drafter):
         the draft after a router's query of the same context costs no second scan."""
         if self.last is not None and self.last[:2] == (len(ids), ids[-1] if ids else None) and self.last[2] >= k:
             return self.last[3][:k]
-        found = self.scan(ids, k)
+        found, n = self.scan(ids, k)
+        if self.datastore is not None:
+            stored, m = self.datastore.continuation(ids, k)
+            if m > n + DATASTORE_MARGIN or not found:
+                found = stored
         self.last = (len(ids), ids[-1] if ids else None, k, found)
         return found
 
-    def scan(self, ids: list[int], k: int) -> list[int]:
+    def scan(self, ids: list[int], k: int) -> tuple[list[int], int]:
+        """The context's own continuation and the length n of the n-gram it matched (0: none)."""
         for n in range(min(self.max_n, len(ids) - 1), self.min_n - 1, -1):
             pattern = ids[-n:]
             # scan right to left for the most recent earlier occurrence
             for start in range(len(ids) - n - 1, -1, -1):
                 if ids[start:start + n] == pattern:
-                    return ids[start + n:start + n + k]
-        return []
+                    return ids[start + n:start + n + k], n
+        return [], 0
 
-    def available(self, ctx: Context, k_max: int) -> int:
-        """The match length: a router knows before choosing how far this drafter can go."""
-        return len(self.lookup(ctx.ids, k_max)) if k_max > 0 else 0
+    def lookahead(self, ctx: Context, k_max: int) -> list[int]:
+        """The match: a router knows before choosing what this drafter will propose."""
+        return self.lookup(ctx.ids, k_max) if k_max > 0 else []
 
     def draft(self, ctx: Context, k: int, sampling: Sampling, generator=None) -> Draft:
         found = self.lookup(ctx.ids, k) if k > 0 else []
         return Draft(torch.tensor(found, dtype=torch.long, device=self.device))
 
     def continuations(self, ids: list[int], depth: int, limit: int = TREE_MATCHES) -> list[list[int]]:
-        """Up to `limit` distinct continuations of earlier occurrences of the context's last
-        n-grams: longest n first, most recent first within an n (the chain's match leads)."""
-        found: list[list[int]] = []
+        """Up to `limit` distinct continuations: the chain's draft first (the context's match or
+        the store's), then earlier occurrences of the context's last n-grams, longest n first,
+        most recent first within an n, then the store's if the chain did not take it."""
+        chain = self.lookup(ids, depth)
+        found: list[list[int]] = [chain] if chain else []
         for n in range(min(self.max_n, len(ids) - 1), self.min_n - 1, -1):
             pattern = ids[-n:]
             for start in range(len(ids) - n - 1, -1, -1):
                 if ids[start:start + n] == pattern:
                     cont = ids[start + n:start + n + depth]
                     if cont and cont not in found:
-                        found.append(cont)
                         if len(found) >= limit:
                             return found
+                        found.append(cont)
+        if self.datastore is not None and len(found) < limit:
+            stored, _ = self.datastore.continuation(ids, depth)
+            if stored and stored not in found:
+                found.append(stored)
         return found
 
     def draft_tree(self, ctx: Context, budget: int, depth: int, generator=None) -> Draft:

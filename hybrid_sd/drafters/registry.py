@@ -18,6 +18,7 @@ class DrafterKind:
     summary: str              # one line for --help and docs/architecture.md
     needs_checkpoint: bool    # built from a checkpoint directory (--draft DIR)
     ships: bool = False       # a trained checkpoint ships for the embedded default target
+    marker: str = "config.json"  # the file that says a shipped directory is there
 
     @property
     def name(self) -> str:
@@ -25,7 +26,7 @@ class DrafterKind:
 
     def shipped_checkpoint(self) -> Path | None:
         """The checkpoint this project trained for the embedded default, if it ships one."""
-        return shipped(self.name) if self.ships else None
+        return shipped(self.name, self.marker) if self.ships else None
 
 
 DRAFTERS: dict[str, DrafterKind] = {}

@@ -53,3 +53,4 @@ def observe_draft(state: DrafterState, proposed: int, accepted: int, confidence:
         state.acceptance = (1 - ACCEPTANCE_EMA) * state.acceptance + ACCEPTANCE_EMA * accepted / proposed
     if confidence is not None:
         state.confidence = confidence
+

@@ -1,0 +1,101 @@
+"""The lookup drafter's datastore: its index agrees with a brute-force search, its files are
+checked on load, and drafting from it stays lossless."""
+import random
+
+import numpy as np
+import pytest
+
+from hybrid_sd.drafters.datastore import MAX_N, Datastore
+from hybrid_sd.drafters.ngram import NgramDrafter
+
+
+def brute_longest(answers, ids):
+    """(n, hits): the longest suffix of ids (<= MAX_N tokens) found inside one answer, and the
+    (answer, end) of each occurrence."""
+    for n in range(min(MAX_N, len(ids)), 0, -1):
+        suffix = ids[-n:]
+        hits = [(a, i + n) for a, ans in enumerate(answers) for i in range(len(ans) - n + 1) if ans[i:i + n] == suffix]
+        if hits:
+            return n, hits
+    return 0, []
+
+
+def test_match_and_continuation_agree_with_brute_force():
+    rng = random.Random(0)
+    answers = [[rng.randrange(6) for _ in range(rng.randrange(5, 40))] for _ in range(30)]
+    store = Datastore.from_answers(answers, vocab_size=6)
+    for _ in range(300):
+        ids = [rng.randrange(7) for _ in range(rng.randrange(1, 12))]  # 6: never in the store
+        lo, hi, n = store.match(ids)
+        want_n, hits = brute_longest(answers, ids)
+        assert n == want_n
+        if n:
+            assert hi - lo == len(hits)
+        tokens, m = store.continuation(ids, 5)
+        assert m == want_n
+        if n:  # the first drafted token is the most frequent follower of the matched suffix
+            followers = [answers[a][end] for a, end in hits if end < len(answers[a])]
+            if followers:
+                best = max(followers.count(t) for t in set(followers))
+                assert followers.count(tokens[0]) == best
+            else:
+                assert tokens == []  # every occurrence ends its answer: nothing follows
+
+
+def test_save_load_round_trip_and_clear_errors(tmp_path):
+    store = Datastore.from_answers([[1, 2, 3, 4], [2, 3, 5]], vocab_size=10)
+    store.save(tmp_path)
+    back = Datastore.load(tmp_path, 10)
+    assert np.array_equal(back.tokens, store.tokens)
+    assert back.continuation([2, 3], 2) == store.continuation([2, 3], 2)
+    with pytest.raises(ValueError, match="vocabulary of 10 tokens, the target has 11"):
+        Datastore.load(tmp_path, 11)
+    (tmp_path / "datastore.safetensors").write_bytes(b"cut")
+    with pytest.raises(ValueError, match="damaged"):
+        Datastore.load(tmp_path, 10)
+    with pytest.raises(ValueError, match="has no datastore.json"):
+        Datastore.load(tmp_path / "missing", 10)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        Datastore.from_answers([[1, 12]], vocab_size=10)
+
+
+def test_lookup_prefers_the_store_only_when_its_match_is_longer():
+    store = Datastore.from_answers([[7, 8, 9, 1, 2, 3]], vocab_size=10)
+    drafter = NgramDrafter(datastore=store)
+    # the context repeats "5 6" (a 2-gram match); the store matches "7 8 9" (3 tokens): 3 > 2 + 1 fails
+    assert drafter.scan([5, 6, 4, 7, 8, 9, 5, 6], 3) == ([4, 7, 8], 2)
+    assert drafter.lookup([5, 6, 4, 7, 8, 9, 5, 6], 3) == [4, 7, 8]
+    drafter.reset(0)
+    assert drafter.lookup([4, 4, 7, 8, 9], 3) == [1, 2, 3]  # context: "9" unseen; store: 3 tokens
+    drafter.reset(0)
+    assert NgramDrafter().lookup([4, 4, 7, 8, 9], 3) == []
+
+
+def test_greedy_output_with_the_shipped_datastore_equals_plain_decoding():
+    """The lookup drafter with the shipped store, and the hybrid over it, on many prompts."""
+    import torch
+
+    from hybrid_sd import factory
+    from hybrid_sd.config import DraftOptions, EngineConfig
+    from hybrid_sd.models.loading import encode_chat
+
+    target, tokenizer, eos = factory.load_packed_target(None, max_len=512)
+    plain = factory.build_engine(target, eos, factory.PLAIN, EngineConfig(512))
+    lookup = factory.build_engine(target, eos, "ngram", EngineConfig(512), embedded=True)
+    assert lookup.drafters[0].datastore is not None
+    bare = factory.build_engine(target, eos, "ngram", EngineConfig(512), options=DraftOptions(datastore="none"),
+                                embedded=True)
+    assert bare.drafters[0].datastore is None
+    prompts = ["What is 17 * 23? Show your steps.", "Write a Python function that reverses a list.",
+               "Give me a JSON object with keys name and age for a person called Ana, 31.",
+               "Explain what a hash map is in two sentences.", "Solve 3x + 5 = 20 for x."]
+    used = 0
+    with torch.inference_mode():
+        for text in prompts:
+            ids = encode_chat(tokenizer, [{"role": "user", "content": text}])
+            want = plain.generate(ids, 40).token_ids
+            gen = lookup.generate(ids, 40)
+            assert gen.token_ids == want, text
+            assert bare.generate(ids, 40).token_ids == want, text
+            used += len(gen.rounds) - len(bare.generate(ids, 40).rounds)
+    assert used < 0  # the store's drafts were taken and accepted: fewer rounds than prompt lookup alone
