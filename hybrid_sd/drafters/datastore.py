@@ -79,12 +79,12 @@ class Datastore:
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        from ..router.cost import read_json_object
+        from ..models.loading import read_json
         directory = Path(directory)
         for name in FILES:
             if not (directory / name).is_file():
                 raise ValueError(f"{directory} has no {name} (write one with python -m hybrid_sd.train.datastore)")
-        meta = read_json_object(directory / "datastore.json")
+        meta = read_json(directory / "datastore.json", "a datastore description")
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
             raise ValueError(f"{directory / 'datastore.json'} is not a version-{VERSION} {FORMAT} file")
         if meta.get("vocab_size") != vocab_size:
@@ -109,13 +109,12 @@ class Datastore:
             if not 0 <= token < self.vocab_size:
                 break
             half, j = divmod(d - 1, 4)  # key 0 holds tokens 1-4 back, key 1 tokens 5-8
-            shift = np.uint64(16 * (3 - j))
-            query[half] |= token << (16 * (3 - j))
-            low = np.uint64(query[half])
-            high = low | ((np.uint64(1) << shift) - np.uint64(1))  # any tokens further back
-            keys = self.keys[half]
-            new_lo = lo + int(np.searchsorted(keys[lo:hi], low, "left"))
-            new_hi = lo + int(np.searchsorted(keys[lo:hi], high, "right"))
+            shift = 16 * (3 - j)
+            query[half] |= token << shift
+            low, high = query[half], query[half] | ((1 << shift) - 1)  # any tokens further back
+            keys = self.keys[half][lo:hi]
+            new_lo = lo + int(np.searchsorted(keys, np.uint64(low), "left"))
+            new_hi = lo + int(np.searchsorted(keys, np.uint64(high), "right"))
             if new_lo >= new_hi:
                 break
             lo, hi, n = new_lo, new_hi, d
