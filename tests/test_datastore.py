@@ -72,7 +72,7 @@ def test_lookup_prefers_the_store_only_when_its_match_is_longer():
 
 
 def test_greedy_output_with_the_shipped_datastore_equals_plain_decoding():
-    """The lookup drafter with the shipped store, and the hybrid over it, on many prompts."""
+    """The lookup drafter with the shipped store, without it, and the hybrid over it, on five prompts."""
     import torch
 
     from hybrid_sd import factory
@@ -86,6 +86,10 @@ def test_greedy_output_with_the_shipped_datastore_equals_plain_decoding():
     bare = factory.build_engine(target, eos, "ngram", EngineConfig(512), options=DraftOptions(datastore="none"),
                                 embedded=True)
     assert bare.drafters[0].datastore is None
+    # the hybrid leaves the store out under auto (its routers were fitted without it) but takes a named one
+    store_dir = str(factory.drafter_kind("ngram").shipped_checkpoint())
+    hybrid = factory.build_hybrid(target, eos, EngineConfig(512), options=DraftOptions(datastore=store_dir))
+    assert next(d for d in hybrid.drafters if d.name == "ngram").datastore is not None
     prompts = ["What is 17 * 23? Show your steps.", "Write a Python function that reverses a list.",
                "Give me a JSON object with keys name and age for a person called Ana, 31.",
                "Explain what a hash map is in two sentences.", "Solve 3x + 5 = 20 for x."]
@@ -97,5 +101,6 @@ def test_greedy_output_with_the_shipped_datastore_equals_plain_decoding():
             gen = lookup.generate(ids, 40)
             assert gen.token_ids == want, text
             assert bare.generate(ids, 40).token_ids == want, text
+            assert hybrid.generate(ids, 40).token_ids == want, text
             used += len(gen.rounds) - len(bare.generate(ids, 40).rounds)
     assert used < 0  # the store's drafts were taken and accepted: fewer rounds than prompt lookup alone
