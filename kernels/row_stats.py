@@ -58,3 +58,11 @@ def row_stats(logits: torch.Tensor, inv_temperature: float = 1.0, block: int = 1
     row_stats_kernel[(R,)](logits, argmax, lse, entropy, top1, V, logits.stride(0), float(inv_temperature),
                            BLOCK=block)
     return argmax, lse, entropy, top1
+
+
+def row_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """argmax per row; the fused kernel on a device where Triton runs, the CPU kernel library's
+    scan where it is loaded."""
+    if triton_usable(logits):
+        return row_stats(logits)[0]
+    return cpu_rows.row_argmax(logits) if cpu_rows.takes_logits(logits) else logits.argmax(dim=-1)

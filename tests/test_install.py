@@ -37,3 +37,24 @@ def test_regular_install_imports_subpackages(tmp_path):
     run = subprocess.run([sys.executable, "-c", CHECK], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().startswith(str(target))
+
+
+@pytest.mark.parametrize("site", [True, False], ids=["with-site-packages", "without"])
+def test_checkout_root_does_not_shadow_pypi_kernels(site):
+    """From the repo root (`python -m …` puts it on sys.path) a top-level `kernels` is PyPI's
+    package where one is installed (transformers imports it then), else missing; never ours."""
+    code = "try:\n import kernels\nexcept ModuleNotFoundError:\n print('absent')\nelse:\n print(kernels.__file__)"
+    run = subprocess.run([sys.executable, *([] if site else ["-S"]), "-c", code], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    found = run.stdout.strip()
+    if not site:
+        assert found == "absent"
+    else:
+        assert found == "absent" or not Path(found).resolve().is_relative_to(ROOT), found
+
+
+def test_transformers_imports_from_checkout_root():
+    run = subprocess.run([sys.executable, "-c", "import transformers.activations, hybrid_sd.kernels"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
