@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from hybrid_sd.drafters.datastore import MAX_N, Datastore
+from hybrid_sd.drafters.datastore import MAX_N, MIN_AGREEMENT, Datastore
 from hybrid_sd.drafters.ngram import NgramDrafter
 
 
@@ -33,13 +33,18 @@ def test_match_and_continuation_agree_with_brute_force():
             assert hi - lo == len(hits)
         tokens, m = store.continuation(ids, 5)
         assert m == want_n
-        if n:  # the first drafted token is the most frequent follower of the matched suffix
-            followers = [answers[a][end] for a, end in hits if end < len(answers[a])]
-            if followers:
-                best = max(followers.count(t) for t in set(followers))
-                assert followers.count(tokens[0]) == best
-            else:
-                assert tokens == []  # every occurrence ends its answer: nothing follows
+        if not n:
+            assert tokens == []
+            continue
+        alive = hits  # occurrences that agree with the draft so far
+        for j in range(5):  # each drafted token is the most frequent follower among them ...
+            followers = [answers[a][end + j] for a, end in alive if end + j < len(answers[a])]
+            best = max((followers.count(t) for t in set(followers)), default=0)
+            if j == len(tokens):  # ... and the draft stops where too few of the voters would agree
+                assert best < MIN_AGREEMENT * len(hits)
+                break
+            assert followers.count(tokens[j]) == best >= MIN_AGREEMENT * len(hits)
+            alive = [(a, end) for a, end in alive if end + j < len(answers[a]) and answers[a][end + j] == tokens[j]]
 
 
 def test_save_load_round_trip_and_clear_errors(tmp_path):

@@ -22,6 +22,8 @@ import numpy as np
 MAX_N = 8        # longest context suffix matched (two packed keys of four tokens)
 SEP = 65535      # separates answers (and pads before the first): never a token of the vocabulary
 SAMPLE = 256     # positions of a match that vote on its continuation (spread over the range)
+MIN_AGREEMENT = 0.4  # draft while this share of the voting occurrences follows the whole draft so far
+                     # (a longer draft costs verify time; chosen on the held-out split, docs/drafters.md)
 FORMAT = "hybrid_sd.datastore"
 VERSION = 1
 FILES = ("datastore.json", "datastore.safetensors")
@@ -122,7 +124,8 @@ class Datastore:
 
     def continuation(self, ids: list[int], k: int) -> tuple[list[int], int]:
         """Up to k tokens that most often followed the longest matched suffix (token by token,
-        among the occurrences that agree so far), and the suffix length n; ([], 0) for none."""
+        among the occurrences that agree so far, while at least MIN_AGREEMENT of the voting
+        occurrences agree with the whole draft), and the suffix length n; ([], 0) for none."""
         lo, hi, n = self.match(ids)
         if n == 0 or k <= 0:
             return [], 0
@@ -130,13 +133,15 @@ class Datastore:
         if len(positions) > SAMPLE:
             positions = positions[np.linspace(0, len(positions) - 1, SAMPLE).astype(np.int64)]
         out: list[int] = []
-        last = len(self.tokens) - 1
+        last, voters = len(self.tokens) - 1, len(positions)
         for j in range(k):
             following = self.tokens[np.minimum(positions + j, last)]
             votes = Counter(following[following != SEP].tolist())
             if not votes:
                 break
-            token = votes.most_common(1)[0][0]
+            token, count = votes.most_common(1)[0]
+            if count < MIN_AGREEMENT * voters:
+                break
             out.append(token)
             positions = positions[following == token]
         return out, n

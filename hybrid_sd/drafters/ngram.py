@@ -4,7 +4,8 @@ Training-free and model-free. Tries n = max_n down to min_n and proposes the tok
 followed the most recent earlier match of the last n committed tokens (prompt lookup). With a
 datastore of the target's own answers (`drafters/datastore.py`; one ships for the embedded
 default) it also looks the context's suffix up there, and drafts from the store where its match
-is longer than the context's own by more than DATASTORE_MARGIN tokens.
+is longer than the context's own by more than DATASTORE_MARGIN tokens (or the context has none)
+and enough of its occurrences agree on a continuation (`datastore.MIN_AGREEMENT`).
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ class NgramDrafter(Drafter):
         found, n = self.scan(ids, k)
         if self.datastore is not None:
             stored, m = self.datastore.continuation(ids, k)
-            if m > n + DATASTORE_MARGIN or not found:
+            if stored and (m > n + DATASTORE_MARGIN or not found):
                 found = stored
         self.last = (len(ids), ids[-1] if ids else None, k, found)
         return found
