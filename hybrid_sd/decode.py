@@ -68,9 +68,8 @@ def build_parser() -> Parser:
     p.add_argument("--ngram-max", type=int, default=DEFAULT_NGRAM_MAX, help="longest n-gram the prompt-lookup drafter matches")
     p.add_argument("--datastore", default="auto",
                    help="ngram and hybrid: a datastore of the target's own answers that the lookup drafter searches "
-                        "too (python -m hybrid_sd.train.datastore writes one): auto = the shipped one for --drafter "
-                        "ngram on the embedded target (not yet in the hybrid: its routers are fitted without it), "
-                        "none = prompt lookup only, or a directory")
+                        "too (python -m hybrid_sd.train.datastore writes one): auto = the shipped one on the embedded "
+                        "target, none = prompt lookup only, or a directory")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--threads", type=int, default=None,

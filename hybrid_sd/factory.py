@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Mapping
 
@@ -98,8 +97,6 @@ def build_hybrid(target, eos, config: EngineConfig = EngineConfig(), router: str
     """The drafters the router was calibrated for (by name: checkpoints[name] or the shipped
     ones), one engine over them, this machine's latency table, then the router on it."""
     names = router_names(router, router_dir)
-    if options.datastore == "auto":  # the shipped routers were fitted to prompt lookup alone: with the
-        options = replace(options, datastore="none")  # store the hybrid routed worse (docs/drafters.md)
     paths = {name: checkpoint_of(name, checkpoints.get(name), embedded) for name in names}
     drafters = [drafter_kind(name).cls.load(target, paths[name], options) for name in names]
     # the latency probes run each step once before timing it: on CUDA that call captures its graph

@@ -91,9 +91,7 @@ def test_greedy_output_with_the_shipped_datastore_equals_plain_decoding():
     bare = factory.build_engine(target, eos, "ngram", EngineConfig(512), options=DraftOptions(datastore="none"),
                                 embedded=True)
     assert bare.drafters[0].datastore is None
-    # the hybrid leaves the store out under auto (its routers were fitted without it) but takes a named one
-    store_dir = str(factory.drafter_kind("ngram").shipped_checkpoint())
-    hybrid = factory.build_hybrid(target, eos, EngineConfig(512), options=DraftOptions(datastore=store_dir))
+    hybrid = factory.build_hybrid(target, eos, EngineConfig(512))  # the shipped store under auto
     assert next(d for d in hybrid.drafters if d.name == "ngram").datastore is not None
     prompts = ["What is 17 * 23? Show your steps.", "Write a Python function that reverses a list.",
                "Give me a JSON object with keys name and age for a person called Ana, 31.",

@@ -111,7 +111,7 @@ def test_traces_score_drafters_and_train_both_routers(target, drafters, tmp_path
     traces load through the CLI's loader and route losslessly."""
     from hybrid_sd.router import load_router
     from hybrid_sd.train import router as train_router
-    from hybrid_sd.train.traces import score_sequence
+    from hybrid_sd.train.traces import ROLLOUTS, score_sequence
 
     rows, k_max = [], 7
     for seq, prompt in enumerate(PROMPTS[:10]):
@@ -119,8 +119,19 @@ def test_traces_score_drafters_and_train_both_routers(target, drafters, tmp_path
         ids = prompt + answer
         scored = score_sequence(target, drafters + [OracleDrafter(ids)], ids, len(prompt), k_max, seq,
                                 random.Random(0))
-        assert [r["n"] for r in scored] == list(range(max(1, len(prompt)), len(ids) - 1))
+        start = max(1, len(prompt))
+        assert [r["n"] for r in scored].count(start) == ROLLOUTS
+        assert all(start <= r["n"] < len(ids) - 1 for r in scored)
         assert [r["accepted"][3] for r in scored] == [min(k_max, len(ids) - 1 - r["n"]) for r in scored]
+        for r, nxt in zip(scored, scored[1:]):
+            if nxt["n"] == start:
+                continue  # the next rollout
+            # a round commits one drafter's accepted drafts and the target's token; only that
+            # drafter's running state moves
+            assert nxt["n"] - r["n"] - 1 in {a for a in r["accepted"] if a is not None} | {0}
+            moved = [d for d in range(4) if (r["drafters"][d]["confidence"], r["drafters"][d]["acceptance"])
+                     != (nxt["drafters"][d]["confidence"], nxt["drafters"][d]["acceptance"])]
+            assert len(moved) <= 1, moved
         rows += [{"category": "x", **{k: v for k, v in r.items()}, "accepted": r["accepted"][:3],
                   "drafters": r["drafters"][:3]} for r in scored]
     traces = tmp_path / "traces.jsonl"

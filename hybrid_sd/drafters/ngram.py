@@ -27,7 +27,11 @@ TREE_MATCHES = 8  # earlier occurrences a tree merges (the most recent of the lo
 
 class NgramDrafter(Drafter):
     name = "ngram"
-    default_k = 8
+    # Drafting costs nothing, so the verify decides: on the CPU its cost grows with every row
+    # (past 8 rows faster still, kernels/cpu_rows.cpp), and with the datastore k = 3 gave the
+    # most tokens/s, k = 8 (the old default) the fewest (docs/drafters.md, thirteenth session).
+    # In a hybrid the router picks the n-gram's k by cost instead.
+    default_k = 3
 
     def __init__(self, max_n: int = 4, min_n: int = 1, device: str | torch.device = "cpu",
                  datastore: Datastore | None = None):

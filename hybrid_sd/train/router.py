@@ -3,7 +3,8 @@
 The entropy rule's calibration curves are tallies over the traces; the learned router is a
 small MLP trained with binary cross-entropy on "at least i drafts accepted" per drafter and
 depth. One sequence in five is held back, and both are scored on it: mean absolute error of
-the predicted tokens per round at every k, against what the drafters really achieved.
+the predicted tokens per round at every k a router could ask for, against what the drafters
+really achieved.
 """
 from __future__ import annotations
 
@@ -28,13 +29,25 @@ def read_traces(path: Path) -> tuple[dict, list[dict]]:
     return json.loads(lines[0]), [json.loads(line) for line in lines[1:] if line]
 
 
+def asked_depths(available: int | None, k_max: int) -> torch.Tensor:
+    """[k_max] bool: the depths a router may ask of a drafter that can propose `available`
+    tokens (best_choice never asks a lookup drafter for more). The learned router is fitted on
+    these alone, so that P(at least i accepted) is conditioned on i being proposed: a long
+    lookup proposal is not priced by rounds that had only a short one. (The same conditioning
+    of the entropy rule's curves routed no better on the held-out split: docs/routing.md.)"""
+    depth = torch.arange(1, k_max + 1)
+    return depth <= available if available is not None else torch.ones(k_max, dtype=torch.bool)
+
+
 def tensors(rows: list[dict], n_drafters: int, k_max: int):
-    """Inputs [N, F], targets [N, D, K] (1 where at least i+1 accepted) and a mask [N, D]."""
+    """Inputs [N, F], targets [N, D, K] (1 where at least i+1 accepted) and a mask [N, D, K]:
+    the depths a router could have asked of a drafter that had a draft (`asked_depths`)."""
     x = torch.tensor([signals_from_row(r).vector() for r in rows])
     depth = torch.arange(1, k_max + 1)
     acc = torch.tensor([[a if a is not None else -1 for a in r["accepted"]] for r in rows])
     y = (acc[..., None] >= depth).float()
-    return x, y, acc >= 0
+    asked = torch.stack([torch.stack([asked_depths(s.get("available"), k_max) for s in r["drafters"]]) for r in rows])
+    return x, y, (acc >= 0)[..., None] & asked
 
 
 def mean_abs_error(predict, rows, n_drafters, k_max) -> float:
@@ -42,10 +55,10 @@ def mean_abs_error(predict, rows, n_drafters, k_max) -> float:
     total, count = 0.0, 0
     for r in rows:
         for d in range(n_drafters):
-            a = r["accepted"][d]
+            a, available = r["accepted"][d], r["drafters"][d].get("available")
             if a is None:
                 continue
-            for k in range(1, k_max + 1):
+            for k in range(1, min(k_max, available if available is not None else k_max) + 1):
                 total += abs(predict(r, d, k) - (1 + min(a, k)))
                 count += 1
     return total / max(count, 1)
@@ -87,7 +100,7 @@ def train(args) -> dict:
     for _ in bar:
         for idx in torch.randperm(len(x), generator=gen).split(512):
             p = model(x[idx]).clamp(1e-6, 1 - 1e-6)
-            m = mask[idx][..., None].expand_as(p)
+            m = mask[idx]
             loss = F.binary_cross_entropy(p[m], y[idx][m])
             opt.zero_grad(set_to_none=True)
             loss.backward()

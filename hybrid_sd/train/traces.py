@@ -3,12 +3,13 @@
 
 Prompts are new (templated with seeds the drafter data never used; chat as templated open
 questions, while the drafter data's chat questions are the target's own), none seen in
-training or held out, and answered greedily by the target. Then,
-per answer position n (the bonus position of a round), each drafter catches up to n, drafts
-`--k-max` tokens and is scored by how many of them the target would accept. A row holds the
-signals a router sees at that point (the target's confidence at n, each drafter's last
-confidence and running acceptance, the n-gram match length) and every drafter's accepted
-count; `python -m hybrid_sd.train.router` fits the routers from it.
+training or held out, and answered greedily by the target. Then each answer is decoded in
+rounds, ROLLOUTS times: at a round's bonus position n each drafter catches up to n, drafts
+`--k-max` tokens and is scored by how many of them the target would accept; the round commits
+one drafter's draft (the best or a random one) and only that drafter's running state learns
+from it, as in a hybrid. A row holds the signals a router sees at n (the target's confidence,
+each drafter's last confidence and running acceptance, what a lookup drafter can propose) and
+every drafter's accepted count; `python -m hybrid_sd.train.router` fits the routers from it.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from ..verify import Sampling
 from .prompts import chat_prompts, code_prompts, math_prompts, structured_prompts
 
 TRACE_SEED = 7000  # far from the seeds of the drafter data and its held-out split
+ROLLOUTS = 2        # passes over each answer, each committing its own drafters' drafts
+ORACLE_SHARE = 0.5  # rounds in which a rollout commits the best draft (else a random drafter's)
 
 
 def answered_prompts(target_dir: Path, data_dir: Path, per_category: int, max_new: int, batch: int) -> list[dict]:
@@ -61,10 +64,24 @@ def answered_prompts(target_dir: Path, data_dir: Path, per_category: int, max_ne
     return rows
 
 
+def behaviour_choice(accepted: list[int | None], rng: random.Random) -> int | None:
+    """The drafter whose draft a rollout commits: the best one in ORACLE_SHARE of rounds (a
+    good router's path), any one otherwise (so every drafter's state is seen stale and fresh)."""
+    candidates = [d for d, a in enumerate(accepted) if a is not None]
+    if not candidates:
+        return None
+    if rng.random() < ORACLE_SHARE:
+        return max(candidates, key=lambda d: accepted[d])
+    return rng.choice(candidates)
+
+
 @torch.inference_mode()
 def score_sequence(target, drafters, ids: list[int], response_start: int, k_max: int, seq: int,
-                   rng: random.Random) -> list[dict]:
-    """One row per answer position n: signals at n and each drafter's accepted count there."""
+                   rng: random.Random, rollouts: int = ROLLOUTS) -> list[dict]:
+    """One row per round of each rollout over the answer: the signals at the round's bonus
+    position n and every drafter's accepted count there. A rollout commits one drafter's
+    draft per round (`behaviour_choice`), and only that drafter's state learns from it, as in
+    a hybrid, where an idle drafter's last confidence and acceptance grow stale."""
     from ..drafters.base import Context
     from ..router.signals import target_confidence
 
@@ -77,31 +94,42 @@ def score_sequence(target, drafters, ids: list[int], response_start: int, k_max:
     features = feats[0].view(T, len(capture), -1) if capture else None
     buffer = torch.zeros(T + k_max + 1, dtype=torch.long)
     buffer[:T] = tokens
-    for d in drafters:
-        d.reset(T + k_max + 8)
-    state = [DrafterState() for _ in drafters]
     rows = []
-    for n in range(max(1, response_start), T - 1):
-        ctx = Context(ids[:n + 1], buffer, features, capture)
-        top1, entropy = target_confidence(logits[n - 1])
-        row = {"seq": seq, "n": n, "top1": round(top1, 4), "entropy": round(entropy, 4), "drafters": [], "accepted": []}
-        for d, s in zip(drafters, state):
-            d.catch_up(ctx, n)
-            # the state a router would read here (lag: random, as the drafter's lag varies in a hybrid)
-            row["drafters"].append({"confidence": round(s.confidence, 4), "acceptance": round(s.acceptance, 4),
-                                    "lag": rng.randrange(0, 65), "available": d.available(ctx, k_max)})
-            draft = d.draft(ctx, k_max, Sampling())
-            k = draft.tokens.numel()
-            if k == 0:
-                row["accepted"].append(None)
+    for _ in range(rollouts):
+        for d in drafters:
+            d.reset(T + k_max + 8)
+        state = [DrafterState() for _ in drafters]
+        n = max(1, response_start)
+        while n < T - 1:
+            ctx = Context(ids[:n + 1], buffer, features, capture)
+            top1, entropy = target_confidence(logits[n - 1])
+            row = {"seq": seq, "n": n, "top1": round(top1, 4), "entropy": round(entropy, 4), "drafters": [],
+                   "accepted": []}
+            outcomes = []  # per drafter: (proposed, confidence) for the state update
+            for d, s in zip(drafters, state):
+                d.catch_up(ctx, n)
+                # the state a router would read here (lag: random, as the drafter's lag varies in a hybrid)
+                row["drafters"].append({"confidence": round(s.confidence, 4), "acceptance": round(s.acceptance, 4),
+                                        "lag": rng.randrange(0, 65), "available": d.available(ctx, k_max)})
+                draft = d.draft(ctx, k_max, Sampling())
+                k = draft.tokens.numel()
+                if k == 0:
+                    row["accepted"].append(None)
+                    outcomes.append((0, None))
+                    continue
+                a = 0  # accepted while the draft is the target's choice on this very answer
+                while a < k and n + a < T - 1 and int(draft.tokens[a]) == int(greedy[n + a]) == ids[n + 1 + a]:
+                    a += 1
+                row["accepted"].append(a)
+                has_confidence = draft.confidence is not None and draft.confidence.numel() > 0
+                outcomes.append((k, float(draft.confidence[0]) if has_confidence else None))
+            rows.append(row)
+            chosen = behaviour_choice(row["accepted"], rng)
+            if chosen is None:
+                n += 1  # a plain step
                 continue
-            a = 0  # accepted while the draft is the target's choice on this very answer
-            while a < k and n + a < T - 1 and int(draft.tokens[a]) == int(greedy[n + a]) == ids[n + 1 + a]:
-                a += 1
-            row["accepted"].append(a)
-            has_confidence = draft.confidence is not None and draft.confidence.numel() > 0
-            observe_draft(s, k, a, float(draft.confidence[0]) if has_confidence else None)
-        rows.append(row)
+            observe_draft(state[chosen], outcomes[chosen][0], row["accepted"][chosen], outcomes[chosen][1])
+            n += row["accepted"][chosen] + 1
     return rows
 
 
