@@ -3,7 +3,7 @@ probability that at least i drafts are accepted; then the same best_choice as th
 
 Depth probabilities are cumulative products of sigmoids, so they never rise with depth. It is
 trained (`python -m hybrid_sd.train.router`) on traces where every drafter was scored at
-every position against the target's own output. Stored as `learned.safetensors` + `learned.json`.
+each round of a decode of the target's own output (`train/traces.py`). Stored as `learned.safetensors` + `learned.json`.
 """
 from __future__ import annotations
 
