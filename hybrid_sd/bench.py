@@ -28,6 +28,7 @@ from .drafters import DRAFTERS
 from .engine import RoundStats
 from .errors import UserError, exit_code
 from .profiling import PHASES
+from .router import DEFAULT_LAM
 
 # llama.cpp's methods run when llama-cpp-python is installed (eval/llamacpp.py)
 LLAMACPP = ("llamacpp", "llamacpp-lookup")
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--per-category", type=positive_int, default=None, help="prompts per category (at most 16)")
     p.add_argument("--max-new-tokens", type=positive_int, default=None)
     p.add_argument("--repeats", type=positive_int, default=None, help="passes over the prompts (median time kept)")
-    p.add_argument("--lam", type=nonnegative_float, default=1.0, help="hybrid: the routers' latency weight")
+    p.add_argument("--lam", type=nonnegative_float, default=DEFAULT_LAM, help="hybrid: the routers' latency weight")
     p.add_argument("--no-plots", action="store_true", help="write results.json and results.md only")
     return exit_code(run, p.parse_args(argv))
 

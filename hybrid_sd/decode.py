@@ -33,7 +33,7 @@ def build_parser() -> Parser:
     from .config import DEFAULT_CONTEXT, DEFAULT_NGRAM_MAX
     from .factory import drafter_choices
     from .graphs import MODES
-    from .router import DEFAULT_ROUTER, ROUTERS
+    from .router import DEFAULT_LAM, DEFAULT_ROUTER, ROUTERS
     p = Parser(prog="python -m hybrid_sd.decode", description=__doc__, epilog=EPILOG,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", help="the prompt; read from stdin when absent (bytes that are not UTF-8 "
@@ -52,7 +52,7 @@ def build_parser() -> Parser:
                         "of the drafters its router knows (default: hybrid on the embedded target, ngram otherwise)")
     p.add_argument("--draft", help="drafter checkpoint directory (for --drafter ar/block)")
     p.add_argument("--router", default=DEFAULT_ROUTER, help=f"hybrid: {' | '.join(ROUTERS)} (calibrated rule | MLP)")
-    p.add_argument("--lam", type=float, default=1.0,
+    p.add_argument("--lam", type=float, default=DEFAULT_LAM,
                    help="hybrid: latency weight; maximise expected tokens - lam * round cost in plain steps")
     p.add_argument("--router-dir", help="hybrid: router directory (default: shipped for the embedded target)")
     p.add_argument("--ar-draft", help="hybrid: AR drafter directory (default: shipped for the embedded target)")

@@ -21,7 +21,7 @@ from .errors import UserError
 from .graphs import DRAFT_BUCKETS, TREE_BUCKETS
 from .models.loading import load_target
 from .models.packed_linear import LAYOUT_VERSION, pack_linears
-from .router import DEFAULT_ROUTER, FixedRouter, LatencyTable, load_router, router_names
+from .router import DEFAULT_LAM, DEFAULT_ROUTER, FixedRouter, LatencyTable, load_router, router_names
 from .router.cost import MEASURE_VERSION
 from .weights import shipped_router
 
@@ -91,7 +91,7 @@ def build_engine(target, eos, drafter: str = PLAIN, config: EngineConfig = Engin
     return engine
 
 
-def build_hybrid(target, eos, config: EngineConfig = EngineConfig(), router: str = DEFAULT_ROUTER, lam: float = 1.0,
+def build_hybrid(target, eos, config: EngineConfig = EngineConfig(), router: str = DEFAULT_ROUTER, lam: float = DEFAULT_LAM,
                  router_dir: str | Path | None = None, checkpoints: Mapping[str, str | Path | None] = {},
                  options: DraftOptions = DraftOptions(), embedded: bool = True) -> Engine:
     """The drafters the router was calibrated for (by name: checkpoints[name] or the shipped

@@ -45,7 +45,7 @@ def test_shipped_hybrid_is_lossless(smollm2, router):
     if shipped_router() is None:
         pytest.fail("no shipped router in hybrid_sd/weights")
     target, tokenizer, eos = smollm2
-    engine = factory.build_hybrid(target, eos, EngineConfig(1024), router, lam=1.0)
+    engine = factory.build_hybrid(target, eos, EngineConfig(1024), router)
     plain = Engine(target, eos, config=EngineConfig(1024))
     used = set()
     for text in PROMPTS:

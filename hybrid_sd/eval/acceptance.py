@@ -24,7 +24,7 @@ from ..cli import Parser, int_list, nonnegative_float, out_dir, positive_int, wr
 from ..config import EVAL_CONTEXT, EngineConfig
 from ..engine import Engine, RoundStats
 from ..errors import UserError, exit_code
-from ..router import LatencyTable
+from ..router import DEFAULT_LAM, LatencyTable
 
 
 @dataclass
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--drafters", default="ar,block,ngram")
     p.add_argument("--ar", default=None, help="AR drafter directory (default: shipped)")
     p.add_argument("--block", default=None, help="block drafter directory (default: shipped)")
-    p.add_argument("--lam", type=nonnegative_float, default=1.0, help="hybrid: the routers' latency weight")
+    p.add_argument("--lam", type=nonnegative_float, default=DEFAULT_LAM, help="hybrid: the routers' latency weight")
     p.add_argument("--router-dir", default=None, help="hybrid: router directory (default: shipped)")
     p.add_argument("--k", type=int_list, default="2,4,6",
                    help="draft lengths, integers >= 1 (each drafter also runs at its default k; none past its longest draft)")

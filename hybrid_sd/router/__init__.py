@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..weights import shipped_router
-from .base import AlternatingRouter, Choice, FixedRouter, Router, best_choice
+from .base import DEFAULT_LAM, AlternatingRouter, Choice, FixedRouter, Router, best_choice
 from .cost import LatencyTable
 from .entropy import Calibration, EntropyRouter
 from .learned import LearnedRouter, RouterMLP
@@ -59,6 +59,6 @@ def load_router(kind: str, directory: str | Path | None, latency: LatencyTable, 
         raise UserError(f"{directory}: {e}") from None
 
 
-__all__ = ["DEFAULT_ROUTER", "ROUTERS", "load_router", "router_names", "AlternatingRouter", "Calibration", "Choice", "DrafterState", "EntropyRouter", "FixedRouter",
+__all__ = ["DEFAULT_LAM", "DEFAULT_ROUTER", "ROUTERS", "load_router", "router_names", "AlternatingRouter", "Calibration", "Choice", "DrafterState", "EntropyRouter", "FixedRouter",
            "LatencyTable", "LearnedRouter", "Router", "RouterMLP", "Signals", "best_choice", "observe_draft",
            "target_confidence"]

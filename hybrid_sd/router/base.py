@@ -13,6 +13,11 @@ from dataclasses import dataclass
 from ..graphs import DRAFT_BUCKETS
 from .signals import Signals
 
+# The latency weight: a round scores expected tokens - lam * cost (plain steps). That ranks
+# choices by throughput when lam is the speed-up the router achieves (Dinkelbach), about 2 on
+# the embedded default with its datastore (docs/routing.md, thirteenth session).
+DEFAULT_LAM = 2.0
+
 
 @dataclass(frozen=True)
 class Choice:

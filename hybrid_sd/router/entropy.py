@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .base import Router, best_choice
+from .base import DEFAULT_LAM, Router, best_choice
 from .cost import LatencyTable, name_list, positive_int, read_json_object
 from .signals import DrafterState, Signals
 
@@ -91,7 +91,7 @@ class Calibration:
 
 
 class EntropyRouter(Router):
-    def __init__(self, calibration: Calibration, latency: LatencyTable, names: list[str], lam: float = 1.0):
+    def __init__(self, calibration: Calibration, latency: LatencyTable, names: list[str], lam: float = DEFAULT_LAM):
         missing = [n for n in names if n not in calibration.names]
         if missing:
             raise ValueError(f"the calibration has no curves for drafter(s) {missing} (it has {calibration.names})")

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .base import Router, best_choice
+from .base import DEFAULT_LAM, Router, best_choice
 from .cost import LatencyTable, name_list, positive_int, read_json_object
 from .signals import Signals
 
@@ -62,7 +62,7 @@ class RouterMLP(nn.Module):
 
 
 class LearnedRouter(Router):
-    def __init__(self, model: RouterMLP, latency: LatencyTable, names: list[str], lam: float = 1.0):
+    def __init__(self, model: RouterMLP, latency: LatencyTable, names: list[str], lam: float = DEFAULT_LAM):
         if list(names) != model.names:
             raise ValueError(f"the learned router was trained for drafters {model.names}, not {list(names)}")
         self.model, self.latency, self.names, self.lam = model, latency, names, lam
