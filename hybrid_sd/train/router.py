@@ -29,25 +29,25 @@ def read_traces(path: Path) -> tuple[dict, list[dict]]:
     return json.loads(lines[0]), [json.loads(line) for line in lines[1:] if line]
 
 
-def asked_depths(available: int | None, k_max: int) -> torch.Tensor:
-    """[k_max] bool: the depths a router may ask of a drafter that can propose `available`
-    tokens (best_choice never asks a lookup drafter for more). The learned router is fitted on
-    these alone, so that P(at least i accepted) is conditioned on i being proposed: a long
-    lookup proposal is not priced by rounds that had only a short one. (The same conditioning
-    of the entropy rule's curves routed no better on the held-out split: docs/routing.md.)"""
-    depth = torch.arange(1, k_max + 1)
-    return depth <= available if available is not None else torch.ones(k_max, dtype=torch.bool)
+def askable(state: dict, k_max: int) -> int:
+    """The longest draft a router may ask of a drafter in this state: best_choice never asks a
+    lookup drafter for more than it can propose. The learned router is fitted, and both routers
+    scored, on these depths alone, so that P(at least i accepted) is conditioned on i being
+    proposed: a long lookup proposal is not priced by rounds that had only a short one. (The
+    same conditioning of the entropy rule's curves routed no better: docs/routing.md.)"""
+    available = state.get("available")
+    return k_max if available is None else min(k_max, available)
 
 
 def tensors(rows: list[dict], n_drafters: int, k_max: int):
     """Inputs [N, F], targets [N, D, K] (1 where at least i+1 accepted) and a mask [N, D, K]:
-    the depths a router could have asked of a drafter that had a draft (`asked_depths`)."""
+    the depths a router could have asked of a drafter that had a draft (`askable`)."""
     x = torch.tensor([signals_from_row(r).vector() for r in rows])
     depth = torch.arange(1, k_max + 1)
     acc = torch.tensor([[a if a is not None else -1 for a in r["accepted"]] for r in rows])
     y = (acc[..., None] >= depth).float()
-    asked = torch.stack([torch.stack([asked_depths(s.get("available"), k_max) for s in r["drafters"]]) for r in rows])
-    return x, y, (acc >= 0)[..., None] & asked
+    longest = torch.tensor([[askable(state, k_max) for state in r["drafters"]] for r in rows])
+    return x, y, (acc >= 0)[..., None] & (depth <= longest[..., None])
 
 
 def mean_abs_error(predict, rows, n_drafters, k_max) -> float:
@@ -55,10 +55,10 @@ def mean_abs_error(predict, rows, n_drafters, k_max) -> float:
     total, count = 0.0, 0
     for r in rows:
         for d in range(n_drafters):
-            a, available = r["accepted"][d], r["drafters"][d].get("available")
+            a = r["accepted"][d]
             if a is None:
                 continue
-            for k in range(1, min(k_max, available if available is not None else k_max) + 1):
+            for k in range(1, askable(r["drafters"][d], k_max) + 1):
                 total += abs(predict(r, d, k) - (1 + min(a, k)))
                 count += 1
     return total / max(count, 1)
