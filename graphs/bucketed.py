@@ -169,13 +169,16 @@ class BucketedGraphs:
         self.graphs[key] = (graph, static_inputs, outputs)
         return self.graphs[key]
 
-    def warm_up(self, examples: dict[tuple, tuple[torch.Tensor, ...]]) -> dict:
-        """Run (and, on CUDA, capture) every key once on example inputs; report the time it
-        took and, on CUDA, the memory the graphs hold."""
+    def warm_up(self, examples: dict[tuple, tuple[torch.Tensor, ...]], progress: Callable[[], None] | None = None) -> dict:
+        """Run (and, on CUDA, capture; compiling, compile) every key once on example inputs,
+        calling `progress()` after each; report the time it took and, on CUDA, the memory the
+        graphs hold."""
         before = torch.cuda.memory_reserved(self.device) if self.mode == "cuda" else 0
         t0 = time.perf_counter()
         for key, inputs in examples.items():
             self(key, *inputs)
+            if progress is not None:
+                progress()
         if self.mode == "cuda":
             torch.cuda.synchronize(self.device)
         return {"name": self.name, "mode": self.mode, "keys": len(examples), "seconds": time.perf_counter() - t0,

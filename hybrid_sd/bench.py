@@ -34,6 +34,7 @@ from .router import DEFAULT_LAM
 LLAMACPP = ("llamacpp", "llamacpp-lookup")
 PEERS = ("hf", "hf-lookup", *LLAMACPP)  # other libraries: no rounds to look into
 METHODS = ("plain", "hf", "hf-lookup", *LLAMACPP, *DRAFTERS, "hybrid", "hybrid-learned")  # drafters: every registered kind
+GRAPH_SUFFIXES = ("trace", "compile")  # a method's steps as TorchScript traces or torch.compile (graphs.MODES)
 LABELS = {"plain": "plain (this engine)", "hf": "transformers generate", "hf-lookup": "transformers prompt lookup",
           "llamacpp": "llama.cpp, F32 GGUF", "llamacpp-lookup": "llama.cpp prompt lookup, F32 GGUF",
           "ngram": "n-gram", "ar": "AR drafter", "block": "block drafter", "hybrid": "hybrid, entropy router",
@@ -52,7 +53,8 @@ def main(argv=None) -> int:
                    help=f"comma-separated subset of {','.join(METHODS)} (default: all; llama.cpp's where "
                         "llama-cpp-python is installed); a drafter may name its k, e.g. ar@4, "
                         "and a drafter or hybrid may draft trees: ar:tree (budget cut by cost) or ar:tree16 "
-                        "(16 nodes); +trace runs a method's steps as traces (--graphs trace), e.g. plain+trace")
+                        "(16 nodes); +trace or +compile runs a method's steps as traces or compiled (--graphs trace|compile; "
+                        "compiled steps are all compiled before the timed runs), e.g. plain+trace, hybrid+compile")
     p.add_argument("--per-category", type=positive_int, default=None, help="prompts per category (at most 16)")
     p.add_argument("--max-new-tokens", type=positive_int, default=None)
     p.add_argument("--repeats", type=positive_int, default=None, help="passes over the prompts (median time kept)")
@@ -70,13 +72,13 @@ class MethodSpec(NamedTuple):
 
 
 def method_spec(name: str) -> MethodSpec | None:
-    """`kind[@k][:tree[N]][+trace]` -> MethodSpec; None when malformed."""
+    """`kind[@k][:tree[N]][+trace|+compile]` -> MethodSpec; None when malformed."""
     name, plus, graphs = name.partition("+")
     base, _, tree = name.partition(":")
     kind, at, k = base.partition("@")
     if kind not in METHODS or (at and (kind not in DRAFTERS or not k.isdigit() or int(k) < 1)):
         return None
-    if plus and (graphs != "trace" or kind in PEERS):
+    if plus and (graphs not in GRAPH_SUFFIXES or kind in PEERS):
         return None
     graphs = graphs or "eager"
     if not tree:
@@ -97,7 +99,7 @@ def parse_methods(text: str | None) -> list[str]:
     if bad or not methods:
         raise UserError(f"unknown method(s) {bad} (choose from {', '.join(METHODS)}; "
                         f"{', '.join(DRAFTERS)} optionally @k with k >= 1; drafters and hybrids optionally "
-                        ":tree or :treeN with N >= 1 nodes; this engine's methods optionally +trace)")
+                        ":tree or :treeN with N >= 1 nodes; this engine's methods optionally +trace or +compile)")
     if "plain" not in methods:
         methods.insert(0, "plain")  # the reference every output is checked against
     return list(dict.fromkeys(methods))
@@ -141,6 +143,13 @@ class Methods:
     def llamacpp_model(lookup: bool):
         from .eval import llamacpp
         return llamacpp.LlamaCpp(llamacpp.f32_gguf(), EVAL_CONTEXT, torch.get_num_threads(), lookup)
+
+    def warm_up(self, name: str) -> None:
+        """Compile every key of a compiled method's steps before it is timed (others: nothing)."""
+        engine = self.engines.get(name)
+        if engine is not None and engine.graphs_mode == "compile":
+            from .compiled import compile_every_key
+            compile_every_key(engine, f"compiling {name}")
 
     def decode(self, name: str, ids: list[int], max_new: int):
         t0 = time.perf_counter()
@@ -186,7 +195,8 @@ def run(args) -> dict:
     equal = defaultdict(int)    # method -> prompts whose output equals plain decoding's
     gens = {}                   # (method, prompt index) -> Generation of the first pass
     with torch.inference_mode():
-        for name in names:  # warm-up: first calls pay one-time costs
+        for name in names:  # warm-up: first calls pay one-time costs (compiled steps: every key, compiled)
+            methods.warm_up(name)
             methods.decode(name, prompts[0][2][:16], 4)
         bar = tqdm(total=repeats * len(prompts) * len(names), desc="bench", unit="run")
         for rep in range(repeats):

@@ -30,15 +30,10 @@ Exit status: 0 done; 2 a one-line error (docs/errors.md); 141 stdout was closed 
 
 
 def build_parser() -> Parser:
-    from .config import DEFAULT_CONTEXT, DEFAULT_NGRAM_MAX
-    from .factory import drafter_choices
-    from .graphs import MODES
-    from .router import DEFAULT_LAM, DEFAULT_ROUTER, ROUTERS
     p = Parser(prog="python -m hybrid_sd.decode", description=__doc__, epilog=EPILOG,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", help="the prompt; read from stdin when absent (bytes that are not UTF-8 "
                                              "become U+FFFD, with a warning)")
-    p.add_argument("--target", help="HF checkpoint directory (Llama, Qwen2, Qwen3 dense); default: embedded SmolLM2-135M-Instruct")
     p.add_argument("--no-chat", action="store_true",
                    help="feed the prompt as raw text, without the chat template (control-token strings in it are "
                         "parsed as control tokens)")
@@ -47,6 +42,22 @@ def build_parser() -> Parser:
                    help=f"0 = greedy; sampling at a temperature in [{TEMPERATURE_MIN:g}, {TEMPERATURE_MAX:g}]")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="sampling seed, an integer in [0, 2**64 - 1]")
+    add_engine_arguments(p)
+    p.add_argument("--stats", action="store_true", help="print a stats line on stderr")
+    p.add_argument("--profile", action="store_true",
+                   help="print a per-round phase table on stderr (CUDA events on GPU, perf counters on CPU)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of streaming text")
+    return p
+
+
+def add_engine_arguments(p: Parser) -> None:
+    """The flags that say which engine runs: target, drafters, router, cache, device, graphs
+    (decode's and precompile's, which must build the same engine)."""
+    from .config import DEFAULT_CONTEXT, DEFAULT_NGRAM_MAX
+    from .factory import drafter_choices
+    from .graphs import MODES
+    from .router import DEFAULT_LAM, DEFAULT_ROUTER, ROUTERS
+    p.add_argument("--target", help="HF checkpoint directory (Llama, Qwen2, Qwen3 dense); default: embedded SmolLM2-135M-Instruct")
     p.add_argument("--drafter", default=None,
                    help=f"{' | '.join(drafter_choices())}: plain decoding, one registered drafter, or the hybrid "
                         "of the drafters its router knows (default: hybrid on the embedded target, ngram otherwise)")
@@ -77,13 +88,9 @@ def build_parser() -> Parser:
     p.add_argument("--max-context", type=int, default=DEFAULT_CONTEXT, help="KV cache length in tokens (prompt + answer)")
     p.add_argument("--graphs", default="auto", choices=MODES,
                    help="how each step runs: cuda (captured CUDA graphs), compile (torch.compile), trace "
-                        "(TorchScript traces of the steps that recur, CPU), eager; auto = cuda on a CUDA device, "
-                        "eager on the CPU")
-    p.add_argument("--stats", action="store_true", help="print a stats line on stderr")
-    p.add_argument("--profile", action="store_true",
-                   help="print a per-round phase table on stderr (CUDA events on GPU, perf counters on CPU)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of streaming text")
-    return p
+                        "(TorchScript traces of the steps that recur, CPU), eager; auto = cuda on a CUDA device; "
+                        "on the CPU, compiled steps where `python -m hybrid_sd.precompile` measured them faster "
+                        "for these flags, else eager")
 
 
 def check_args(args) -> None:
@@ -96,6 +103,10 @@ def check_args(args) -> None:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.seed is not None and not 0 <= args.seed <= SEED_MAX:
         raise UserError(f"--seed must be an integer in [0, 2**64 - 1], got {args.seed}")
+    check_engine_args(args)
+
+
+def check_engine_args(args) -> None:
     if args.k is not None and args.k < 1:
         raise UserError(f"--k must be >= 1, got {args.k}")
     if args.max_context < 2:
@@ -176,9 +187,44 @@ class Streamer:
 
 def engine_config(args):
     from .config import EngineConfig
-    return EngineConfig(max_len=args.max_context, graphs=args.graphs, profile_sync=args.profile,
+    return EngineConfig(max_len=args.max_context, graphs=args.graphs, profile_sync=getattr(args, "profile", False),
                         draft_k={args.drafter: args.k} if args.k is not None else {},
                         tree=args.tree == "auto", tree_budget=args.budget)
+
+
+def load_target(args, tokenizer: bool = True):
+    """(packed target, tokenizer or None, eos ids, embedded) for the engine flags in `args`."""
+    import torch
+
+    from . import factory
+    from .models.loading import parse_dtype
+    device, dtype = resolve_device(args.device), parse_dtype(args.dtype)
+    embedded = args.target is None
+    if args.threads is not None:  # before packing: the one-row linears cut one slab per thread
+        torch.set_num_threads(args.threads)
+    target, tokenizer, eos = factory.load_packed_target(args.target, device=device, dtype=dtype,
+                                                         load_tokenizer=tokenizer)
+    if args.max_context > target.max_len:
+        raise UserError(f"--max-context {args.max_context} exceeds the model's {target.max_len} positions")
+    if args.drafter in (None, factory.HYBRID) and (args.drafter or factory.default_drafter(embedded)) == factory.HYBRID:
+        from .engine import check_probe_context
+        check_probe_context(args.max_context)
+    return target, tokenizer, eos, embedded
+
+
+def build_engine(args, target, eos, embedded: bool):
+    """The engine the flags in `args` name (args.drafter and args.graphs resolved in place)."""
+    from . import factory
+    from .compiled import choose_graphs
+    from .config import DraftOptions
+    if args.drafter is None:
+        args.drafter = factory.default_drafter(embedded)
+    args.graphs = choose_graphs(args.graphs, target.lm_head.weight.device, args)
+    options = DraftOptions(ngram_max=args.ngram_max, datastore=args.datastore)
+    if args.drafter == factory.HYBRID:
+        return factory.build_hybrid(target, eos, engine_config(args), args.router, args.lam, args.router_dir,
+                                    {"ar": args.ar_draft, "block": args.block_draft}, options, embedded)
+    return factory.build_engine(target, eos, args.drafter, engine_config(args), args.draft, options, embedded)
 
 
 def run(args) -> int:
@@ -186,37 +232,20 @@ def run(args) -> int:
     import torch
 
     from . import factory
-    from .config import DraftOptions
-    from .models.loading import encode_prompt, parse_dtype
+    from .models.loading import encode_prompt
     from .verify import Sampling
 
     if sys.stdout is None:  # started with descriptor 1 closed (`>&-`): nowhere to put the answer
         raise UserError("stdout is closed: nowhere to write the answer (redirect it to a file or a pipe)")
-    device, dtype = resolve_device(args.device), parse_dtype(args.dtype)
     prompt = read_prompt(args)
     if not prompt.strip():
         raise UserError("empty prompt: pass it as an argument or on stdin")
-    embedded = args.target is None
-    if args.threads is not None:  # before packing: the one-row linears cut one slab per thread
-        torch.set_num_threads(args.threads)
-    target, tokenizer, eos = factory.load_packed_target(args.target, device=device, dtype=dtype)
-    if args.max_context > target.max_len:
-        raise UserError(f"--max-context {args.max_context} exceeds the model's {target.max_len} positions")
-    if args.drafter in (None, factory.HYBRID) and (args.drafter or factory.default_drafter(embedded)) == factory.HYBRID:
-        from .engine import check_probe_context
-        check_probe_context(args.max_context)
+    target, tokenizer, eos, embedded = load_target(args)
     ids = encode_prompt(tokenizer, prompt, chat=not args.no_chat)
     if len(ids) >= args.max_context:  # before the drafters load and the latency table is measured
         raise UserError(f"the prompt has {len(ids)} tokens but the context holds {args.max_context}; "
                         "shorten the prompt or raise --max-context")
-    if args.drafter is None:
-        args.drafter = factory.default_drafter(embedded)
-    options = DraftOptions(ngram_max=args.ngram_max, datastore=args.datastore)
-    if args.drafter == factory.HYBRID:
-        engine = factory.build_hybrid(target, eos, engine_config(args), args.router, args.lam, args.router_dir,
-                                      {"ar": args.ar_draft, "block": args.block_draft}, options, embedded)
-    else:
-        engine = factory.build_engine(target, eos, args.drafter, engine_config(args), args.draft, options, embedded)
+    engine = build_engine(args, target, eos, embedded)
     if engine.graphs_mode == "cuda":  # capture is cheap; compile mode compiles each key when first met
         with torch.inference_mode():
             for report in engine.warm_up():

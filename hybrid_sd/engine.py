@@ -35,6 +35,7 @@ from .graphs import (
     kv_buckets,
     resolve_mode,
     static_shapes,
+    use_compile_cache,
 )
 from .models.transformer import Transformer
 from .profiling import PhaseClock, nvtx_range
@@ -203,6 +204,9 @@ class Engine:
             raise UserError(str(e)) from None
         if self.graphs_mode == "trace":  # a trace holds the weights as constants: inference only
             target.requires_grad_(False)
+        if self.graphs_mode == "compile":  # what a compile builds outlives the process (and /tmp)
+            from .compiled import inductor_dir
+            use_compile_cache(inductor_dir())
         # attention spans: fine buckets when eager, coarse ones when each is a capture (or a trace,
         # which pays only for keys met many times)
         self.kv_block = config.kv_block or (KV_BLOCK if self.graphs_mode == "eager" else GRAPH_KV_BLOCK)
@@ -345,8 +349,14 @@ class Engine:
         """Verify: (logits [T, V], features [T, C, H] or None) through the bucketed graphs."""
         T = tokens.numel()
         positions = torch.arange(start, start + T, device=self.device)
-        logits, feats = self.verify_graphs((T, kv_bucket(start + T, self.max_len, self.kv_block)), tokens, positions)
+        logits, feats = self.verify_graphs((T, self.verify_span(T, start + T)), tokens, positions)
         return logits, (feats[0].view(T, len(self.capture), -1) if feats is not None else None)
+
+    def verify_span(self, rows: int, end: int) -> int:
+        """The attention span in a verify's graph key: the bucket covering `end` positions, or the
+        whole cache where the target's forward of `rows` rows does not depend on it (fewer keys
+        to compile or capture)."""
+        return self.max_len if self.target.span_free(rows) else kv_bucket(end, self.max_len, self.kv_block)
 
     def tree_verify_step(self, key: tuple[int, int], tokens: torch.Tensor, positions: torch.Tensor,
                          slots: torch.Tensor, mask: torch.Tensor):
@@ -378,14 +388,13 @@ class Engine:
         """Tree nodes a round may draft after a context of n positions."""
         return max(0, min(self.config.tree_budget or TREE_BUDGET, self.max_len - n - 1))
 
-    @torch.inference_mode()
-    def warm_up(self) -> list[dict]:
-        """Run every bucket of every step once -- on CUDA, capture its graph -- so that no
-        generation pays for it; returns per step the keys, seconds and graph memory."""
+    def warm_up_plan(self) -> list[tuple[BucketedGraphs, dict]]:
+        """Every bucket of every step a generation can meet: per step runner, its keys with
+        scratch inputs (the verify's write scratch K/V at 0..T-1, which prefill overwrites)."""
         spans = kv_buckets(self.max_len, self.kv_block)
-        examples = {(T, kv): (self.tokens[:T], torch.arange(T, device=self.device))
+        examples = {(T, self.verify_span(T, kv)): (self.tokens[:T], torch.arange(T, device=self.device))
                     for T in range(1, self.k_max + 2) for kv in spans if kv >= T}
-        reports = [self.verify_graphs.warm_up(examples)]  # writes scratch K/V at 0..T-1: prefill overwrites it
+        plan = [(self.verify_graphs, examples)]
         if self.config.tree:  # every padded tree verify (rows = a node bucket + 1) at every span
             examples = {}
             for rows in (b + 1 for b in TREE_BUCKETS if b + 1 <= self.max_len):
@@ -394,7 +403,7 @@ class Engine:
                     if kv >= rows:
                         examples[(rows, kv)] = (self.tokens[:rows], index, index,
                                                 torch.ones(rows, kv, dtype=torch.bool, device=self.device))
-            reports.append(self.tree_graphs.warm_up(examples))
+            plan.append((self.tree_graphs, examples))
         if self.pads_prefill:  # else prefill is one unpadded pass: nothing to warm
             # every key a prompt can meet: chunks start at multiples of the largest bucket
             chunk = PREFILL_BUCKETS[-1]
@@ -405,10 +414,18 @@ class Engine:
             for T, kv in keys:  # a bucket may be longer than the cache: positions are clamped, as in prefill
                 positions = torch.arange(T, device=self.device).clamp_max(self.max_len - 1)
                 examples[(T, kv)] = (self.tokens[positions], positions, last)
-            reports.append(self.prefill_graphs.warm_up(examples))
+            plan.append((self.prefill_graphs, examples))
         self.reset_drafters()
         for d in self.drafters:
-            reports += d.warm_up(self.max_len, self.k_max, trees=self.config.tree)
+            plan += d.warm_up_plan(self.max_len, self.k_max, trees=self.config.tree)
+        return plan
+
+    @torch.inference_mode()
+    def warm_up(self, progress: Callable[[], None] | None = None) -> list[dict]:
+        """Run every bucket of every step once -- on CUDA, capture its graph; in compile mode,
+        compile it -- so that no generation pays for it, calling `progress()` after each key;
+        returns per step runner the keys, seconds and graph memory."""
+        reports = [graphs.warm_up(examples, progress) for graphs, examples in self.warm_up_plan()]
         self.cache.length = 0
         return reports
 

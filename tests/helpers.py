@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -56,12 +57,18 @@ def tiny_target(tmp_path: Path, family: str = "llama", seed: int = 0, pack: bool
     return (pack_linears(model) if pack else model), eos
 
 
+# how the tests' engines run their steps unless a test says: HYBRID_SD_TEST_GRAPHS=compile runs the
+# lossless suites with compiled steps (docs/performance.md), against plain decoding run eager
+TEST_GRAPHS = os.environ.get("HYBRID_SD_TEST_GRAPHS", "eager")
+
+
 def engine(target: Transformer, eos=(), drafters=(), k: int | None = None, router=None, **config) -> Engine:
     """An engine over injected drafters (one drafter at `k`, else its default) with
-    EngineConfig(**config)."""
+    EngineConfig(**config), its steps run as TEST_GRAPHS unless `graphs` is given."""
     drafters = [drafters] if isinstance(drafters, Drafter) else list(drafters)
     if k is not None:
         config["draft_k"] = {d.name: k for d in drafters}
+    config.setdefault("graphs", TEST_GRAPHS)
     return Engine(target, eos, drafters, router=router, config=EngineConfig(**config))
 
 
@@ -72,7 +79,7 @@ def plain_greedy(target: Transformer, eos, prompt: list[int], max_new: int, max_
     """The target decoding alone (memoised: many tests compare against the same outputs)."""
     key = (id(target), tuple(eos), tuple(prompt), max_new, max_len)
     if key not in _plain_outputs:
-        _plain_outputs[key] = engine(target, eos, max_len=max_len).generate(prompt, max_new).token_ids
+        _plain_outputs[key] = engine(target, eos, max_len=max_len, graphs="eager").generate(prompt, max_new).token_ids
     return list(_plain_outputs[key])
 
 
@@ -269,8 +276,8 @@ class MixedDrafter(Drafter):
     def use_graphs(self, mode, kv_block, device, pad=None):
         self.inner.use_graphs(mode, kv_block, device, pad)
 
-    def warm_up(self, max_len, k_max, trees=False):
-        return self.inner.warm_up(max_len, k_max, trees)
+    def warm_up_plan(self, max_len, k_max, trees=False):
+        return self.inner.warm_up_plan(max_len, k_max, trees)
 
     def draft_tree(self, ctx, budget, depth, generator=None):
         """The inner tree with the truth written along the path to a random node, up to a

@@ -124,10 +124,11 @@ def test_bench_rejects_an_unknown_method(tmp_path, capsys):
     assert "unknown method" in capsys.readouterr().err
     assert bench.main(["--methods", "hf@3", "--out", str(tmp_path)]) == 2
     for bad in ("plain:tree", "ar:tree0", "ar:treex", "ar:bush",  # trees: drafters and hybrids, N >= 1
-                "plain+compile", "llamacpp+trace", "ar+"):  # +trace: this engine's methods only
+                "plain+cuda", "llamacpp+trace", "llamacpp+compile", "ar+"):  # +trace, +compile: this engine's only
         assert bench.main(["--methods", bad, "--out", str(tmp_path)]) == 2
     assert bench.method_spec("ar@4:tree16+trace") == ("ar", 4, True, 16, "trace")
     assert bench.method_spec("plain").graphs == "eager"
+    assert bench.method_spec("hybrid+compile") == ("hybrid", None, False, None, "compile")
     assert bench.main(["--per-category", "17", "--out", str(tmp_path)]) == 2
     assert "16" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing written for a bad request

@@ -65,9 +65,13 @@ def test_engine_rejects_cuda_graphs_without_cuda(target):
         engine(target, graphs="cuda")
 
 
-def switching_engine(target, tmp_path, **config):
-    drafters = [make_drafter("ar", target, tmp_path), make_drafter("block", target, tmp_path),
-                NgramDrafter(max_n=3, device=target.lm_head.weight.device)]
+def switching_engine(target, tmp_path, ar_kernel: bool = True, **config):
+    """AR, block and n-gram drafters switched every round. `ar_kernel=False`: the AR drafter's greedy
+    drafts run its step graphs (as on a GPU, or sampling) instead of its CPU kernel's chain."""
+    ar = make_drafter("ar", target, tmp_path)
+    if not ar_kernel:
+        ar.chain = None
+    drafters = [ar, make_drafter("block", target, tmp_path), NgramDrafter(max_n=3, device=target.lm_head.weight.device)]
     return engine(target, (), drafters, router=AlternatingRouter(3), **{"max_len": 256, **config})
 
 
@@ -84,7 +88,8 @@ def test_warm_up_visits_every_bucket_and_leaves_no_trace(target, tmp_path):
         record_keys(graphs, warmed.setdefault(name, []))
     reports = decoder.warm_up()
     assert [r["name"] for r in reports] == ["verify", "draft:ar", "catchup:ar", "draft:block", "catchup:block"]
-    assert reports[0]["keys"] == 8 * len(kv_buckets(256, 128))  # verify of 1..8 tokens per span
+    # verify of 1..8 tokens, per span unless the kernel runs them (one key for every span)
+    assert reports[0]["keys"] == 8 * (1 if target.span_free(8) else len(kv_buckets(256, 128)))
     assert reports[1]["keys"] == len(warmed["ar"]) and reports[3]["keys"] == len(warmed["block"])
     prompts = random_prompts(6, seed=11) + [random_prompts(2, seed=12, lo=240, hi=240)[1]]  # the last runs to the end
     keys_before = {name: len(keys) for name, keys in warmed.items()}
@@ -121,7 +126,7 @@ def test_padded_catch_up_stays_lossless_under_switching(target, tmp_path):
 @pytest.mark.slow
 def test_compiled_steps_equal_eager(target, tmp_path):
     """torch.compile of every step (~minutes on the CPU: one compilation per shape)."""
-    decoder = switching_engine(target, tmp_path, graphs="compile", kv_block=256)
+    decoder = switching_engine(target, tmp_path, ar_kernel=False, graphs="compile", kv_block=256)
     for prompt in random_prompts(3, seed=12):
         assert decoder.generate(prompt, 16).token_ids == plain_greedy(target, (), prompt, 16, max_len=256)
 
@@ -193,14 +198,17 @@ def test_padded_prefill_warms_every_bucket_and_stays_lossless(target, tmp_path):
         assert decoder.generate(prompt, 20).token_ids == plain_greedy(target, (), prompt, 20, max_len=256)
 
 
-def test_traced_steps_equal_eager(target, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ar_kernel", [False, True])
+def test_traced_steps_equal_eager(target, tmp_path, monkeypatch, ar_kernel):
     """--graphs trace: the verify and every drafter's draft and catch-up steps, traced once a
-    key recurs, under forced switching; the traces write the caches the eager steps would."""
+    key recurs, under forced switching; the traces write the caches the eager steps would. With
+    its kernel, the AR drafter's greedy drafts are one kernel call in every mode: not traced."""
     monkeypatch.setattr(bucketed, "TRACE_AFTER", 2)
-    decoder = switching_engine(target, tmp_path, graphs="trace")
+    decoder = switching_engine(target, tmp_path, ar_kernel=ar_kernel, graphs="trace")
     assert decoder.graphs_mode == "trace" and decoder.kv_block == GRAPH_KV_BLOCK and not decoder.pads_trees
     for prompt in random_prompts(4, seed=16):
         assert decoder.generate(prompt, 16).token_ids == plain_greedy(target, (), prompt, 16, max_len=256)
     assert decoder.verify_graphs.traces
     for drafter in decoder.drafters[:2]:
-        assert drafter.step_graphs.traces and drafter.catchup_graphs.traces, drafter.name
+        assert (drafter.step_graphs.traces or drafter.greedy_in_kernel()) and drafter.catchup_graphs.traces, drafter.name
+    assert decoder.drafters[0].greedy_in_kernel() == (ar_kernel and target.fused_layers is not None)

@@ -141,6 +141,9 @@ class ARDrafter(GraphedStep, AfterPacking):
     def after_packing(self) -> None:
         self.chain = None if why_not_chained(self) else FusedChain(self)
 
+    def greedy_in_kernel(self) -> bool:
+        return self.chain is not None
+
     def bound_chain(self) -> FusedChain | None:
         """The kernel's chain pointed at this drafter's cache and RoPE tables; None where it cannot
         run (not packed for it, or inside a graph mode's trace or compile)."""
@@ -404,8 +407,8 @@ class ARDrafter(GraphedStep, AfterPacking):
         device = self.lm_head.weight.device
         if k <= 0 or n == 0:
             return Draft(torch.empty(0, dtype=torch.long, device=device))
-        chain = self.bound_chain() if sampling.greedy and self.step_graphs.mode == "eager" else None
-        if chain is not None:  # the whole chain in one kernel call; graph_step is its reference
+        chain = self.bound_chain() if sampling.greedy else None
+        if chain is not None:  # the whole chain in one kernel call, whatever the graphs mode: graph_step is its reference
             g = self.fuse(ctx.feature_rows(self.feature_layers, n - 1, n))
             tokens, confidence = chain(g[0], int(ctx.tokens[n]), n - 1, k)
             return Draft(tokens, None, confidence)

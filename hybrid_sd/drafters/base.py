@@ -137,9 +137,10 @@ class Drafter(ABC):
         """Run the device steps as `mode` (graphs.MODES) with attention spans in blocks of
         kv_block; `pad`: pad catch-up chunks to buckets (None: iff the steps are graphs)."""
 
-    def warm_up(self, max_len: int, k_max: int, trees: bool = False) -> list[dict]:
-        """Run every step shape a context of max_len can meet once (CUDA: capture), the tree
-        steps too when `trees`; reports."""
+    def warm_up_plan(self, max_len: int, k_max: int, trees: bool = False) -> list[tuple[BucketedGraphs, dict]]:
+        """Every step shape a context of max_len can meet, the tree steps too when `trees`: per
+        step runner, its keys with scratch inputs (`reset` must have run). Running each key once
+        captures it on CUDA and compiles it in compile mode (Engine.warm_up)."""
         return []
 
 
@@ -233,23 +234,28 @@ class GraphedStep(Drafter):
         inv_t = torch.full((1,), 1.0 / sampling.temperature if sampled else 1.0, device=device)
         return self.step_graphs(self.draft_key(n, k, sampled), *inputs, u, inv_t)
 
-    def warm_up(self, max_len: int, k_max: int, trees: bool = False) -> list[dict]:
-        """Every greedy draft key a context of max_len can meet, every catch-up bucket and,
-        with `trees`, every tree-step key, once (CUDA: captured), on scratch inputs; `reset`
-        must have run. Sampled keys capture when first met."""
-        keys = {self.draft_key(n, k, False) for n in range(1, max_len)
+    def greedy_in_kernel(self) -> bool:
+        """Whether greedy drafts run as one CPU kernel call outside the step graphs (so no greedy
+        draft key is ever met)."""
+        return False
+
+    def warm_up_plan(self, max_len: int, k_max: int, trees: bool = False) -> list[tuple[BucketedGraphs, dict]]:
+        """Every greedy draft key a context of max_len can meet (none where the kernel drafts),
+        every catch-up bucket and, with `trees`, every tree-step key, on scratch inputs. Sampled
+        keys capture when first met."""
+        keys = {self.draft_key(n, k, False) for n in range(1, max_len) if not self.greedy_in_kernel()
                 for k in range(1, min(k_max, self.max_draft, max_len - n - 1) + 1)}
         p = self.fc.weight
-        drafts = self.step_graphs.warm_up({key: (*self.draft_example(key[0]), torch.zeros(key[0], device=p.device),
-                                                 torch.ones(1, device=p.device)) for key in keys})
+        drafts = {key: (*self.draft_example(key[0]), torch.zeros(key[0], device=p.device), torch.ones(1, device=p.device))
+                  for key in keys}
         rows = {}
         for n in CATCHUP_BUCKETS:
             rows[(n,)] = (torch.zeros(n, self.fc.in_features, dtype=p.dtype, device=p.device),
                           torch.zeros(n, dtype=torch.long, device=p.device), torch.arange(n, device=p.device))
-        reports = [drafts, self.catchup_graphs.warm_up(rows)]
+        plan = [(self.step_graphs, drafts), (self.catchup_graphs, rows)]
         if trees:
-            reports.append(self.tree_graphs.warm_up(self.tree_examples(kv_buckets(max_len, self.kv_block))))
-        return reports
+            plan.append((self.tree_graphs, self.tree_examples(kv_buckets(max_len, self.kv_block))))
+        return plan
 
     def catch_up(self, ctx: Context, end: int) -> None:
         """KV-only pass over context positions [frontier, end); when padding, in chunks padded

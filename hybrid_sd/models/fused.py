@@ -11,11 +11,12 @@ stream at a time: the kernel is pointed at one cache at a time (`bind`), as the 
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 import torch
 
 from ..kernels import cpu_rows
-from .packed_linear import kernel_panels, profiled_call
+from .packed_linear import graphing, kernel_panels, profiled_call
 
 # rows per call: steps, verifies, trees up to 32 nodes and short prefills. The products pass over
 # the weights once per 12 rows, so oneDNN's blocked product overtakes them at some point, but the
@@ -40,6 +41,10 @@ def why_not_fused(target) -> str | None:
         if any(kernel_panels(p) is None for p in products) or not all(n.cpu_kernel for n in norms):
             return "a layer is not packed for the kernel"
     return None
+
+
+# the graph op names its FusedLayers by a handle (weakly held: a dropped model is freed)
+_LAYERS: weakref.WeakValueDictionary[int, "FusedLayers"] = weakref.WeakValueDictionary()
 
 
 class FusedLayers:
@@ -68,17 +73,21 @@ class FusedLayers:
         self.bound: tuple = ()  # the cache buffers `cache_pointers` points at (held: never freed under the kernel)
         self.cache_pointers = None
         self.captures: dict[tuple[int, ...], ctypes.Array] = {}
+        self.handle = id(self)  # this object's name for the graph op
+        _LAYERS[self.handle] = self
 
-    def bind(self, cache) -> None:
-        """Point the kernel at `cache`'s buffers (again whenever they are other tensors)."""
-        buffers = tuple(t for pair in zip(cache.k, cache.v) for t in pair)
+    def bind(self, cache_tensors: list[torch.Tensor]) -> None:
+        """Point the kernel at a cache's buffers, `KVCache.tensors()` (every layer's K, then every
+        layer's V), again whenever they are other tensors."""
+        n = len(cache_tensors) // 2
+        buffers = tuple(t for pair in zip(cache_tensors[:n], cache_tensors[n:]) for t in pair)
         if len(buffers) == len(self.bound) and all(a is b for a, b in zip(buffers, self.bound)):
             return
-        shape = (1, self.shape.kv_heads, cache.max_len, self.shape.head_dim)
-        if len(buffers) != 2 * self.shape.layers or any(
+        shape = (1, self.shape.kv_heads, cache_tensors[0].shape[2], self.shape.head_dim)
+        if len(cache_tensors) != 2 * self.shape.layers or any(
                 tuple(b.shape) != shape or b.dtype != torch.float32 or not b.is_contiguous() for b in buffers):
             raise ValueError(f"the CPU decoder needs a contiguous fp32 cache of {shape} per layer's K and V")
-        self.bound, self.shape.cache_len = buffers, cache.max_len
+        self.bound, self.shape.cache_len = buffers, buffers[0].shape[2]
         self.cache_pointers = (ctypes.c_void_p * len(buffers))(*(b.data_ptr() for b in buffers))
 
     def capture_ids(self, capture: tuple[int, ...]) -> ctypes.Array:
@@ -91,9 +100,18 @@ class FusedLayers:
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, positions: torch.Tensor,
                  slots: torch.Tensor, mask: torch.Tensor | None, cache, capture: tuple[int, ...]):
-        """h [T, hidden] (overwritten with the last layer's output); returns features [T, C * hidden] or None."""
-        self.bind(cache)
-        capture = tuple(capture)
+        """h [T, hidden]; returns (the last layer's output [T, hidden], features [T, C * hidden] or
+        None). Eager, h itself is overwritten and returned; under a graph mode the kernel runs as
+        one opaque op (`hybrid_sd::decoder_layers`), which the trace or the compiled graph holds."""
+        if graphing():
+            out, features = decoder_layers_op(self.handle, h, cos, sin_signed, positions, slots, mask,
+                                              cache.tensors(), list(capture))
+            return out, (features if capture else None)
+        return h, self.run(h, cos, sin_signed, positions, slots, mask, cache.tensors(), tuple(capture))
+
+    def run(self, h, cos, sin_signed, positions, slots, mask, cache_tensors, capture: tuple[int, ...]):
+        """The kernel call: h overwritten in place; returns the features or None."""
+        self.bind(cache_tensors)
         features = capture_ids = None
         if capture:
             capture_ids = self.capture_ids(capture)
@@ -102,3 +120,19 @@ class FusedLayers:
                       self.cache_pointers, h, cos, sin_signed, positions, slots, mask, capture_ids, len(capture),
                       features)
         return features
+
+
+@torch.library.custom_op("hybrid_sd::decoder_layers", mutates_args=("cache",))
+def decoder_layers_op(handle: int, h: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
+                      positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor | None,
+                      cache: list[torch.Tensor], capture: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """FusedLayers `handle` on a copy of h, writing K/V into `cache` (KVCache.tensors()): the
+    output rows and the features ([T, 0] when nothing is captured)."""
+    out = h.contiguous().clone()
+    features = _LAYERS[handle].run(out, cos, sin_signed, positions, slots, mask, cache, tuple(capture))
+    return out, (features if features is not None else h.new_empty(h.shape[0], 0))
+
+
+@decoder_layers_op.register_fake
+def _(handle, h, cos, sin_signed, positions, slots, mask, cache, capture):
+    return h.new_empty(h.shape), h.new_empty(h.shape[0], len(capture) * h.shape[1])

@@ -270,7 +270,7 @@ class Transformer(AfterPacking):
         """
         if (self.fused_layers is not None and cache is not None and tokens.shape[0] == 1
                 and 0 < tokens.shape[1] <= fused.MAX_ROWS and positions.dim() == 1
-                and positions.dtype == torch.int64 and not torch.is_grad_enabled() and not graphing()):
+                and positions.dtype == torch.int64 and not torch.is_grad_enabled()):
             return self.fused_forward(tokens, positions, cache, capture, tree)
         cos, sin = self.rope(positions)
         slots = positions
@@ -294,6 +294,11 @@ class Transformer(AfterPacking):
         features = torch.cat([kept[i] for i in capture], dim=-1) if capture else None
         return self.model.norm(h), features
 
+    def span_free(self, rows: int) -> bool:
+        """Whether a cached forward of `rows` rows reads the cache by position alone (through the
+        kernel), so that the attention span shapes nothing: one graph serves every span."""
+        return self.fused_layers is not None and 0 < rows <= fused.MAX_ROWS
+
     def fused_forward(self, tokens, positions, cache, capture, tree):
         """`forward` with a cache, through the kernel: the same rows, keys and returns. Row r sees
         cache positions 0..positions[r] (the positional mask, and the causal one of a prefill
@@ -301,8 +306,8 @@ class Transformer(AfterPacking):
         path reads, and every caller's covers its positions, so the kernel needs none."""
         slots, mask = tree if tree is not None else (positions, None)
         h = self.model.embed_tokens(tokens[0])  # a fresh [T, H] that the kernel overwrites
-        features = self.fused_layers(h, self.rope_cos[positions], self.rope_sin_signed[positions], positions,
-                                     slots, mask, cache, capture)
+        h, features = self.fused_layers(h, self.rope_cos[positions], self.rope_sin_signed[positions], positions,
+                                        slots, mask, cache, capture)
         return self.model.norm(h)[None], None if features is None else features[None]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
