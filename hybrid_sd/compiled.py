@@ -25,19 +25,17 @@ RECORD_VERSION = 1
 # compiled steps must make a round at least this much faster: less is inside this VM's noise
 # between two measurements of the same code (docs/performance.md)
 PAYS_BELOW = 0.97
-# the engine flags that shape the compiled steps (decode's and precompile's argparse names)
+# decode's engine flags (decode.add_engine_arguments) that shape the compiled steps, and those that
+# do not (routing, lookup, the graphs choice itself; threads enter the key as torch's count)
 SETUP_FLAGS = ("target", "drafter", "router", "router_dir", "ar_draft", "block_draft", "draft", "k", "tree",
                "budget", "device", "dtype", "max_context")
+NOT_SETUP_FLAGS = ("lam", "ngram_max", "datastore", "threads", "graphs")
+PATH_FLAGS = ("target", "router_dir", "ar_draft", "block_draft", "draft")  # the same directory however it is named
 
 
 def compile_root() -> Path:
     from .models.embedded import cache_root
     return cache_root() / "compile"
-
-
-def inductor_dir() -> Path:
-    """The persistent compile cache (inductor's FX graph and AOTAutograd caches)."""
-    return compile_root() / "inductor"
 
 
 def source_digest() -> str:
@@ -55,7 +53,9 @@ def source_digest() -> str:
 def setup_key(args) -> str:
     """The record's name for the setup in `args` (decode's or precompile's parsed flags) on this
     machine's threads, torch and code."""
-    setup = {name: getattr(args, name, None) for name in SETUP_FLAGS}
+    flags = vars(args)
+    setup = {name: str(Path(flags[name]).resolve()) if name in PATH_FLAGS and flags[name] is not None else flags[name]
+             for name in SETUP_FLAGS}
     key = json.dumps([RECORD_VERSION, setup, torch.get_num_threads(), torch.__version__, source_digest()],
                      sort_keys=True, default=str)
     return hashlib.sha1(key.encode()).hexdigest()[:16]
@@ -66,22 +66,32 @@ def record_path(args) -> Path:
 
 
 def read_record(args) -> dict | None:
-    """The precompile record of this setup, or None (never built, or unreadable: build again)."""
+    """The precompile record of this setup, or None (never built, unreadable, or its compile
+    cache gone: build again)."""
     try:
         record = json.loads(record_path(args).read_text())
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and isinstance(record.get("pays"), bool) else None
+    if not isinstance(record, dict) or not isinstance(record.get("pays"), bool):
+        return None
+    if record["pays"] and not Path(str(record.get("cache"))).is_dir():
+        return None  # the compiled steps it vouches for were deleted: compiling again takes minutes
+    return record
 
 
 def write_record(args, record: dict) -> Path:
     """Atomically: a record is whole or absent."""
+    from .errors import UserError
     path = record_path(args)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write the precompile record under {path.parent} ({e.strerror or e}); "
+                        "set HYBRID_SD_CACHE to a writable directory") from None
     return path
 
 
@@ -109,14 +119,19 @@ def round_ratio(eager, compiled, k_max: int) -> dict:
     return {"mean": mean, **ratios}
 
 
-def choose_graphs(requested: str, device: torch.device, args) -> str:
-    """`--graphs auto` on the CPU: compiled steps where this setup's record says they pay, else
-    eager (with a note, once per machine, when they were never built). Any other choice stands."""
+def choose_graphs(requested: str, device: torch.device, args, greedy: bool = True) -> str:
+    """`--graphs auto` on the CPU: compiled steps where this setup's record says they pay (said
+    on stderr), else eager (with a note, once per machine, when they were never built). Sampling
+    stays eager: precompile builds and times the greedy steps only. Any other choice stands."""
     if requested != "auto" or torch.device(device).type != "cpu":
         return requested
     record = read_record(args)
     if record is not None:
-        return "compile" if record["pays"] else "eager"
+        if record["pays"] and greedy:
+            print(f"[graphs] compiled steps (precompiled here: a round {record['compiled_over_eager']['mean']:.2f}x "
+                  "its eager time)", file=sys.stderr)
+            return "compile"
+        return "eager"
     noted = compile_root() / "noted"
     if not noted.exists():
         print("[graphs] eager steps: compiled ones were never built for this setup. "

@@ -187,7 +187,7 @@ class Streamer:
 
 def engine_config(args):
     from .config import EngineConfig
-    return EngineConfig(max_len=args.max_context, graphs=args.graphs, profile_sync=getattr(args, "profile", False),
+    return EngineConfig(max_len=args.max_context, graphs=args.graphs, profile_sync=args.profile,
                         draft_k={args.drafter: args.k} if args.k is not None else {},
                         tree=args.tree == "auto", tree_budget=args.budget)
 
@@ -212,14 +212,15 @@ def load_target(args, tokenizer: bool = True):
     return target, tokenizer, eos, embedded
 
 
-def build_engine(args, target, eos, embedded: bool):
-    """The engine the flags in `args` name (args.drafter and args.graphs resolved in place)."""
+def build_engine(args, target, eos, embedded: bool, greedy: bool = True):
+    """The engine the flags in `args` name (args.drafter and args.graphs resolved in place);
+    `greedy`: it will decode greedily (compiled steps are precompiled for greedy rounds)."""
     from . import factory
     from .compiled import choose_graphs
     from .config import DraftOptions
     if args.drafter is None:
         args.drafter = factory.default_drafter(embedded)
-    args.graphs = choose_graphs(args.graphs, target.lm_head.weight.device, args)
+    args.graphs = choose_graphs(args.graphs, target.lm_head.weight.device, args, greedy)
     options = DraftOptions(ngram_max=args.ngram_max, datastore=args.datastore)
     if args.drafter == factory.HYBRID:
         return factory.build_hybrid(target, eos, engine_config(args), args.router, args.lam, args.router_dir,
@@ -245,7 +246,7 @@ def run(args) -> int:
     if len(ids) >= args.max_context:  # before the drafters load and the latency table is measured
         raise UserError(f"the prompt has {len(ids)} tokens but the context holds {args.max_context}; "
                         "shorten the prompt or raise --max-context")
-    engine = build_engine(args, target, eos, embedded)
+    engine = build_engine(args, target, eos, embedded, greedy=args.temperature == 0)
     if engine.graphs_mode == "cuda":  # capture is cheap; compile mode compiles each key when first met
         with torch.inference_mode():
             for report in engine.warm_up():

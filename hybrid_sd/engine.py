@@ -37,6 +37,7 @@ from .graphs import (
     static_shapes,
     use_compile_cache,
 )
+from .models.embedded import compile_cache_dir
 from .models.transformer import Transformer
 from .profiling import PhaseClock, nvtx_range
 from .router import (
@@ -205,8 +206,7 @@ class Engine:
         if self.graphs_mode == "trace":  # a trace holds the weights as constants: inference only
             target.requires_grad_(False)
         if self.graphs_mode == "compile":  # what a compile builds outlives the process (and /tmp)
-            from .compiled import inductor_dir
-            use_compile_cache(inductor_dir())
+            use_compile_cache(compile_cache_dir())
         # attention spans: fine buckets when eager, coarse ones when each is a capture (or a trace,
         # which pays only for keys met many times)
         self.kv_block = config.kv_block or (KV_BLOCK if self.graphs_mode == "eager" else GRAPH_KV_BLOCK)

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from dataclasses import replace
 
 from .cli import Parser, positive_int
 from .errors import UserError, exit_code
@@ -30,7 +32,7 @@ def build_parser() -> Parser:
     p.add_argument("--passes", type=positive_int, default=2,
                    help="timing passes per mode, alternating eager and compiled (each the median of 3 per piece)")
     p.add_argument("--json", action="store_true", help="print the record as JSON on stdout")
-    p.set_defaults(graphs="compile")
+    p.set_defaults(graphs="compile", profile=False)
     return p
 
 
@@ -53,8 +55,9 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from .compiled import PAYS_BELOW, compile_every_key, inductor_dir, round_ratio, write_record
+    from .compiled import PAYS_BELOW, compile_every_key, round_ratio, write_record
     from .engine import Engine
+    from .graphs.compile_cache import CACHE_VARIABLE
     target, _, eos, embedded = load_target(args, tokenizer=False)
     if target.lm_head.weight.device.type != "cpu":
         raise UserError("precompile is for the CPU: on a CUDA device --graphs auto captures CUDA graphs at start-up")
@@ -63,8 +66,7 @@ def run(args) -> int:
     keys = compile_every_key(engine)
     compile_seconds = time.perf_counter() - t0
 
-    eager = Engine(target, eos, engine.drafters, router=engine.router,
-                   config=engine.config.__class__(**{**engine.config.__dict__, "graphs": "eager"}))
+    eager = Engine(target, eos, engine.drafters, router=engine.router, config=replace(engine.config, graphs="eager"))
     tables = {"eager": [], "compile": []}
     for _ in tqdm(range(args.passes), desc="timing eager and compiled", unit="pass", file=sys.stderr):
         for mode, e in (("eager", eager), ("compile", engine)):
@@ -72,7 +74,7 @@ def run(args) -> int:
     ratios = round_ratio(merged(tables["eager"]), merged(tables["compile"]), engine.k_max)
     record = {"setup": {"drafter": args.drafter, "max_context": args.max_context, "threads": torch.get_num_threads(),
                         "target": args.target or "embedded", "torch": torch.__version__},
-              "keys": keys, "compile_seconds": round(compile_seconds, 1), "cache": str(inductor_dir()),
+              "keys": keys, "compile_seconds": round(compile_seconds, 1), "cache": os.environ.get(CACHE_VARIABLE),
               "compiled_over_eager": {k: round(v, 3) for k, v in ratios.items()},
               "pays": ratios["mean"] < PAYS_BELOW}
     path = write_record(args, record)

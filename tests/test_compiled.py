@@ -41,7 +41,7 @@ def test_a_traced_verify_runs_the_kernel_and_equals_eager(tmp_path, monkeypatch)
     target, _ = tiny_target(tmp_path, "qwen3", seed=5)
     calls = []
     run = fused.FusedLayers.run
-    monkeypatch.setattr(fused.FusedLayers, "run", lambda self, *a: calls.append(1) or run(self, *a))
+    monkeypatch.setattr(fused.FusedLayers, "run", lambda self, *a, **kw: calls.append(1) or run(self, *a, **kw))
     traced = engine(target, graphs="trace")
     for prompt in random_prompts(4, seed=21):
         assert traced.generate(prompt, 12).token_ids == plain_greedy(target, (), prompt, 12, max_len=256)
@@ -69,16 +69,70 @@ def test_auto_on_the_cpu_follows_the_record(cache_home, capsys):
     assert "hybrid_sd.precompile" in capsys.readouterr().err
     assert compiled.choose_graphs("auto", torch.device("cpu"), args) == "eager"
     assert capsys.readouterr().err == "", "the note is said once per machine"
-    compiled.write_record(args, {"pays": True})
+    inductor = cache_home / "inductor"
+    inductor.mkdir(parents=True)
+    compiled.write_record(args, {"pays": True, "cache": str(inductor), "compiled_over_eager": {"mean": 0.9}})
     assert compiled.choose_graphs("auto", torch.device("cpu"), args) == "compile"
+    assert "compiled steps" in capsys.readouterr().err, "choosing compiled steps is said"
+    assert compiled.choose_graphs("auto", torch.device("cpu"), args, greedy=False) == "eager", \
+        "sampling: its steps were never precompiled"
     assert compiled.choose_graphs("auto", torch.device("cpu"), flags(max_context=2048)) == "eager", \
         "another setup has no record"
+    assert compiled.choose_graphs("auto", torch.device("cpu"), flags(target="./x")) == \
+        compiled.choose_graphs("auto", torch.device("cpu"), flags(target="x")), "a directory is one however named"
+    inductor.rmdir()
+    assert compiled.choose_graphs("auto", torch.device("cpu"), args) == "eager", "its compile cache is gone"
     compiled.write_record(args, {"pays": False})
     assert compiled.choose_graphs("auto", torch.device("cpu"), args) == "eager"
     assert compiled.choose_graphs("trace", torch.device("cpu"), args) == "trace"
     assert compiled.choose_graphs("auto", torch.device("meta"), args) == "auto", "not the CPU: graphs decides"
     compiled.record_path(args).write_text("{not json")
     assert compiled.choose_graphs("auto", torch.device("cpu"), args) == "eager"
+
+
+def test_every_engine_flag_is_in_the_record_key_or_said_not_to_shape_the_steps():
+    from hybrid_sd.cli import Parser
+    from hybrid_sd.decode import add_engine_arguments
+    parser = Parser()
+    add_engine_arguments(parser)
+    assert set(vars(parser.parse_args([]))) == set(compiled.SETUP_FLAGS) | set(compiled.NOT_SETUP_FLAGS)
+
+
+def test_an_unwritable_compile_cache_leaves_inductors_default_and_says_so(tmp_path, monkeypatch, capsys):
+    from hybrid_sd.graphs import compile_cache
+    monkeypatch.setenv(compile_cache.CACHE_VARIABLE, "")  # restored after the test
+    (tmp_path / "file").write_text("")
+    assert compile_cache.use_compile_cache(tmp_path / "file" / "inductor") is None
+    assert "cannot be written" in capsys.readouterr().err
+    assert compile_cache.use_compile_cache(tmp_path / "file" / "inductor") is None
+    assert capsys.readouterr().err == "", "said once"
+    assert compile_cache.use_compile_cache(tmp_path / "ok") == tmp_path / "ok"
+    assert compile_cache.use_compile_cache(tmp_path / "other") == tmp_path / "ok", "a place set already stays"
+
+
+def test_a_record_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    from hybrid_sd.errors import UserError
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("HYBRID_SD_CACHE", str(tmp_path / "file"))
+    with pytest.raises(UserError, match="HYBRID_SD_CACHE"):
+        compiled.write_record(flags(), {"pays": False})
+
+
+@needs_kernel
+def test_graph_ops_name_their_model_by_a_count(tmp_path):
+    """A compiled graph holds the handle as a constant: it must be the same in every process (a
+    count, not an address) and never name a later model; a graph that outlived its model says so."""
+    first, _ = tiny_target(tmp_path, "llama", seed=7)
+    second, _ = tiny_target(tmp_path / "b", "llama", seed=8)
+    a, b = first.fused_layers.handle, second.fused_layers.handle
+    assert b == a + 1
+    del first
+    import gc
+    gc.collect()
+    x = torch.zeros(1, 64)
+    with pytest.raises(RuntimeError, match="no live model"):
+        fused.decoder_layers_op(a, x, torch.zeros(1, 16), torch.zeros(1, 16), torch.zeros(1, dtype=torch.long),
+                                torch.zeros(1, dtype=torch.long), None, second.new_cache(8).tensors(), [])
 
 
 def test_the_record_key_follows_setup_threads_and_code(cache_home, monkeypatch):
@@ -119,16 +173,25 @@ def test_precompile_writes_a_record_that_auto_reads(tmp_path, monkeypatch):
     assert "compiling steps" in done.stderr and "--graphs auto runs" in done.stderr
     from hybrid_sd import precompile
     args = precompile.build_parser().parse_args(common)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)  # the record is per thread count
-        os.environ["HYBRID_SD_CACHE"] = env["HYBRID_SD_CACHE"]
-        chosen = compiled.choose_graphs("auto", torch.device("cpu"), args)
-    finally:
-        torch.set_num_threads(threads)
-        del os.environ["HYBRID_SD_CACHE"]
-    assert chosen == ("compile" if record["pays"] else "eager")
-    assert compiled.read_record(args) is None, "elsewhere (another cache) no record"
+    monkeypatch.setenv("HYBRID_SD_CACHE", env["HYBRID_SD_CACHE"])
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # the record is per thread count
+    assert compiled.choose_graphs("auto", torch.device("cpu"), args) == ("compile" if record["pays"] else "eager")
+    assert compiled.read_record(args) is not None
+    monkeypatch.setenv("HYBRID_SD_CACHE", str(tmp_path / "elsewhere"))
+    assert compiled.read_record(args) is None, "another cache holds no record"
+
+    # a second process compiles nothing again: inductor's cache serves the verify's graph
+    script = ("import torch; from torch._dynamo.utils import counters; from hybrid_sd.factory import load_packed_target; "
+              "from hybrid_sd.config import EngineConfig; from hybrid_sd.engine import Engine; "
+              f"t, _, e = load_packed_target({str(path)!r}, load_tokenizer=False); torch.set_num_threads(1); "
+              "g = Engine(t, e, [], config=EngineConfig(max_len=128, graphs='compile')); "
+              "g.generate([5, 6, 7], 3); print('hits', counters['inductor']['fxgraph_cache_hit'])")
+    hits = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        hits.append(int(done.stdout.split("hits")[-1]))
+    assert hits[1] > 0, f"the second process's compiles hit the persistent cache: {hits}"
 
 
 def test_precompile_refuses_other_graph_modes(capsys):

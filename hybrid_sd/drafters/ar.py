@@ -141,7 +141,7 @@ class ARDrafter(GraphedStep, AfterPacking):
     def after_packing(self) -> None:
         self.chain = None if why_not_chained(self) else FusedChain(self)
 
-    def greedy_in_kernel(self) -> bool:
+    def in_kernel(self) -> bool:
         return self.chain is not None
 
     def bound_chain(self) -> FusedChain | None:

@@ -234,22 +234,24 @@ class GraphedStep(Drafter):
         inv_t = torch.full((1,), 1.0 / sampling.temperature if sampled else 1.0, device=device)
         return self.step_graphs(self.draft_key(n, k, sampled), *inputs, u, inv_t)
 
-    def greedy_in_kernel(self) -> bool:
-        """Whether greedy drafts run as one CPU kernel call outside the step graphs (so no greedy
-        draft key is ever met)."""
+    def in_kernel(self) -> bool:
+        """Whether greedy drafts and catch-ups run as one CPU kernel call each, whatever the
+        graphs mode, outside the step graphs (so none of their keys is ever met): a graph of one
+        opaque call gains nothing."""
         return False
 
     def warm_up_plan(self, max_len: int, k_max: int, trees: bool = False) -> list[tuple[BucketedGraphs, dict]]:
-        """Every greedy draft key a context of max_len can meet (none where the kernel drafts),
-        every catch-up bucket and, with `trees`, every tree-step key, on scratch inputs. Sampled
-        keys capture when first met."""
-        keys = {self.draft_key(n, k, False) for n in range(1, max_len) if not self.greedy_in_kernel()
+        """Every greedy draft key a context of max_len can meet and every catch-up bucket (none
+        where the kernel runs them) and, with `trees`, every tree-step key, on scratch inputs.
+        Sampled keys capture when first met."""
+        kernel = self.in_kernel()
+        keys = {self.draft_key(n, k, False) for n in range(1, max_len) if not kernel
                 for k in range(1, min(k_max, self.max_draft, max_len - n - 1) + 1)}
         p = self.fc.weight
         drafts = {key: (*self.draft_example(key[0]), torch.zeros(key[0], device=p.device), torch.ones(1, device=p.device))
                   for key in keys}
         rows = {}
-        for n in CATCHUP_BUCKETS:
+        for n in CATCHUP_BUCKETS if not kernel else ():
             rows[(n,)] = (torch.zeros(n, self.fc.in_features, dtype=p.dtype, device=p.device),
                           torch.zeros(n, dtype=torch.long, device=p.device), torch.arange(n, device=p.device))
         plan = [(self.step_graphs, drafts), (self.catchup_graphs, rows)]
@@ -260,8 +262,9 @@ class GraphedStep(Drafter):
     def catch_up(self, ctx: Context, end: int) -> None:
         """KV-only pass over context positions [frontier, end); when padding, in chunks padded
         to a bucket (graphs.chunks: the last row repeated, so the cache is the same)."""
-        for start, n, rows in chunks(self.frontier, end, CATCHUP_BUCKETS, self.pad_catchup):
+        kernel = self.in_kernel()  # one kernel call per chunk: no graph, no padding
+        run = self.catchup_step if kernel else self.catchup_graphs
+        for start, n, rows in chunks(self.frontier, end, CATCHUP_BUCKETS, self.pad_catchup and not kernel):
             positions = torch.arange(start, start + rows, device=ctx.tokens.device).clamp_max(start + n - 1)
-            self.catchup_graphs((rows,), ctx.feature_rows_at(self.feature_layers, positions), ctx.tokens[positions + 1],
-                                positions)
+            run((rows,), ctx.feature_rows_at(self.feature_layers, positions), ctx.tokens[positions + 1], positions)
         self.frontier = max(self.frontier, end)

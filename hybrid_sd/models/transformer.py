@@ -14,7 +14,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ..cache import KVCache
 from . import fused
-from .packed_linear import AfterPacking, KernelNorm, Projections, graphing
+from .packed_linear import AfterPacking, KernelNorm, Projections
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
