@@ -34,8 +34,8 @@ PATH_FLAGS = ("target", "router_dir", "ar_draft", "block_draft", "draft")  # the
 
 
 def compile_root() -> Path:
-    from .models.embedded import cache_root
-    return cache_root() / "compile"
+    from .models.embedded import compile_cache_dir
+    return compile_cache_dir().parent  # beside inductor's cache: the records and the note's marker
 
 
 def source_digest() -> str:
@@ -99,9 +99,10 @@ def compile_every_key(engine, desc: str = "compiling steps") -> int:
     """Run every key of `engine.warm_up_plan()` once (compiling it, in compile mode) under a
     progress bar on stderr; returns how many keys."""
     from tqdm import tqdm
-    keys = sum(len(examples) for _, examples in engine.warm_up_plan())
+    plan = engine.warm_up_plan()
+    keys = sum(len(examples) for _, examples in plan)
     with tqdm(total=keys, desc=desc, unit="key", file=sys.stderr) as bar:
-        engine.warm_up(progress=bar.update)
+        engine.warm_up(progress=bar.update, plan=plan)
     return keys
 
 

@@ -421,11 +421,13 @@ class Engine:
         return plan
 
     @torch.inference_mode()
-    def warm_up(self, progress: Callable[[], None] | None = None) -> list[dict]:
-        """Run every bucket of every step once -- on CUDA, capture its graph; in compile mode,
-        compile it -- so that no generation pays for it, calling `progress()` after each key;
-        returns per step runner the keys, seconds and graph memory."""
-        reports = [graphs.warm_up(examples, progress) for graphs, examples in self.warm_up_plan()]
+    def warm_up(self, progress: Callable[[], None] | None = None, plan=None) -> list[dict]:
+        """Run every bucket of every step once (`plan`, else `warm_up_plan()`) -- on CUDA,
+        capture its graph; in compile mode, compile it -- so that no generation pays for it,
+        calling `progress()` after each key; returns per step runner the keys, seconds and graph
+        memory."""
+        plan = self.warm_up_plan() if plan is None else plan
+        reports = [graphs.warm_up(examples, progress) for graphs, examples in plan]
         self.cache.length = 0
         return reports
 
