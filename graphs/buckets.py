@@ -8,9 +8,10 @@ from __future__ import annotations
 KV_BLOCK = 64  # attention spans are rounded up to a multiple of this many positions
 GRAPH_KV_BLOCK = 256  # coarser when every (tokens, span) pair is a captured graph: fewer graphs
 DRAFT_BUCKETS = (1, 2, 3, 4, 5, 6, 7)  # draft lengths a router may choose (verify shapes k + 1)
-# tree node budgets (verify shapes nodes + 1) with a measured cost; 11 nodes fill the 12 rows
-# that the CPU row kernel verifies in one pass over the weights (kernels/cpu_rows.MAX_ROWS)
-TREE_BUCKETS = (4, 8, 11, 16, 32, 64)
+# tree node budgets (verify shapes nodes + 1) with a measured cost. The CPU row kernel computes
+# rows 8 at a time (kernels/cpu_rows.cpp), so its verify cost steps up at 9, 17, 25 rows: 8 and
+# 15 nodes bound the flat stretch of two blocks, 16 starts the third
+TREE_BUCKETS = (4, 8, 15, 16, 32, 64)
 CATCHUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # catch-up lengths with a measured cost (longer: linear)
 PREFILL_BUCKETS = (16, 32, 64, 128, 256)  # prompt chunk lengths when prefill runs as graphs (longer: chunked)
 

@@ -1,7 +1,7 @@
 // A few rows times a linear's weight on an AVX2 CPU: out[r, n] = sum_k x[r, k] * w[n, k] + bias[n];
 // and the RMSNorm that comes before most of them, as one call instead of torch's seven small ops.
 //
-// A decoding step or a verify has 1-12 rows, so the product only streams the weight: it is laid
+// A decoding step or a verify has 1-33 rows, so the product only streams the weight: it is laid
 // out once as panels of 8 output columns, [N / 8][K][8], one contiguous run of memory per panel,
 // and each panel is read once for all the rows. Threads split the panels (OpenMP, the same
 // runtime as torch, so they share one pool).
@@ -61,31 +61,46 @@ static void rows(const float* x, int K, const float* panels, const float* bias, 
     else all_panels<R, 1>(x, K, panels, bias, out, N, threads);
 }
 
-// rows per pass over the weight: one accumulator register each, 12 + weight + broadcast <= 16;
-// cpu_rows.py's MAX_ROWS sends callers here up to this
-constexpr int ROWS_PER_PASS = 12;
+// Past 8 rows the accumulators no longer fit beside the prefetch, so more rows are taken 8 at a
+// time, but all of them inside one panel while it is still in cache: the weight streams from
+// memory once whatever the row count (passes of 12 rows read it again per pass, and 9-12 rows
+// without the prefetch ran at half speed; docs/performance.md, fifteenth session).
+constexpr int ROWS_PER_BLOCK = 8;
+
+static void panel_for_all_rows(const float* x, int M, int K, const float* panels, const float* bias,
+                               float* out, int N, int n0) {
+    for (int r0 = 0; r0 < M; r0 += ROWS_PER_BLOCK) {
+        const int left = M - r0 < ROWS_PER_BLOCK ? M - r0 : ROWS_PER_BLOCK;
+        const float* xr = x + (size_t)r0 * K;
+        float* o = out + (size_t)r0 * N;
+        switch (left) {
+            case 1: block<1, 1>(xr, K, panels, bias, o, N, n0); break;
+            case 2: block<2, 1>(xr, K, panels, bias, o, N, n0); break;
+            case 3: block<3, 1>(xr, K, panels, bias, o, N, n0); break;
+            case 4: block<4, 1>(xr, K, panels, bias, o, N, n0); break;
+            case 5: block<5, 1>(xr, K, panels, bias, o, N, n0); break;
+            case 6: block<6, 1>(xr, K, panels, bias, o, N, n0); break;
+            case 7: block<7, 1>(xr, K, panels, bias, o, N, n0); break;
+            default: block<8, 1>(xr, K, panels, bias, o, N, n0); break;
+        }
+    }
+}
 
 extern "C" void rows_times_panels(const float* x, int M, int K, const float* panels,
                                   const float* bias, float* out, int N, int threads) {
-    for (int r0 = 0; r0 < M; r0 += ROWS_PER_PASS) {
-        const int left = M - r0;
-        const float* xr = x + (size_t)r0 * K;
-        float* o = out + (size_t)r0 * N;
-        switch (left < ROWS_PER_PASS ? left : ROWS_PER_PASS) {
-            case 1: rows<1>(xr, K, panels, bias, o, N, threads); break;
-            case 2: rows<2>(xr, K, panels, bias, o, N, threads); break;
-            case 3: rows<3>(xr, K, panels, bias, o, N, threads); break;
-            case 4: rows<4>(xr, K, panels, bias, o, N, threads); break;
-            case 5: rows<5>(xr, K, panels, bias, o, N, threads); break;
-            case 6: rows<6>(xr, K, panels, bias, o, N, threads); break;
-            case 7: rows<7>(xr, K, panels, bias, o, N, threads); break;
-            case 8: rows<8>(xr, K, panels, bias, o, N, threads); break;
-            case 9: rows<9>(xr, K, panels, bias, o, N, threads); break;
-            case 10: rows<10>(xr, K, panels, bias, o, N, threads); break;
-            case 11: rows<11>(xr, K, panels, bias, o, N, threads); break;
-            default: rows<12>(xr, K, panels, bias, o, N, threads); break;
-        }
+    switch (M) {
+        case 1: rows<1>(x, K, panels, bias, out, N, threads); return;
+        case 2: rows<2>(x, K, panels, bias, out, N, threads); return;
+        case 3: rows<3>(x, K, panels, bias, out, N, threads); return;
+        case 4: rows<4>(x, K, panels, bias, out, N, threads); return;
+        case 5: rows<5>(x, K, panels, bias, out, N, threads); return;
+        case 6: rows<6>(x, K, panels, bias, out, N, threads); return;
+        case 7: rows<7>(x, K, panels, bias, out, N, threads); return;
+        case 8: rows<8>(x, K, panels, bias, out, N, threads); return;
+        default: break;
     }
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int g = 0; g < N / 8; ++g) panel_for_all_rows(x, M, K, panels, bias, out, N, g * 8);
 }
 
 // out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, row by row (so, again, whatever rows share the call)

@@ -20,14 +20,14 @@ needs_kernel = pytest.mark.skipif(not cpu_kernels_ready(),
 @pytest.mark.parametrize("n,k", [(8, 1), (24, 37), (40, 64), (96, 576), (1032, 130)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_kernel_equals_the_reference(n, k, bias):
-    """Every row count of one pass (1-12), the next pass's first and a long prefill-like
-    call, with output widths whose panels do not fill a block of 4."""
+    """Every row count of one register block (1-8), several blocks per panel (9-17) and a long
+    prefill-like call, with output widths whose panels do not fill a block of 4."""
     g = torch.Generator().manual_seed(n * k)
     weight = torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
     panels = cpu_rows.panels_of(weight)
     assert panels.shape == (n // 8, k, 8)
-    for m in [*range(1, 14), 30]:
+    for m in [*range(1, 18), 30]:
         rows = torch.randn(m, k, generator=g)
         got = cpu_rows.rows_times_panels(rows, panels, b)
         torch.testing.assert_close(got, torch.nn.functional.linear(rows, weight, b), rtol=1e-5, atol=1e-4)
@@ -41,8 +41,8 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
     g = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(200, 96, generator=g), torch.randn(200, generator=g)
     panels = cpu_rows.panels_of(weight)
-    rows = torch.randn(13, 96, generator=g)
-    for m in (2, 3, 5, 7, 8, 12, 13):
+    rows = torch.randn(33, 96, generator=g)
+    for m in (2, 3, 5, 7, 8, 9, 12, 13, 17, 33):  # past 8 rows: blocks of 8 inside each panel
         together = cpu_rows.rows_times_panels(rows[:m], panels, bias)
         for r in range(m):
             alone = cpu_rows.rows_times_panels(rows[r:r + 1], panels, bias)

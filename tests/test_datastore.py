@@ -107,3 +107,53 @@ def test_greedy_output_with_the_shipped_datastore_equals_plain_decoding():
             assert hybrid.generate(ids, 40).token_ids == want, text
             used += len(gen.rounds) - len(bare.generate(ids, 40).rounds)
     assert used < 0  # the store's drafts were taken and accepted: fewer rounds than prompt lookup alone
+
+
+def test_prefixes_are_the_most_followed_continuations_of_the_voters():
+    """Every prefix's share is the fraction of the matched occurrences that go on with it, the
+    `limit` most followed come back, and a kept prefix's parent is always kept."""
+    rng = random.Random(1)
+    answers = [[rng.randrange(4) for _ in range(rng.randrange(4, 30))] for _ in range(40)]
+    store = Datastore.from_answers(answers, vocab_size=4)
+    for _ in range(200):
+        ids = [rng.randrange(4) for _ in range(rng.randrange(1, 9))]
+        n, hits = brute_longest(answers, ids)
+        got = store.prefixes(ids, depth=3, limit=6)
+        if not n:
+            assert got == {}
+            continue
+        counts = {}
+        for a, end in hits:
+            for j in range(1, 4):
+                if end + j <= len(answers[a]):
+                    prefix = tuple(answers[a][end:end + j])
+                    counts[prefix] = counts.get(prefix, 0) + 1
+        assert len(got) == min(6, len(counts))  # fewer than SAMPLE voters here: every one counts
+        if not got:  # every occurrence ends its answer
+            continue
+        for prefix, share in got.items():
+            assert share == pytest.approx(counts[prefix] / len(hits))
+            assert len(prefix) == 1 or prefix[:-1] in got
+        cut = min(got.values())  # nothing left out was followed more often than what came back
+        assert all(c / len(hits) <= cut + 1e-12 for p, c in counts.items() if p not in got)
+
+
+def test_lookup_tree_is_the_chain_then_the_stores_other_continuations():
+    from types import SimpleNamespace
+
+    from hybrid_sd.tree import depths
+    # after "1 2" the store holds three continuations: 3 4 (twice), 5 6, 3 7
+    store = Datastore.from_answers([[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 5, 6], [1, 2, 3, 7]], vocab_size=10)
+    drafter = NgramDrafter(datastore=store)
+    ctx = SimpleNamespace(ids=[9, 1, 2])
+    chain = drafter.lookup(ctx.ids, 2)
+    assert chain == [3, 4]  # the majority, 3 of 4 and then 2 of 4 agree
+    tree = drafter.draft_tree(ctx, budget=5, depth=2)
+    paths = []
+    for i, p in enumerate(tree.parents):
+        paths.append((paths[p] if p >= 0 else ()) + (int(tree.tokens[i]),))
+    assert paths[:2] == [(3,), (3, 4)]  # the chain leads
+    assert set(paths) == {(3,), (3, 4), (5,), (3, 7), (5, 6)}
+    assert tree.scores == [0.75, 0.5, 0.25, 0.25, 0.25]  # the share of the voters on each path
+    assert all(p < i for i, p in enumerate(tree.parents)) and max(depths(tree.parents)) == 2
+    assert drafter.draft_tree(ctx, budget=2, depth=2).tokens.tolist() == [3, 4]  # a prefix of the nodes

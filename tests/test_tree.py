@@ -266,3 +266,30 @@ def test_acceptance_curve_learns_from_rounds():
     assert curve(0.9) < before / 10
     assert curve(0.9) == pytest.approx(2 * 2 ** -0.5 / 102)
     assert math.isclose(AcceptanceCurve()(0.0), 2.0 ** -(11.5))
+
+
+def test_lookup_trees_over_a_datastore_are_lossless_and_take_its_branches(target):
+    """The lookup drafter's tree with a store: 50 prompts, the store holding the target's own
+    answers to half of them beside noise, so its branches carry the truth (and often not on the
+    chain's path); every output equals plain decoding, and accepted paths leave the chain."""
+    from hybrid_sd.drafters.datastore import Datastore
+    from hybrid_sd.drafters.ngram import NgramDrafter
+    answers = {i: plain_greedy(target, (), p, MAX_NEW) for i, p in enumerate(PROMPTS)}
+    g = torch.Generator().manual_seed(5)
+    noise = [torch.randint(4, target.config.vocab_size, (MAX_NEW,), generator=g).tolist() for _ in range(25)]
+    store = Datastore.from_answers([answers[i] for i in range(0, len(PROMPTS), 2)] + noise,
+                                   target.config.vocab_size)
+    drafter = NgramDrafter(max_n=3, datastore=store)
+    decoder = engine(target, (), drafter, k=4, tree=True, tree_budget=8)
+    off_chain = 0
+    for i, prompt in enumerate(PROMPTS):
+        gen = decoder.generate(prompt, MAX_NEW)
+        assert gen.token_ids == answers[i], f"lookup tree over a store: prompt #{i} diverged"
+        ids = prompt + answers[i]
+        n = len(prompt)
+        for r in gen.rounds:  # the tree leads with the chain's draft: did the accepted path leave it?
+            chain = NgramDrafter(max_n=3, datastore=store).lookup(ids[:n + 1], 4)
+            off_chain += r.accepted > 0 and ids[n + 1:n + 1 + r.accepted] != chain[:r.accepted]
+            n += r.accepted + 1
+        assert n == len(ids) - 1  # the replay followed the rounds
+    assert off_chain > 5

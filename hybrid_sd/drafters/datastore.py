@@ -122,16 +122,22 @@ class Datastore:
             lo, hi, n = new_lo, new_hi, d
         return lo, hi, n
 
+    def voters(self, ids: list[int]) -> tuple[np.ndarray, int]:
+        """The store positions that follow the longest matched suffix (at most SAMPLE, spread over
+        its range) and the suffix length n; n = 0: none."""
+        lo, hi, n = self.match(ids)
+        positions = self.order[lo:hi]
+        if len(positions) > SAMPLE:
+            positions = positions[np.linspace(0, len(positions) - 1, SAMPLE).astype(np.int64)]
+        return positions, n
+
     def continuation(self, ids: list[int], k: int) -> tuple[list[int], int]:
         """Up to k tokens that most often followed the longest matched suffix (token by token,
         among the occurrences that agree so far, while at least MIN_AGREEMENT of the voting
         occurrences agree with the whole draft), and the suffix length n; ([], 0) for none."""
-        lo, hi, n = self.match(ids)
+        positions, n = self.voters(ids)
         if n == 0 or k <= 0:
             return [], 0
-        positions = self.order[lo:hi]
-        if len(positions) > SAMPLE:
-            positions = positions[np.linspace(0, len(positions) - 1, SAMPLE).astype(np.int64)]
         out: list[int] = []
         last, voters = len(self.tokens) - 1, len(positions)
         for j in range(k):
@@ -145,3 +151,27 @@ class Datastore:
             out.append(token)
             positions = positions[following == token]
         return out, n
+
+    def prefixes(self, ids: list[int], depth: int, limit: int) -> dict[tuple[int, ...], float]:
+        """The `limit` continuation prefixes (up to `depth` tokens) that the most voting
+        occurrences follow, each with the share that do: a draft tree's candidates (REST's trie).
+        Ties go to the shorter prefix, so a prefix's parent always ranks before it."""
+        positions, n = self.voters(ids)
+        if n == 0 or depth <= 0 or limit <= 0:
+            return {}
+        following = self.tokens[np.minimum(positions[:, None] + np.arange(depth), len(self.tokens) - 1)]
+        # sorted rows: the occurrences sharing a j-token prefix are one run, its length the count
+        rows = following[np.lexsort(following.T[::-1])]
+        inside = np.cumprod(rows != SEP, axis=1).astype(bool)  # no answer's end within the prefix
+        starts = np.zeros(len(rows), dtype=bool)
+        starts[0] = True
+        runs = []  # (start row, length j, count) of every prefix
+        for j in range(depth):
+            starts[1:] |= rows[1:, j] != rows[:-1, j]
+            first = np.flatnonzero(starts)
+            count = np.diff(np.append(first, len(rows)))
+            keep = inside[first, j]
+            runs.append(np.stack([first[keep], np.full(int(keep.sum()), j + 1), count[keep]], axis=1))
+        runs = np.concatenate(runs)
+        best = runs[np.lexsort((runs[:, 1], -runs[:, 2]))[:limit]]  # most followed, then shorter
+        return {tuple(rows[r, :j].tolist()): c / len(rows) for r, j, c in best.tolist()}

@@ -13,7 +13,6 @@ import torch
 
 from ..config import DraftOptions
 from ..errors import UserError
-from ..tree import children_of, depths, trie
 from ..verify import Sampling
 from .base import Context, Draft, Drafter
 from .datastore import Datastore
@@ -22,7 +21,7 @@ from .datastore import Datastore
 # repeats are the better bet at equal length; chosen on the held-out split, docs/drafters.md)
 DATASTORE_MARGIN = 1
 
-TREE_MATCHES = 8  # earlier occurrences a tree merges (the most recent of the longest n-grams first)
+TREE_MATCHES = 8  # the context's earlier occurrences a tree merges (the most recent of the longest n-grams first)
 
 
 class NgramDrafter(Drafter):
@@ -92,42 +91,48 @@ class NgramDrafter(Drafter):
         found = self.lookup(ctx.ids, k) if k > 0 else []
         return Draft(torch.tensor(found, dtype=torch.long, device=self.device))
 
-    def continuations(self, ids: list[int], depth: int, limit: int = TREE_MATCHES) -> list[list[int]]:
-        """Up to `limit` distinct continuations: the chain's draft first (the context's match or
-        the store's), then earlier occurrences of the context's last n-grams, longest n first,
-        most recent first within an n, then the store's if the chain did not take it."""
-        chain = self.lookup(ids, depth)
-        found: list[list[int]] = [chain] if chain else []
+    def context_continuations(self, ids: list[int], depth: int, limit: int = TREE_MATCHES) -> list[list[int]]:
+        """Up to `limit` distinct continuations of earlier occurrences of the context's last
+        n-grams, longest n first, most recent first within an n."""
+        found: list[list[int]] = []
         for n in range(min(self.max_n, len(ids) - 1), self.min_n - 1, -1):
             pattern = ids[-n:]
             for start in range(len(ids) - n - 1, -1, -1):
                 if ids[start:start + n] == pattern:
                     cont = ids[start + n:start + n + depth]
                     if cont and cont not in found:
+                        found.append(cont)
                         if len(found) >= limit:
                             return found
-                        found.append(cont)
-        if self.datastore is not None and len(found) < limit:
-            stored, _ = self.datastore.continuation(ids, depth)
-            if stored and stored not in found:
-                found.append(stored)
         return found
 
     def draft_tree(self, ctx: Context, budget: int, depth: int, generator=None) -> Draft:
-        """The continuations merged into a trie. A node's score is the share of continuations
-        through it, decayed with depth (prompt lookup has no probabilities; the tree cut
-        calibrates these against what the target accepted)."""
-        conts = self.continuations(ctx.ids, depth) if budget > 0 and depth > 0 else []
-        tokens, parents = trie(conts, budget)
-        children = children_of(parents, tokens)  # (parent row, token) -> child row (node + 1)
-        through = [0] * len(tokens)
-        for cont in conts:  # how many continuations pass each node
-            row = 0
-            for t in cont:
-                row = children.get((row, t))
-                if row is None:
-                    break
-                through[row - 1] += 1
-        scores = [0.8 ** (d - 1) * c / max(1, len(conts)) for d, c in zip(depths(parents), through)]
+        """The chain's draft first, run `depth` deep (the continuation a chain round would
+        propose), then the other guesses best first: the context's other continuations, a node
+        scored by the share of them through it (decayed 0.8 a level: prompt lookup has no
+        probabilities), and the store's voting occurrences, a node scored by the share that follow
+        it. The tree cut calibrates the scores against what the target accepted."""
+        ids = ctx.ids
+        if budget <= 0 or depth <= 0:
+            return Draft(torch.zeros(0, dtype=torch.long, device=self.device), None, torch.zeros(0), [], [])
+        chain = self.lookup(ids, depth)
+        score: dict[tuple[int, ...], float] = {}
+        own = self.context_continuations(ids, depth)
+        for cont in own:
+            for j in range(1, len(cont) + 1):
+                score[tuple(cont[:j])] = score.get(tuple(cont[:j]), 0.0) + 0.8 ** (j - 1) / len(own)
+        if self.datastore is not None:
+            for prefix, share in self.datastore.prefixes(ids, depth, budget).items():
+                score[prefix] = max(score.get(prefix, 0.0), share)
+        # the chain, then the rest by score; a prefix never outscores its parent (each source's
+        # score falls along a path), so with ties to the shorter every parent precedes its children
+        order = [tuple(chain[:j]) for j in range(1, len(chain) + 1)]
+        order += sorted(score.keys() - set(order), key=lambda p: (-score[p], len(p), p))
+        tokens, parents, scores, node = [], [], [], {}
+        for prefix in order[:budget]:
+            node[prefix] = len(tokens)
+            tokens.append(prefix[-1])
+            parents.append(node[prefix[:-1]] if len(prefix) > 1 else -1)
+            scores.append(score.get(prefix, 0.8 ** (len(prefix) - 1)))
         return Draft(torch.tensor(tokens, dtype=torch.long, device=self.device), None,
                      torch.tensor(scores), parents, scores)

@@ -30,9 +30,9 @@ from ..kernels import cpu_rows
 from .embedded import cache_root
 
 # bump when the kernels change what a step costs: cached latency tables key on it
-LAYOUT_VERSION = 6  # 1: oneDNN only; 2: + one-row slabs, fused q|k|v and gate|up; 3: + row kernel; 4: + norms;
+LAYOUT_VERSION = 7  # 1: oneDNN only; 2: + one-row slabs, fused q|k|v and gate|up; 3: + row kernel; 4: + norms;
 # 5: + fused decoder layers and AR chain (models/fused.py, drafters/ar_chain.py), prefetching products;
-# 6: fused layers up to 33 rows
+# 6: fused layers up to 33 rows; 7: past 8 rows, blocks of 8 inside each panel (one pass over the weights)
 
 
 @torch.library.custom_op("hybrid_sd::row_times_slabs", mutates_args=())
