@@ -225,7 +225,8 @@ class Engine:
 
     def use_latency(self, latency: LatencyTable) -> None:
         """Cut each drafted tree where expected tokens per second peak (router/tree.py), with the
-        verify costs of this machine (config.tree_budget None: draft TREE_BUDGET nodes first)."""
+        verify costs of this machine (config.tree_budget None: draft as many nodes as this
+        machine verifies cheaply, `TreeBudget.drafted`, then cut)."""
         self.budgets = TreeBudget(latency)
 
     @property
@@ -386,7 +387,8 @@ class Engine:
 
     def node_budget(self, n: int) -> int:
         """Tree nodes a round may draft after a context of n positions."""
-        return max(0, min(self.config.tree_budget or TREE_BUDGET, self.max_len - n - 1))
+        drafted = self.budgets.drafted if self.budgets is not None else TREE_BUDGET
+        return max(0, min(self.config.tree_budget or drafted, self.max_len - n - 1))
 
     def warm_up_plan(self) -> list[tuple[BucketedGraphs, dict]]:
         """Every bucket of every step a generation can meet: per step runner, its keys with
@@ -417,7 +419,7 @@ class Engine:
             plan.append((self.prefill_graphs, examples))
         self.reset_drafters()
         for d in self.drafters:
-            plan += d.warm_up_plan(self.max_len, self.k_max, trees=self.config.tree)
+            plan += d.warm_up_plan(self.max_len, self.k_max, trees=self.node_budget(0) if self.config.tree else 0)
         return plan
 
     @torch.inference_mode()

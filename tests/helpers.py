@@ -276,7 +276,7 @@ class MixedDrafter(Drafter):
     def use_graphs(self, mode, kv_block, device, pad=None):
         self.inner.use_graphs(mode, kv_block, device, pad)
 
-    def warm_up_plan(self, max_len, k_max, trees=False):
+    def warm_up_plan(self, max_len, k_max, trees=0):
         return self.inner.warm_up_plan(max_len, k_max, trees)
 
     def draft_tree(self, ctx, budget, depth, generator=None):

@@ -258,6 +258,21 @@ def test_the_cut_grows_with_cheap_verifies_and_shrinks_with_dear_ones():
     assert table(0.1).verify_seconds(20) == pytest.approx(3.0)  # interpolated between 16 and 32
 
 
+def test_a_round_drafts_the_nodes_this_machine_verifies_cheaply(target):
+    """Before the cut, a round drafts as many nodes as verify within VERIFY_SLACK of a plain step
+    (a GPU at batch 1: the whole budget; a CPU: a few), at least one; --budget N overrides it."""
+    from hybrid_sd.config import TREE_BUDGET
+    assert TreeBudget(table(0.001)).drafted == TREE_BUDGET
+    assert TreeBudget(table(0.06)).drafted == 4  # 1 + 0.06 n <= 1.25
+    assert TreeBudget(table(0.5)).drafted == 1
+    decoder = engine(target, (), make_drafter("ngram", target, None), tree=True)
+    decoder.use_latency(table(0.06))
+    assert decoder.node_budget(0) == 4
+    fixed = engine(target, (), make_drafter("ngram", target, None), tree=True, tree_budget=9)
+    fixed.use_latency(table(0.06))
+    assert fixed.node_budget(0) == 9
+
+
 def test_acceptance_curve_learns_from_rounds():
     curve = AcceptanceCurve()
     before = curve(0.9)
@@ -293,3 +308,28 @@ def test_lookup_trees_over_a_datastore_are_lossless_and_take_its_branches(target
             n += r.accepted + 1
         assert n == len(ids) - 1  # the replay followed the rounds
     assert off_chain > 5
+
+
+def test_a_small_ar_tree_is_the_first_nodes_of_a_large_one(target, drafters):
+    """The AR tree expands at most `budget` nodes per depth, `budget` deep: the same nodes as the
+    best `budget` of a 32-node tree, for less drafting."""
+    from hybrid_sd.drafters.base import Context
+    drafter = drafters["ar"]
+    decoder = engine(target, (), drafter, k=6, tree=True, tree_budget=32)
+    prompt = PROMPTS[3] + PROMPTS[4]
+    decoder.generate(prompt, 2)  # the drafter's cache and the target features of the prompt
+    n = len(prompt)
+    ctx = Context(list(prompt) + [int(decoder.tokens[n])], decoder.tokens, decoder.features, decoder.capture)
+    drafter.reset(decoder.max_len)
+    drafter.catch_up(ctx, n)
+    large = drafter.draft_tree(ctx, 32, 6)
+    met = []
+    step = drafter.tree_graphs.step
+    drafter.tree_graphs.step = lambda key, *inputs: (met.append(key[0]), step(key, *inputs))[1]
+    for budget in (1, 2, 4, 7):
+        met.clear()
+        small = drafter.draft_tree(ctx, budget, 6)
+        assert small.tokens.tolist() == large.tokens[:budget].tolist() and small.parents == large.parents[:budget]
+        assert small.scores == pytest.approx(large.scores[:budget])
+        assert len(met) == min(budget, 6) and max(met) <= budget  # depths run, rows a depth
+    drafter.tree_graphs.step = step

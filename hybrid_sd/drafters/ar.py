@@ -333,12 +333,16 @@ class ARDrafter(GraphedStep, AfterPacking):
         TREE_WIDTH best children; finally the `budget` most probable nodes of all proposed are
         kept, best first (a child is never more probable than its parent, so they form a tree).
         The frontier's rows sit in scratch slots past the context, each seeing the context and
-        its own ancestors."""
+        its own ancestors.
+
+        A kept node's ancestors are kept too, so none lies deeper than `budget` or, at any depth,
+        below the `budget` best: a smaller budget expands min(TREE_WIDTH, budget) nodes per depth,
+        at most `budget` deep, and keeps the same nodes (the first `budget` of a larger tree)."""
         n, device = ctx.n, self.lm_head.weight.device
         if budget <= 0 or depth <= 0 or n == 0:
             return Draft(torch.empty(0, dtype=torch.long, device=device), parents=[], scores=[])
-        W = TREE_WIDTH
-        depth = min(depth, (self.cache.max_len - n) // W)  # the frontier's scratch slots must fit
+        W = min(TREE_WIDTH, budget)
+        depth = min(depth, budget, (self.cache.max_len - n) // W)  # the frontier's scratch slots must fit
         span = kv_bucket(n + (depth - 1) * W, self.cache.max_len, self.kv_block)
         context = torch.arange(span, device=device) < n
         g = self.fuse(ctx.feature_rows(self.feature_layers, n - 1, n))
@@ -353,7 +357,8 @@ class ARDrafter(GraphedStep, AfterPacking):
             return len(tokens) - 1
 
         # (node, row of g holding its parent's output, its ancestors' slots)
-        frontier = [(propose(t, -1, lp), 0, []) for lp, t in zip(logp[0].tolist(), ids[0].tolist())]
+        roots = [(propose(t, -1, lp), 0, []) for lp, t in zip(logp[0].tolist(), ids[0].tolist())]
+        frontier = roots[:W]  # topk sorted them, best first
         for d in range(1, depth):
             slots = [n + (d - 1) * W + i for i in range(len(frontier))]
             mask = context.expand(len(frontier), span).clone()
@@ -385,11 +390,12 @@ class ARDrafter(GraphedStep, AfterPacking):
         zero = torch.zeros(1, dtype=torch.long, device=p.device)
         return torch.zeros(1, self.fc.in_features, device=p.device, dtype=p.dtype), zero, zero
 
-    def tree_examples(self, spans: list[int]) -> dict[tuple[int, int], tuple[torch.Tensor, ...]]:
-        """The root (one row) and every later depth (TREE_WIDTH frontier rows) at each span."""
+    def tree_examples(self, spans: list[int], budget: int) -> dict[tuple[int, int], tuple[torch.Tensor, ...]]:
+        """The root (one row) and every later depth (min(TREE_WIDTH, budget) frontier rows) at
+        each span."""
         p = self.lm_head.weight
         examples = {}
-        for rows in (1, TREE_WIDTH):
+        for rows in {1, min(TREE_WIDTH, budget)}:
             index = torch.arange(rows, device=p.device)
             for span in spans:
                 if span >= rows:

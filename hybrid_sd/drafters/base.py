@@ -137,8 +137,9 @@ class Drafter(ABC):
         """Run the device steps as `mode` (graphs.MODES) with attention spans in blocks of
         kv_block; `pad`: pad catch-up chunks to buckets (None: iff the steps are graphs)."""
 
-    def warm_up_plan(self, max_len: int, k_max: int, trees: bool = False) -> list[tuple[BucketedGraphs, dict]]:
-        """Every step shape a context of max_len can meet, the tree steps too when `trees`: per
+    def warm_up_plan(self, max_len: int, k_max: int, trees: int = 0) -> list[tuple[BucketedGraphs, dict]]:
+        """Every step shape a context of max_len can meet, the tree steps too when a round drafts
+        trees of up to `trees` nodes (0: chains only): per
         step runner, its keys with scratch inputs (`reset` must have run). Running each key once
         captures it on CUDA and compiles it in compile mode (Engine.warm_up)."""
         return []
@@ -197,9 +198,9 @@ class GraphedStep(Drafter):
         """Scratch draft inputs for key k, for the warm-up."""
 
     @abstractmethod
-    def tree_examples(self, spans: list[int]) -> dict[tuple[int, int], tuple[torch.Tensor, ...]]:
-        """Scratch inputs of every tree-step key `draft_tree` can meet, given the attention
-        spans of this cache, for the warm-up."""
+    def tree_examples(self, spans: list[int], budget: int) -> dict[tuple[int, int], tuple[torch.Tensor, ...]]:
+        """Scratch inputs of every tree-step key `draft_tree` can meet with up to `budget` nodes,
+        given the attention spans of this cache, for the warm-up."""
 
     def init_graphs(self) -> None:
         self.graph_sets: dict[tuple, tuple[BucketedGraphs, BucketedGraphs, BucketedGraphs]] = {}
@@ -240,9 +241,10 @@ class GraphedStep(Drafter):
         opaque call gains nothing."""
         return False
 
-    def warm_up_plan(self, max_len: int, k_max: int, trees: bool = False) -> list[tuple[BucketedGraphs, dict]]:
+    def warm_up_plan(self, max_len: int, k_max: int, trees: int = 0) -> list[tuple[BucketedGraphs, dict]]:
         """Every greedy draft key a context of max_len can meet and every catch-up bucket (none
-        where the kernel runs them) and, with `trees`, every tree-step key, on scratch inputs.
+        where the kernel runs them) and, with trees of up to `trees` nodes, every tree-step key,
+        on scratch inputs.
         Sampled keys capture when first met."""
         kernel = self.in_kernel()
         keys = {self.draft_key(n, k, False) for n in range(1, max_len) if not kernel
@@ -256,7 +258,7 @@ class GraphedStep(Drafter):
                           torch.zeros(n, dtype=torch.long, device=p.device), torch.arange(n, device=p.device))
         plan = [(self.step_graphs, drafts), (self.catchup_graphs, rows)]
         if trees:
-            plan.append((self.tree_graphs, self.tree_examples(kv_buckets(max_len, self.kv_block))))
+            plan.append((self.tree_graphs, self.tree_examples(kv_buckets(max_len, self.kv_block), trees)))
         return plan
 
     def catch_up(self, ctx: Context, end: int) -> None:

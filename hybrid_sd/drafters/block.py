@@ -253,8 +253,9 @@ class BlockDrafter(GraphedStep, nn.Module):
         device = self.fc.weight.device
         return torch.zeros(1, dtype=torch.long, device=device), torch.arange(self.block_size, device=device)
 
-    def tree_examples(self, spans: list[int]) -> dict[tuple[int, int], tuple[torch.Tensor, ...]]:
-        """Every tree depth (1..max_draft) at each span the block fits in."""
+    def tree_examples(self, spans: list[int], budget: int) -> dict[tuple[int, int], tuple[torch.Tensor, ...]]:
+        """Every tree depth (1..max_draft) at each span the block fits in (one block forward
+        whatever the budget)."""
         bonus, positions = self.draft_example(self.max_draft)
         return {(depth, span): (bonus, positions) for depth in range(1, self.max_draft + 1)
                 for span in spans if span >= self.block_size}

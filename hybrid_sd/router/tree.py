@@ -8,15 +8,24 @@ score is mapped through an acceptance curve per drafter, learnt online from the 
 verified (every node of a verified tree is one observation: on the accepted path or not).
 The cost is the round's draft time plus the measured verify time of N + 1 rows. Only speed
 depends on the cut; the verify keeps the output the target's own.
+
+How many nodes a round drafts before the cut also follows the machine: as many as a verify
+takes within VERIFY_SLACK of a plain step (at most TREE_BUDGET). On a GPU at batch 1 that is
+the whole budget; on the CPU, where every verified row costs, 4-5 nodes, which also keeps an AR
+tree's drafting narrow (its width is the budget's).
 """
 from __future__ import annotations
 
 import math
 
+from ..config import TREE_BUDGET
 from .cost import LatencyTable
 
 BINS = 12          # score bins, by -log2(score): 1, 1/2, 1/4, ... 1/2048 and below
 PRIOR_WEIGHT = 2.0  # pseudo-observations at the drafter's own score until rounds say otherwise
+# a round drafts the nodes whose verify costs at most this many plain steps: on the CPU, trees of
+# 8 or 15 nodes ran slower than 4-node ones for every drafter (docs/performance.md, fifteenth session)
+VERIFY_SLACK = 1.25
 
 
 class AcceptanceCurve:
@@ -49,6 +58,8 @@ class TreeBudget:
     def __init__(self, latency: LatencyTable):
         self.latency = latency
         self.curves: dict[str, AcceptanceCurve] = {}
+        affordable = [n for n in range(1, TREE_BUDGET + 1) if latency.verify_seconds(n) <= VERIFY_SLACK * latency.step]
+        self.drafted = max(affordable, default=1)  # nodes a round drafts before the cut
 
     def curve(self, name: str) -> AcceptanceCurve:
         return self.curves.setdefault(name, AcceptanceCurve())
