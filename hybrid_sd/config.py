@@ -9,8 +9,10 @@ from typing import Mapping
 DEFAULT_CONTEXT = 4096  # KV cache positions of the CLI (prompt + answer)
 EVAL_CONTEXT = 2048     # the benchmark's, the evaluation's and the traces' cache: their prompts are short
 DEFAULT_NGRAM_MAX = 4   # longest n-gram the prompt-lookup drafter matches
-TREE_BUDGET = 32        # nodes a tree round drafts before the cost-aware cut (--budget auto)
-TREE_WIDTH = 8          # AR trees: children per expanded node, and nodes expanded per depth (EAGLE-2's top-k)
+TREE_BUDGET = 32        # most nodes a tree round drafts before the cost-aware cut (router/tree.py: as many as
+                        # this machine verifies cheaply, up to this); without a latency table, this many
+TREE_WIDTH = 8          # AR trees: children per expanded node, and nodes expanded per depth (EAGLE-2's top-k;
+                        # fewer for a smaller budget)
 TREE_TOP = 8            # block trees (DDTree): best tokens per slot a tree may branch over
 
 
@@ -30,7 +32,7 @@ class EngineConfig:
     pad: bool | None = None          # pad prefill and catch-up chunks to buckets (None: iff graphs)
     draft_k: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # per drafter name; else its default
     tree: bool = False               # draft trees (hybrid_sd/tree.py) instead of chains
-    tree_budget: int | None = None   # tree nodes per round; None: draft TREE_BUDGET, keep what pays (needs latency)
+    tree_budget: int | None = None   # tree nodes per round; None: draft what verifies cheaply, keep what pays (needs latency)
 
     def __post_init__(self):
         object.__setattr__(self, "draft_k", MappingProxyType(dict(self.draft_k)))

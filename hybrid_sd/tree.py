@@ -4,7 +4,8 @@ A tree of k nodes is `parents` [k]: node i's parent is an earlier node (parents[
 -1, the bonus token (the root, verify row 0). Node i sits at verify row i + 1 and at depth
 depth(parent) + 1; a chain is the tree with parents [-1, 0, 1, ...]. Because every parent
 precedes its children, any prefix of the nodes is a tree again: a drafter orders its nodes
-best first, and a budget of N nodes is the first N.
+best first (the lookup drafter puts its chain's draft first), and a budget of N nodes is the
+first N.
 
 Everything here is host-side bookkeeping over a few dozen nodes; the device sees only the
 rows, their positions and the ancestor mask.
@@ -102,23 +103,3 @@ def best_first(top_logp: torch.Tensor, top_ids: torch.Tensor, budget: int):
             tick += 1
     return tokens, parents, scores
 
-
-def trie(continuations: list[list[int]], budget: int) -> tuple[list[int], list[int]]:
-    """Continuations merged into a trie of at most `budget` nodes, in the order given (the
-    first continuation is the most trusted, so it is kept whole before any other branches)."""
-    tokens: list[int] = []
-    parents: list[int] = []
-    index: dict[tuple[int, int], int] = {}
-    for cont in continuations:
-        parent = -1
-        for t in cont:
-            node = index.get((parent, t))
-            if node is None:
-                if len(tokens) >= budget:
-                    return tokens, parents
-                node = len(tokens)
-                index[(parent, t)] = node
-                tokens.append(t)
-                parents.append(parent)
-            parent = node
-    return tokens, parents

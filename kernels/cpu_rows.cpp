@@ -13,8 +13,8 @@
 
 // From 3 rows the block is slow enough that the hardware prefetcher falls behind its one stream:
 // fetching the panel 64 k (2 KB) ahead made 3-8-row products 10-20% faster over all of SmolLM2's
-// weights (docs/performance.md). Past 8 rows the prefetch's address costs a register the
-// accumulators need (12 rows: 2.5x slower), and 1-2 rows are bound by memory bandwidth anyway.
+// weights (docs/performance.md). More than 8 rows' accumulators would not leave the registers the
+// block needs (so more rows go 8 at a time, below), and 1-2 rows are bound by memory bandwidth anyway.
 constexpr int PREFETCH_K = 64;
 
 template <int R, int P>  // R rows x P panels of accumulators, in registers

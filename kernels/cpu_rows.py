@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 
 PANEL = 8  # output columns per panel: one AVX2 register of fp32
-# rows that callers send to the kernel: one pass over the weights (ROWS_PER_PASS in cpu_rows.cpp);
-# past it the kernel reads the weights again per 12 rows, and from ~32 rows oneDNN's blocked
-# product is faster (docs/performance.md)
+# rows that PackedLinear sends to the kernel (the fused decoder sends up to fused.MAX_ROWS). The
+# kernel reads the weights once whatever the rows, but computes them 8 at a time, and past 12 rows
+# oneDNN's blocked product is faster on its own (SmolLM2's head at 13 rows: 5.2 against 6.9 ms;
+# docs/performance.md, fifteenth session)
 MAX_ROWS = 12
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_rows.cpp", "cpu_decoder.cpp"))
 # --as-needed: -fopenmp also asks for the system's libgomp, which must not load beside torch's

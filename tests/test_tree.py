@@ -12,7 +12,7 @@ from helpers import (MixedDrafter, OracleDrafter, chi_square_p_value, engine, ma
 from hybrid_sd.graphs import TREE_BUCKETS
 from hybrid_sd.router import AlternatingRouter, LatencyTable
 from hybrid_sd.router.tree import AcceptanceCurve, TreeBudget
-from hybrid_sd.tree import ancestor_mask, best_first, chain_parents, depths, trie, walk
+from hybrid_sd.tree import ancestor_mask, best_first, chain_parents, depths, walk
 from hybrid_sd.verify import Sampling, judge_tree, target_probs
 
 PROMPTS = random_prompts(50, seed=11)
@@ -59,12 +59,6 @@ def test_best_first_is_the_top_budget_of_all_prefixes():
         d = depths(parents)[i] - 1
         own = float(logp.values[d][logp.indices[d].tolist().index(tokens[i])])
         assert scores[i] == pytest.approx((scores[p] if p >= 0 else 0.0) + own)
-
-
-def test_trie_merges_continuations_under_the_budget():
-    tokens, parents = trie([[1, 2, 3], [1, 2, 4], [5], [1, 6, 7]], budget=6)
-    assert list(zip(tokens, parents)) == [(1, -1), (2, 0), (3, 1), (4, 1), (5, -1), (6, 0)]
-    assert trie([[1, 2, 3]], budget=2) == ([1, 2], [-1, 0])
 
 
 # ---- one-pass verification ----------------------------------------------------------------
@@ -310,7 +304,7 @@ def test_lookup_trees_over_a_datastore_are_lossless_and_take_its_branches(target
     assert off_chain > 5
 
 
-def test_a_small_ar_tree_is_the_first_nodes_of_a_large_one(target, drafters):
+def test_a_small_ar_tree_is_the_first_nodes_of_a_large_one(target, drafters, monkeypatch):
     """The AR tree expands at most `budget` nodes per depth, `budget` deep: the same nodes as the
     best `budget` of a 32-node tree, for less drafting."""
     from hybrid_sd.drafters.base import Context
@@ -325,11 +319,10 @@ def test_a_small_ar_tree_is_the_first_nodes_of_a_large_one(target, drafters):
     large = drafter.draft_tree(ctx, 32, 6)
     met = []
     step = drafter.tree_graphs.step
-    drafter.tree_graphs.step = lambda key, *inputs: (met.append(key[0]), step(key, *inputs))[1]
+    monkeypatch.setattr(drafter.tree_graphs, "step", lambda key, *inputs: (met.append(key[0]), step(key, *inputs))[1])
     for budget in (1, 2, 4, 7):
         met.clear()
         small = drafter.draft_tree(ctx, budget, 6)
         assert small.tokens.tolist() == large.tokens[:budget].tolist() and small.parents == large.parents[:budget]
         assert small.scores == pytest.approx(large.scores[:budget])
         assert len(met) == min(budget, 6) and max(met) <= budget  # depths run, rows a depth
-    drafter.tree_graphs.step = step

@@ -337,7 +337,10 @@ class ARDrafter(GraphedStep, AfterPacking):
 
         A kept node's ancestors are kept too, so none lies deeper than `budget` or, at any depth,
         below the `budget` best: a smaller budget expands min(TREE_WIDTH, budget) nodes per depth,
-        at most `budget` deep, and keeps the same nodes (the first `budget` of a larger tree)."""
+        at most `budget` deep, and keeps the same nodes (the first `budget` of a larger tree) --
+        bit for bit where the CPU kernel runs the steps (a row's result does not depend on the
+        rows beside it); elsewhere rounding may order a near-tie differently, and near the cache's
+        end a wider tree may be cut shallower."""
         n, device = ctx.n, self.lm_head.weight.device
         if budget <= 0 or depth <= 0 or n == 0:
             return Draft(torch.empty(0, dtype=torch.long, device=device), parents=[], scores=[])

@@ -126,7 +126,7 @@ class Datastore:
         """The store positions that follow the longest matched suffix (at most SAMPLE, spread over
         its range) and the suffix length n; n = 0: none."""
         lo, hi, n = self.match(ids)
-        positions = self.order[lo:hi]
+        positions = self.order[lo:hi] if n else self.order[:0]
         if len(positions) > SAMPLE:
             positions = positions[np.linspace(0, len(positions) - 1, SAMPLE).astype(np.int64)]
         return positions, n

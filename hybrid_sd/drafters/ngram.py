@@ -121,8 +121,8 @@ class NgramDrafter(Drafter):
         for cont in own:
             for j in range(1, len(cont) + 1):
                 score[tuple(cont[:j])] = score.get(tuple(cont[:j]), 0.0) + 0.8 ** (j - 1) / len(own)
-        if self.datastore is not None:
-            for prefix, share in self.datastore.prefixes(ids, depth, budget).items():
+        if self.datastore is not None:  # room for the chain's own prefixes beside the budget's best
+            for prefix, share in self.datastore.prefixes(ids, depth, budget + len(chain)).items():
                 score[prefix] = max(score.get(prefix, 0.0), share)
         # the chain, then the rest by score; a prefix never outscores its parent (each source's
         # score falls along a path), so with ties to the shorter every parent precedes its children
@@ -130,9 +130,11 @@ class NgramDrafter(Drafter):
         order += sorted(score.keys() - set(order), key=lambda p: (-score[p], len(p), p))
         tokens, parents, scores, node = [], [], [], {}
         for prefix in order[:budget]:
+            parent = node[prefix[:-1]] if len(prefix) > 1 else -1
             node[prefix] = len(tokens)
             tokens.append(prefix[-1])
-            parents.append(node[prefix[:-1]] if len(prefix) > 1 else -1)
-            scores.append(score.get(prefix, 0.8 ** (len(prefix) - 1)))
+            parents.append(parent)
+            # a path is no likelier than its parent's (a chain node may have no score of its own)
+            scores.append(min(score.get(prefix, 0.8 ** (len(prefix) - 1)), scores[parent] if parent >= 0 else 1.0))
         return Draft(torch.tensor(tokens, dtype=torch.long, device=self.device), None,
                      torch.tensor(scores), parents, scores)

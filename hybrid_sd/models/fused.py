@@ -19,11 +19,12 @@ import torch
 from ..kernels import cpu_rows
 from .packed_linear import graphing, kernel_panels, profiled_call
 
-# rows per call: steps, verifies, trees up to 32 nodes and short prefills. The products pass over
-# the weights once per 12 rows, so oneDNN's blocked product overtakes them at some point, but the
-# layers' other ops in PyTorch cost more until then: all layers, 2 threads, fused against the
-# module forward (docs/performance.md): 12 rows 39.5 / 49.3 ms, 17 rows 60.6 / 80.8, 33 rows
-# 103.0 / 115.8, 65 rows 205.5 / 167.0
+# rows per call: steps, verifies, trees up to 32 nodes and short prefills. The products read the
+# weights once but compute 8 rows at a time, so oneDNN's blocked product overtakes them at some
+# point, but the layers' other ops in PyTorch cost more until then: all layers, 2 threads, fused
+# against the module forward (docs/performance.md, eighth session, when the kernel read the weights
+# once per 12 rows): 12 rows 39.5 / 49.3 ms, 17 rows 60.6 / 80.8, 33 rows 103.0 / 115.8, 65 rows
+# 205.5 / 167.0; since the fifteenth session 33 rows take 12 % less
 MAX_ROWS = 33
 
 

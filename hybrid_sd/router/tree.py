@@ -1,6 +1,6 @@
 """How many nodes of a drafted tree to verify: the cut that maximises expected tokens per second.
 
-A drafter orders its tree best first and scores each node with its own probability of the
+A drafter orders its tree (best first, parents before children) and scores each node with its own probability of the
 whole path (tree.py). A node is accepted exactly when its path is, so the expected number of
 tokens a round commits with the first N nodes is 1 + sum of their acceptance probabilities.
 Drafters' own probabilities are not calibrated (a small drafter is over-confident), so each
