@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
-from .cli import Parser, nonnegative_float, out_dir, positive_int, write_atomic
+from .cli import Parser, nonnegative_float, out_dir, positive_int, resolve_device, write_atomic
 from .config import EVAL_CONTEXT, EngineConfig
 from .drafters import DRAFTERS
 from .engine import RoundStats
@@ -59,6 +59,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=positive_int, default=None)
     p.add_argument("--repeats", type=positive_int, default=None, help="passes over the prompts (median time kept)")
     p.add_argument("--lam", type=nonnegative_float, default=DEFAULT_LAM, help="hybrid: the routers' latency weight")
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda[:N]: where this engine's methods run (on a GPU their steps run as CUDA "
+                        "graphs, every key captured before the timed runs); other libraries' methods are CPU-only")
     p.add_argument("--no-plots", action="store_true", help="write results.json and results.md only")
     return exit_code(run, p.parse_args(argv))
 
@@ -80,7 +83,7 @@ def method_spec(name: str) -> MethodSpec | None:
         return None
     if plus and (graphs not in GRAPH_SUFFIXES or kind in PEERS):
         return None
-    graphs = graphs or "eager"
+    graphs = graphs or "auto"  # graphs.resolve_mode: CUDA graphs on a GPU, eager on the CPU
     if not tree:
         return MethodSpec(kind, int(k) if at else None, False, None, graphs)
     budget = tree[len("tree"):]
@@ -108,10 +111,10 @@ def parse_methods(text: str | None) -> list[str]:
 class Methods:
     """Builds each method once and decodes with it: (tokens, seconds, Generation or None)."""
 
-    def __init__(self, names: list[str], lam: float):
+    def __init__(self, names: list[str], lam: float, device: torch.device = torch.device("cpu")):
         from . import factory
 
-        self.target, self.tokenizer, eos = factory.load_packed_target(None, max_len=EVAL_CONTEXT)
+        self.target, self.tokenizer, eos = factory.load_packed_target(None, device=device, max_len=EVAL_CONTEXT)
         self.eos = eos
         self.hf = self.hf_model() if any(m.startswith("hf") for m in names) else None
         self.llamacpp = {m: self.llamacpp_model(m == "llamacpp-lookup") for m in names if m in LLAMACPP}
@@ -145,11 +148,14 @@ class Methods:
         return llamacpp.LlamaCpp(llamacpp.f32_gguf(), EVAL_CONTEXT, torch.get_num_threads(), lookup)
 
     def warm_up(self, name: str) -> None:
-        """Compile every key of a compiled method's steps before it is timed (others: nothing)."""
+        """Compile every key of a compiled method's steps, or capture every key of a CUDA-graph
+        method's, before it is timed (others: nothing)."""
         engine = self.engines.get(name)
         if engine is not None and engine.graphs_mode == "compile":
             from .compiled import compile_every_key
             compile_every_key(engine, f"compiling {name}")
+        elif engine is not None and engine.graphs_mode == "cuda":
+            engine.warm_up()
 
     def decode(self, name: str, ids: list[int], max_new: int):
         t0 = time.perf_counter()
@@ -179,13 +185,17 @@ def run(args) -> dict:
     if profile["max_new_tokens"] < 1 or profile["repeats"] < 1:
         raise UserError("--max-new-tokens and --repeats must be at least 1")
     names = parse_methods(args.methods)
+    device = resolve_device(args.device)
+    peers = [m for m in names if method_spec(m).kind in PEERS]
+    if device.type != "cpu" and peers:
+        raise UserError(f"--device {args.device}: {', '.join(peers)} run on the CPU only; leave them out of --methods")
     if any(m in LLAMACPP for m in names):
         from .eval import llamacpp
         llamacpp.require()
     if not args.no_plots:
         from .eval import plots  # fail before the long part when matplotlib is missing
         plots.require_matplotlib()
-    methods = Methods(names, args.lam)
+    methods = Methods(names, args.lam, device)
     prompts = [(cat, i, encode_chat(methods.tokenizer, messages))
                for cat, items in workloads(profile["per_category"]).items() for i, messages in enumerate(items)]
     max_new, repeats = profile["max_new_tokens"], profile["repeats"]
@@ -219,7 +229,7 @@ def run(args) -> dict:
                         raise SystemExit(f"bench: {name} output differs from plain decoding on {cat} prompt "
                                          f"{prompts[j][1]} (at token {first_difference(out, outputs['plain'])})")
         bar.close()
-    result = summarize(names, prompts, times, tokens, gens, profile, methods.latency)
+    result = summarize(names, prompts, times, tokens, gens, profile, methods.latency, device)
     result["equal_outputs"] = {m: f"{equal[m]}/{len(prompts)}" for m in names}
     write(result, Path(args.out), plots=not args.no_plots)
     return result
@@ -229,14 +239,14 @@ def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def summarize(names, prompts, times, tokens, gens, profile, latency=None) -> dict:
+def summarize(names, prompts, times, tokens, gens, profile, latency=None, device=torch.device("cpu")) -> dict:
     cats = list(dict.fromkeys(cat for cat, _, _ in prompts))
     groups = {cat: [j for j, p in enumerate(prompts) if p[0] == cat] for cat in cats} | {"mix": list(range(len(prompts)))}
     median = {(m, j): statistics.median(v) for (m, j), v in times.items()}
     result = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                   f"torch {torch.__version__}",
+                   f"torch {torch.__version__}" + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
         "profile": profile, "methods": names, "categories": cats,
         "tokens_per_s": {}, "speedup": {}, "tau": {}, "phases_ms_per_round": {}, "routing": {},
         "modelled_speedup": {},  # rounds priced by the hybrid's latency table (with a hybrid among the methods)
@@ -278,7 +288,7 @@ def markdown(result: dict) -> str:
             cells.append(f"{result['speedup'][m][c]:.2f}x" + (f" ({tau:.2f})" if tau is not None else ""))
         kind, k, tree, budget, graphs = method_spec(m)
         label = LABELS.get(kind, kind) + (f" k={k}" if k else "") + (
-            f", tree {budget if budget else 'by cost'}" if tree else "") + (f", {graphs}d steps" if graphs != "eager" else "")
+            f", tree {budget if budget else 'by cost'}" if tree else "") + (f", {graphs}d steps" if graphs in GRAPH_SUFFIXES else "")
         lines.append(f"| {label} | "
                      + " | ".join(cells) + f" | {result['tokens_per_s'][m]['mix']:.2f} |")
     peers = [m for m in result["methods"] if m in LLAMACPP]

@@ -127,11 +127,26 @@ def test_bench_rejects_an_unknown_method(tmp_path, capsys):
                 "plain+cuda", "llamacpp+trace", "llamacpp+compile", "ar+"):  # +trace, +compile: this engine's only
         assert bench.main(["--methods", bad, "--out", str(tmp_path)]) == 2
     assert bench.method_spec("ar@4:tree16+trace") == ("ar", 4, True, 16, "trace")
-    assert bench.method_spec("plain").graphs == "eager"
+    assert bench.method_spec("plain").graphs == "auto"  # CUDA graphs on a GPU, eager on the CPU
     assert bench.method_spec("hybrid+compile") == ("hybrid", None, False, None, "compile")
     assert bench.main(["--per-category", "17", "--out", str(tmp_path)]) == 2
     assert "16" in capsys.readouterr().err
+    assert bench.main(["--device", "tpu", "--out", str(tmp_path)]) == 2
+    assert "tpu" in capsys.readouterr().err  # one line naming the device
     assert not any(tmp_path.iterdir())  # nothing written for a bad request
+
+
+def test_bench_on_a_gpu_leaves_other_libraries_out(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from hybrid_sd import bench
+    if not torch.cuda.is_available():
+        assert bench.main(["--device", "cuda", "--methods", "plain", "--out", str(tmp_path)]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    monkeypatch.setattr(bench, "resolve_device", lambda name: torch.device("cuda"))
+    assert bench.main(["--device", "cuda", "--methods", "plain,hf,ngram", "--out", str(tmp_path)]) == 2
+    assert "hf run on the CPU only" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_profile_prints_a_phase_table():
@@ -203,3 +218,19 @@ def test_help_states_the_guarantees():
     for phrase in ("token for token", "bfloat16/float16", "not valid UTF-8", "U+FFFD", "<|im_end|>",
                    "encoded as plain text", "141"):
         assert phrase in text, phrase
+
+
+@pytest.mark.gpu
+def test_bench_runs_on_a_gpu(tmp_path):
+    """This engine's methods on a CUDA device, chains and trees, each output equal to plain
+    decoding there (a difference fails the run)."""
+    import torch
+
+    from hybrid_sd import bench
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    methods = "plain,ngram,ar,block,ar:tree,hybrid,hybrid:tree"
+    assert bench.main(["--quick", "--device", "cuda", "--methods", methods, "--out", str(tmp_path), "--no-plots"]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert torch.cuda.get_device_name(0) in result["machine"]
+    assert all(v.split("/")[0] == v.split("/")[1] for v in result["equal_outputs"].values())
