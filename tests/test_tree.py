@@ -314,15 +314,16 @@ def test_a_small_ar_tree_is_the_first_nodes_of_a_large_one(target, drafters, mon
     decoder.generate(prompt, 2)  # the drafter's cache and the target features of the prompt
     n = len(prompt)
     ctx = Context(list(prompt) + [int(decoder.tokens[n])], decoder.tokens, decoder.features, decoder.capture)
-    drafter.reset(decoder.max_len)
-    drafter.catch_up(ctx, n)
-    large = drafter.draft_tree(ctx, 32, 6)
-    met = []
-    step = drafter.tree_graphs.step
-    monkeypatch.setattr(drafter.tree_graphs, "step", lambda key, *inputs: (met.append(key[0]), step(key, *inputs))[1])
-    for budget in (1, 2, 4, 7):
-        met.clear()
-        small = drafter.draft_tree(ctx, budget, 6)
-        assert small.tokens.tolist() == large.tokens[:budget].tolist() and small.parents == large.parents[:budget]
-        assert small.scores == pytest.approx(large.scores[:budget])
-        assert len(met) == min(budget, 6) and max(met) <= budget  # depths run, rows a depth
+    with torch.inference_mode():  # as the engine drafts (a graph mode's cache is an inference tensor)
+        decoder.reset_drafters()  # as a generation starts: this engine's graphs mode, an empty context
+        drafter.catch_up(ctx, n)
+        large = drafter.draft_tree(ctx, 32, 6)
+        met = []  # rows of each depth's step, whatever runs it (eager, a trace, a capture)
+        graphs = drafter.tree_graphs
+        monkeypatch.setattr(drafter, "tree_graphs", lambda key, *inputs: (met.append(key[0]), graphs(key, *inputs))[1])
+        for budget in (1, 2, 4, 7):
+            met.clear()
+            small = drafter.draft_tree(ctx, budget, 6)
+            assert small.tokens.tolist() == large.tokens[:budget].tolist() and small.parents == large.parents[:budget]
+            assert small.scores == pytest.approx(large.scores[:budget])
+            assert len(met) == min(budget, 6) and max(met) <= budget  # depths run, rows a depth
