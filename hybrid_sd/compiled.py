@@ -14,9 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -81,18 +79,13 @@ def read_record(args) -> dict | None:
 
 def write_record(args, record: dict) -> Path:
     """Atomically: a record is whole or absent."""
+    from .cli import write_atomic
     from .errors import UserError
     path = record_path(args)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write the precompile record under {path.parent} ({e.strerror or e}); "
-                        "set HYBRID_SD_CACHE to a writable directory") from None
-    return path
+        return write_atomic(path, json.dumps(record, indent=1))
+    except UserError as e:  # one line that also says where a writable cache can go
+        raise UserError(f"{e}; set HYBRID_SD_CACHE to a writable directory") from None
 
 
 def compile_every_key(engine, desc: str = "compiling steps") -> int:

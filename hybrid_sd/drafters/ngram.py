@@ -73,14 +73,19 @@ class NgramDrafter(Drafter):
         self.last = (len(ids), ids[-1] if ids else None, k, found)
         return found
 
-    def scan(self, ids: list[int], k: int) -> tuple[list[int], int]:
-        """The context's own continuation and the length n of the n-gram it matched (0: none)."""
+    def occurrences(self, ids: list[int]):
+        """(n, end) of every earlier occurrence of the context's last n tokens, for n = max_n down
+        to min_n and, within an n, the most recent first; what followed starts at ids[end]."""
         for n in range(min(self.max_n, len(ids) - 1), self.min_n - 1, -1):
             pattern = ids[-n:]
-            # scan right to left for the most recent earlier occurrence
             for start in range(len(ids) - n - 1, -1, -1):
                 if ids[start:start + n] == pattern:
-                    return ids[start + n:start + n + k], n
+                    yield n, start + n
+
+    def scan(self, ids: list[int], k: int) -> tuple[list[int], int]:
+        """The context's own continuation and the length n of the n-gram it matched (0: none)."""
+        for n, end in self.occurrences(ids):
+            return ids[end:end + k], n
         return [], 0
 
     def lookahead(self, ctx: Context, k_max: int) -> list[int]:
@@ -93,17 +98,14 @@ class NgramDrafter(Drafter):
 
     def context_continuations(self, ids: list[int], depth: int, limit: int = TREE_MATCHES) -> list[list[int]]:
         """Up to `limit` distinct continuations of earlier occurrences of the context's last
-        n-grams, longest n first, most recent first within an n."""
+        n-grams, in `occurrences` order."""
         found: list[list[int]] = []
-        for n in range(min(self.max_n, len(ids) - 1), self.min_n - 1, -1):
-            pattern = ids[-n:]
-            for start in range(len(ids) - n - 1, -1, -1):
-                if ids[start:start + n] == pattern:
-                    cont = ids[start + n:start + n + depth]
-                    if cont and cont not in found:
-                        found.append(cont)
-                        if len(found) >= limit:
-                            return found
+        for _, end in self.occurrences(ids):
+            cont = ids[end:end + depth]
+            if cont and cont not in found:
+                found.append(cont)
+                if len(found) >= limit:
+                    break
         return found
 
     def draft_tree(self, ctx: Context, budget: int, depth: int, generator=None) -> Draft:
