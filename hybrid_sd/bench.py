@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from .cli import Parser, nonnegative_float, out_dir, positive_int, resolve_device, write_atomic
-from .config import EVAL_CONTEXT, EngineConfig
+from .config import DEFAULT_MERGE, EVAL_CONTEXT, EngineConfig
 from .drafters import DRAFTERS
 from .engine import RoundStats
 from .errors import UserError, exit_code
@@ -33,11 +33,13 @@ from .router import DEFAULT_LAM
 # llama.cpp's methods run when llama-cpp-python is installed (eval/llamacpp.py)
 LLAMACPP = ("llamacpp", "llamacpp-lookup")
 PEERS = ("hf", "hf-lookup", *LLAMACPP)  # other libraries: no rounds to look into
-METHODS = ("plain", "hf", "hf-lookup", *LLAMACPP, *DRAFTERS, "hybrid", "hybrid-learned")  # drafters: every registered kind
+# drafters: every registered kind; merged: the default merge of them (config.DEFAULT_MERGE)
+METHODS = ("plain", "hf", "hf-lookup", *LLAMACPP, *DRAFTERS, "merged", "hybrid", "hybrid-learned")
 GRAPH_SUFFIXES = ("trace", "compile")  # a method's steps as TorchScript traces or torch.compile (graphs.MODES)
 LABELS = {"plain": "plain (this engine)", "hf": "transformers generate", "hf-lookup": "transformers prompt lookup",
           "llamacpp": "llama.cpp, F32 GGUF", "llamacpp-lookup": "llama.cpp prompt lookup, F32 GGUF",
-          "ngram": "n-gram", "ar": "AR drafter", "block": "block drafter", "hybrid": "hybrid, entropy router",
+          "ngram": "n-gram", "ar": "AR drafter", "block": "block drafter",
+          "merged": "merged " + " + ".join(DEFAULT_MERGE) + " (one tree)", "hybrid": "hybrid, entropy router",
           "hybrid-learned": "hybrid, learned router"}
 HF_LOOKUP_TOKENS = 10  # transformers' documented example for prompt_lookup_num_tokens
 PROFILES = {"quick": dict(per_category=1, max_new_tokens=24, repeats=1),
@@ -79,7 +81,7 @@ def method_spec(name: str) -> MethodSpec | None:
     name, plus, graphs = name.partition("+")
     base, _, tree = name.partition(":")
     kind, at, k = base.partition("@")
-    if kind not in METHODS or (at and (kind not in DRAFTERS or not k.isdigit() or int(k) < 1)):
+    if kind not in METHODS or (at and (kind not in (*DRAFTERS, "merged") or not k.isdigit() or int(k) < 1)):
         return None
     if plus and (graphs not in GRAPH_SUFFIXES or kind in PEERS):
         return None
@@ -133,6 +135,9 @@ class Methods:
             kind = factory.PLAIN if kind == "plain" else kind
             config = EngineConfig(EVAL_CONTEXT, draft_k={kind: k} if k else {}, tree=tree, tree_budget=budget,
                                   graphs=graphs)
+            if kind == factory.MERGED:
+                self.engines[name] = factory.build_merged(self.target, eos, config)
+                continue
             self.engines[name] = factory.build_engine(self.target, eos, kind, config, embedded=True)
 
     @staticmethod
@@ -262,11 +267,14 @@ def summarize(names, prompts, times, tokens, gens, profile, latency=None, device
             continue  # other libraries' methods: no rounds to look into
         result["tau"][m], result["phases_ms_per_round"][m] = {}, {}
         for g, js in groups.items():
-            stats = RoundStats.of((r for j in js for r in gens[m, j].rounds), latency)
+            rounds = [r for j in js for r in gens[m, j].rounds]
+            # priced only where the table has every drafter's draft time (the hybrid's table: not a merge's)
+            priced = latency if latency is not None and all(r.k == 0 or r.drafter in latency.draft for r in rounds) else None
+            stats = RoundStats.of(rounds, priced)
             if not stats.rounds:
                 continue
             result["tau"][m][g] = round(stats.tau, 3)
-            if latency is not None:
+            if priced is not None:
                 result["modelled_speedup"].setdefault(m, {})[g] = round(stats.modelled_speedup, 3)
             result["phases_ms_per_round"][m][g] = {ph: round(stats.ms_per_round(ph), 3) for ph in PHASES}
         if m.startswith("hybrid"):  # one generation per category: which drafter, how much accepted

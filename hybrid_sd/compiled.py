@@ -25,8 +25,8 @@ RECORD_VERSION = 1
 PAYS_BELOW = 0.97
 # decode's engine flags (decode.add_engine_arguments) that shape the compiled steps, and those that
 # do not (routing, lookup, the graphs choice itself; threads enter the key as torch's count)
-SETUP_FLAGS = ("target", "drafter", "router", "router_dir", "ar_draft", "block_draft", "draft", "k", "tree",
-               "budget", "device", "dtype", "max_context")
+SETUP_FLAGS = ("target", "drafter", "merge", "router", "router_dir", "ar_draft", "block_draft", "draft", "k",
+               "tree", "budget", "device", "dtype", "max_context")
 NOT_SETUP_FLAGS = ("lam", "ngram_max", "datastore", "threads", "graphs")
 PATH_FLAGS = ("target", "router_dir", "ar_draft", "block_draft", "draft")  # the same directory however it is named
 

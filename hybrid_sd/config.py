@@ -13,6 +13,9 @@ TREE_BUDGET = 32        # most nodes a tree round drafts before the cost-aware c
                         # this machine verifies cheaply, up to this); without a latency table, this many
 TREE_WIDTH = 8          # AR trees: children per expanded node, and nodes expanded per depth (EAGLE-2's top-k;
                         # fewer for a smaller budget)
+# --drafter merged: the drafters that draft every round, their union verified as one tree (the
+# block drafter's forward costs ~0.4 plain steps on the 2-core CPU, more than it adds there)
+DEFAULT_MERGE = ("ar", "ngram")
 TREE_TOP = 8            # block trees (DDTree): best tokens per slot a tree may branch over
 
 

@@ -53,23 +53,29 @@ def build_parser() -> Parser:
 def add_engine_arguments(p: Parser) -> None:
     """The flags that say which engine runs: target, drafters, router, cache, device, graphs
     (decode's and precompile's, which must build the same engine)."""
-    from .config import DEFAULT_CONTEXT, DEFAULT_NGRAM_MAX
+    from .config import DEFAULT_CONTEXT, DEFAULT_MERGE, DEFAULT_NGRAM_MAX
     from .factory import drafter_choices
     from .graphs import MODES
     from .router import DEFAULT_LAM, DEFAULT_ROUTER, ROUTERS
     p.add_argument("--target", help="HF checkpoint directory (Llama, Qwen2, Qwen3 dense); default: embedded SmolLM2-135M-Instruct")
     p.add_argument("--drafter", default=None,
-                   help=f"{' | '.join(drafter_choices())}: plain decoding, one registered drafter, or the hybrid "
-                        "of the drafters its router knows (default: hybrid on the embedded target, ngram otherwise)")
+                   help=f"{' | '.join(drafter_choices())}: plain decoding, one registered drafter, several at once "
+                        "(merged, --merge), or the hybrid of the drafters its router knows (default: merged on the "
+                        "embedded target, ngram otherwise)")
     p.add_argument("--draft", help="drafter checkpoint directory (for --drafter ar/block)")
     p.add_argument("--router", default=DEFAULT_ROUTER, help=f"hybrid: {' | '.join(ROUTERS)} (calibrated rule | MLP)")
     p.add_argument("--lam", type=float, default=DEFAULT_LAM,
                    help="hybrid: latency weight; maximise expected tokens - lam * round cost in plain steps")
     p.add_argument("--router-dir", help="hybrid: router directory (default: shipped for the embedded target)")
-    p.add_argument("--ar-draft", help="hybrid: AR drafter directory (default: shipped for the embedded target)")
-    p.add_argument("--block-draft", help="hybrid: block drafter directory (default: shipped for the embedded target)")
+    p.add_argument("--merge", default=",".join(DEFAULT_MERGE),
+                   help="merged: the drafters that each draft every round, their union verified as one tree "
+                        f"(default {','.join(DEFAULT_MERGE)})")
+    p.add_argument("--ar-draft", help="hybrid, merged: AR drafter directory (default: shipped for the embedded target)")
+    p.add_argument("--block-draft", help="hybrid, merged: block drafter directory (default: shipped for the embedded "
+                                         "target)")
     p.add_argument("--k", type=int, default=None,
-                   help="tokens drafted per round (default: the drafter's own: 8 for ngram, 6 for ar, block size-1 for block)")
+                   help="tokens drafted per round (default: the drafter's own: 3 for ngram, 6 for ar, block size-1 for "
+                        "block, 4 for each of a merge's drafters)")
     p.add_argument("--tree", default="off", choices=("auto", "off"),
                    help="auto: draft trees (several guesses per position, verified in one pass) and verify as "
                         "many nodes as pay for themselves on this machine; off: chains")
@@ -113,16 +119,22 @@ def check_engine_args(args) -> None:
         raise UserError(f"--max-context must be >= 2, got {args.max_context}")
     if not (math.isfinite(args.lam) and args.lam >= 0):
         raise UserError(f"--lam must be a finite number >= 0, got {args.lam}")
-    from .factory import drafter_choices
-    if args.drafter is not None and args.drafter not in drafter_choices():
-        raise UserError(f"unknown drafter {args.drafter!r} (choose from {', '.join(drafter_choices())})")
+    from . import factory
+    if args.drafter is not None and args.drafter not in factory.drafter_choices():
+        raise UserError(f"unknown drafter {args.drafter!r} (choose from {', '.join(factory.drafter_choices())})")
+    if args.drafter == factory.MERGED:
+        names = [name for name in args.merge.split(",") if name]
+        unknown = [name for name in names if name not in factory.DRAFTERS]
+        if unknown or len(names) < 2 or len(set(names)) != len(names):
+            raise UserError(f"--merge takes two or more different drafters from {', '.join(factory.DRAFTERS)}, "
+                            f"comma-separated; got {args.merge!r}")
     if args.ngram_max < 1:
         raise UserError(f"--ngram-max must be >= 1, got {args.ngram_max}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     if args.budget is not None:
         from .graphs import TREE_BUCKETS
-        if args.tree == "off":
+        if args.tree == "off" and args.drafter != factory.MERGED:  # a merge verifies trees anyway
             raise UserError("--budget sets the tree size: add --tree auto")
         if not 1 <= args.budget <= TREE_BUCKETS[-1]:
             raise UserError(f"--budget must be 1..{TREE_BUCKETS[-1]} tree nodes, got {args.budget}")
@@ -206,7 +218,7 @@ def load_target(args, tokenizer: bool = True):
                                                          load_tokenizer=tokenizer)
     if args.max_context > target.max_len:
         raise UserError(f"--max-context {args.max_context} exceeds the model's {target.max_len} positions")
-    if args.drafter in (None, factory.HYBRID) and (args.drafter or factory.default_drafter(embedded)) == factory.HYBRID:
+    if (args.drafter or factory.default_drafter(embedded)) in (factory.HYBRID, factory.MERGED):  # a latency table
         from .engine import check_probe_context
         check_probe_context(args.max_context)
     return target, tokenizer, eos, embedded
@@ -222,9 +234,13 @@ def build_engine(args, target, eos, embedded: bool, greedy: bool = True):
         args.drafter = factory.default_drafter(embedded)
     args.graphs = choose_graphs(args.graphs, target.lm_head.weight.device, args, greedy)
     options = DraftOptions(ngram_max=args.ngram_max, datastore=args.datastore)
+    checkpoints = {"ar": args.ar_draft, "block": args.block_draft}
     if args.drafter == factory.HYBRID:
         return factory.build_hybrid(target, eos, engine_config(args), args.router, args.lam, args.router_dir,
-                                    {"ar": args.ar_draft, "block": args.block_draft}, options, embedded)
+                                    checkpoints, options, embedded)
+    if args.drafter == factory.MERGED:
+        return factory.build_merged(target, eos, engine_config(args), tuple(args.merge.split(",")), checkpoints,
+                                    options, embedded)
     return factory.build_engine(target, eos, args.drafter, engine_config(args), args.draft, options, embedded)
 
 
@@ -276,7 +292,7 @@ def run(args) -> int:
         print(phase_table([r.times for r in gen.rounds]), file=sys.stderr)
     if hybrid:
         result.update(router=args.router, lam=args.lam, **gen.routing_stats())
-    if args.tree == "auto":
+    if engine.verifies_trees:
         result.update(tree=gen.tree_stats())
     emit(json.dumps(result) + "\n" if args.json else "\n")
     if args.stats:
@@ -289,7 +305,7 @@ def run(args) -> int:
             print(f"[hybrid/{args.router} lam={args.lam}] rounds: {per} | switches {st['switches']} | "
                   f"catch-up {st['catchup_tokens']} tok | switching overhead {st['switching_overhead']:.1%}",
                   file=sys.stderr)
-        if args.tree == "auto":
+        if engine.verifies_trees:
             per = ", ".join(f"{d} {t['nodes']:.1f} nodes, depth {t['depth']:.2f}" for d, t in gen.tree_stats().items())
             print(f"[tree {'budget ' + str(args.budget) if args.budget else 'by cost'}] per round: {per}",
                   file=sys.stderr)

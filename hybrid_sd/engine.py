@@ -230,6 +230,11 @@ class Engine:
         self.budgets = TreeBudget(latency)
 
     @property
+    def verifies_trees(self) -> bool:
+        """Whether rounds may verify trees: --tree, or a drafter whose drafts are always trees."""
+        return self.config.tree or any(d.tree_only for d in self.drafters)
+
+    @property
     def routed(self) -> bool:
         """Whether rounds compute the router's signals (a fixed choice needs none)."""
         return self.router.needs_signals
@@ -397,7 +402,7 @@ class Engine:
         examples = {(T, self.verify_span(T, kv)): (self.tokens[:T], torch.arange(T, device=self.device))
                     for T in range(1, self.k_max + 2) for kv in spans if kv >= T}
         plan = [(self.verify_graphs, examples)]
-        if self.config.tree:  # every padded tree verify (rows = a node bucket + 1) at every span
+        if self.verifies_trees:  # every padded tree verify (rows = a node bucket + 1) at every span
             examples = {}
             for rows in (b + 1 for b in TREE_BUCKETS if b + 1 <= self.max_len):
                 index = torch.arange(rows, device=self.device)
@@ -521,9 +526,11 @@ class Engine:
                     draft = drafter.draft_tree(ctx, self.node_budget(n), k, generator)
                 else:
                     draft = drafter.draft(ctx, k, sampling, generator)
-            if draft.scores is not None and self.budgets is not None:
+            if draft.parents is not None and draft.scores is not None and self.budgets is not None:
                 with self.clock.phase("route"):
-                    draft = draft.first(self.budgets.cut(name, draft.scores, self.budgets.latency.draft_seconds(name, k)))
+                    draft = self.budgets.keep(name, draft, self.budgets.latency.draft_seconds(name, k))
+            elif draft.parents is not None and self.config.tree_budget is not None:  # a merge's union: --budget
+                draft = draft.first(self.config.tree_budget)
         tree = draft.parents is not None
         kd = draft.tokens.numel()
         with self.clock.phase("verify"):
@@ -549,7 +556,7 @@ class Engine:
                 new = draft.tokens[:a].tolist() + [token]
             self.commit(ctx, n, a + 1, feats, new)
         if tree and draft.scores is not None and self.budgets is not None:
-            self.budgets.observe(name, draft.scores, {row - 1 for row in verdict.path})
+            self.budgets.observe(name, draft.scores, {row - 1 for row in verdict.path}, draft.origins)
         if self.routed:
             with self.clock.phase("route"):  # signals for the next round's choice
                 self.signals.top1, self.signals.entropy = verdict.top1, verdict.entropy

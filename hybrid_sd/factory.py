@@ -13,8 +13,9 @@ from typing import Mapping
 
 import torch
 
-from .config import DraftOptions, EngineConfig
+from .config import DEFAULT_MERGE, DraftOptions, EngineConfig
 from .drafters import DRAFTERS, Drafter
+from .drafters.merged import MergedDrafter
 from .drafters.registry import DrafterKind
 from .engine import Engine
 from .errors import UserError
@@ -23,20 +24,24 @@ from .models.loading import load_target
 from .models.packed_linear import LAYOUT_VERSION, pack_linears
 from .router import DEFAULT_LAM, DEFAULT_ROUTER, FixedRouter, LatencyTable, load_router, router_names
 from .router.cost import MEASURE_VERSION
-from .weights import shipped_router
 
-PLAIN, HYBRID = "none", "hybrid"
+PLAIN, MERGED, HYBRID = "none", "merged", "hybrid"
 
 
 def drafter_choices() -> list[str]:
-    """What --drafter accepts: plain decoding, every registered drafter, the hybrid."""
-    return [PLAIN, *DRAFTERS, HYBRID]
+    """What --drafter accepts: plain decoding, every registered drafter, a merge of them, the hybrid."""
+    return [PLAIN, *DRAFTERS, MERGED, HYBRID]
 
 
 def default_drafter(embedded: bool) -> str:
-    """The hybrid on the embedded default where a router ships (it beats every single drafter
-    there, docs/performance.md); prompt lookup, which needs no checkpoint, elsewhere."""
-    return HYBRID if embedded and shipped_router() is not None else "ngram"
+    """On the embedded default, the merge of the shipped AR drafter and the lookup (in side-by-side
+    benchmarks ahead of the lookup drafter alone and of the routed hybrid, with 1.3x their tokens
+    per round: docs/performance.md, sixteenth session); prompt lookup, which needs no checkpoint,
+    elsewhere."""
+    kinds = [drafter_kind(name) for name in DEFAULT_MERGE]
+    if embedded and all(not kind.needs_checkpoint or kind.shipped_checkpoint() is not None for kind in kinds):
+        return MERGED
+    return "ngram"
 
 
 def load_packed_target(path: str | Path | None = None, device="cpu", dtype=torch.float32, max_len: int | None = None,
@@ -87,6 +92,21 @@ def build_engine(target, eos, drafter: str = PLAIN, config: EngineConfig = Engin
     path = checkpoint_of(drafter, path, embedded)
     engine = Engine(target, eos, [drafter_kind(drafter).cls.load(target, path, options)], config=config)
     if config.tree and config.tree_budget is None:
+        engine.use_latency(cached_latency(engine))
+    return engine
+
+
+def build_merged(target, eos, config: EngineConfig = EngineConfig(), names: tuple[str, ...] = DEFAULT_MERGE,
+                 checkpoints: Mapping[str, str | Path | None] = {}, options: DraftOptions = DraftOptions(),
+                 embedded: bool = True) -> Engine:
+    """One drafter that is several (drafters/merged.py): the registered drafters `names` (from
+    checkpoints[name] or the shipped ones) draft every round and their union is verified as
+    one tree, cut by this machine's latency table (or to config.tree_budget nodes)."""
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise UserError(f"--merge needs two or more different drafters, got {','.join(names)}")
+    members = [build_drafter(name, target, checkpoints.get(name), options, embedded) for name in names]
+    engine = Engine(target, eos, [MergedDrafter(members)], config=config)
+    if config.tree_budget is None:
         engine.use_latency(cached_latency(engine))
     return engine
 

@@ -75,6 +75,27 @@ def walk(parents: list[int], tokens: list[int], next_token) -> tuple[list[int], 
         row = child
 
 
+def merge(drafts: list[tuple[list[int], list[int], list[float]]]) -> tuple[list[int], list[int], list[float], list[int]]:
+    """One tree of several drafts, each (tokens, parents, scores): a path that several drafts
+    propose is one node, with the score of the first draft that proposed it. Returns (tokens,
+    parents, scores, owner: the index of the draft each node's score comes from); the nodes
+    come draft after draft, each in its own order, so every parent precedes its children."""
+    node: dict[tuple[int, ...], int] = {}  # path of tokens from the bonus -> merged node
+    tokens, parents, scores, owner = [], [], [], []
+    for d, (draft_tokens, draft_parents, draft_scores) in enumerate(drafts):
+        paths: list[tuple[int, ...]] = []
+        for token, parent, score in zip(draft_tokens, draft_parents, draft_scores):
+            path = (paths[parent] if parent >= 0 else ()) + (token,)
+            paths.append(path)
+            if path not in node:
+                node[path] = len(tokens)
+                tokens.append(token)
+                parents.append(node[path[:-1]] if len(path) > 1 else -1)
+                scores.append(score)
+                owner.append(d)
+    return tokens, parents, scores, owner
+
+
 def best_first(top_logp: torch.Tensor, top_ids: torch.Tensor, budget: int):
     """DDTree: the `budget` most probable prefixes under independent per-depth distributions
     (a block drafter's slots), best first. top_logp/top_ids [D, K]: each depth's K best tokens,

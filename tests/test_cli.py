@@ -12,7 +12,7 @@ def decode(*args, stdin=None):
                           text=True, timeout=300)
 
 
-@pytest.mark.parametrize("drafter", ["none", "ngram", "ar", "block", "hybrid"])
+@pytest.mark.parametrize("drafter", ["none", "ngram", "ar", "block", "merged", "hybrid"])
 def test_json_output(drafter):
     run = decode("--json", "--drafter", drafter, "--max-new-tokens", "12", "What is the capital of France?")
     assert run.returncode == 0, run.stderr
@@ -26,12 +26,14 @@ def test_json_output(drafter):
     if drafter == "hybrid":
         for key in ("router", "share", "tokens_per_round", "switches", "catchup_tokens", "switching_overhead"):
             assert key in out, key
+    if drafter == "merged":  # a merge verifies trees: their size and accepted depth are reported
+        assert out["tree"]["merged"]["nodes"] >= 1
 
 
 @pytest.mark.parametrize("budget", [None, pytest.param("8", marks=pytest.mark.slow)])
 def test_tree_json_and_stats(budget):
-    """--tree auto on the hybrid (cut by cost, or a fixed budget): the same text as chains, and
-    the tree's size and accepted depth per drafter reported."""
+    """--tree auto on the default drafter (cut by cost, or a fixed budget): the same text as
+    chains, and the tree's size and accepted depth per drafter reported."""
     args = ["--json", "--stats", "--tree", "auto", "--max-new-tokens", "24", "What is the capital of France?"]
     run = decode(*args, *(["--budget", budget] if budget else []))
     chain = decode("--json", "--drafter", "none", "--max-new-tokens", "24", "What is the capital of France?")
@@ -129,6 +131,8 @@ def test_bench_rejects_an_unknown_method(tmp_path, capsys):
     assert bench.method_spec("ar@4:tree16+trace") == ("ar", 4, True, 16, "trace")
     assert bench.method_spec("plain").graphs == "auto"  # CUDA graphs on a GPU, eager on the CPU
     assert bench.method_spec("hybrid+compile") == ("hybrid", None, False, None, "compile")
+    assert bench.method_spec("merged@3:tree") == ("merged", 3, True, None, "auto")  # the default merge, at k = 3
+    assert bench.method_spec("hybrid@3") is None  # a router picks the hybrid's k
     assert bench.main(["--per-category", "17", "--out", str(tmp_path)]) == 2
     assert "16" in capsys.readouterr().err
     assert bench.main(["--device", "tpu", "--out", str(tmp_path)]) == 2

@@ -31,8 +31,8 @@ def test_match_and_continuation_agree_with_brute_force():
         assert n == want_n
         if n:
             assert hi - lo == len(hits)
-        tokens, m = store.continuation(ids, 5)
-        assert m == want_n
+        tokens, m, shares = store.continuation(ids, 5)
+        assert m == want_n and len(shares) == len(tokens)
         if not n:
             assert tokens == []
             continue
@@ -44,6 +44,7 @@ def test_match_and_continuation_agree_with_brute_force():
                 assert best < MIN_AGREEMENT * len(hits)
                 break
             assert followers.count(tokens[j]) == best >= MIN_AGREEMENT * len(hits)
+            assert shares[j] == pytest.approx(best / len(hits))  # the share that follows the draft this far
             alive = [(a, end) for a, end in alive if end + j < len(answers[a]) and answers[a][end + j] == tokens[j]]
 
 
@@ -74,6 +75,18 @@ def test_lookup_prefers_the_store_only_when_its_match_is_longer():
     assert drafter.lookup([4, 4, 7, 8, 9], 3) == [1, 2, 3]  # context: "9" unseen; store: 3 tokens
     drafter.reset(0)
     assert NgramDrafter().lookup([4, 4, 7, 8, 9], 3) == []
+
+
+def test_a_lookup_chain_carries_its_path_scores():
+    """The store's share of voters that follow the draft so far; the context's own match decays
+    by CONTEXT_DECAY a token (what a merge's cut calibrates)."""
+    from hybrid_sd.drafters.ngram import CONTEXT_DECAY
+    store = Datastore.from_answers([[7, 8, 9, 1, 2, 3], [7, 8, 9, 1, 2, 3], [7, 8, 9, 1, 5, 6]], vocab_size=10)
+    drafter = NgramDrafter(datastore=store)
+    tokens, scores = drafter.scored_lookup([4, 4, 7, 8, 9], 3)
+    assert tokens == [1, 2, 3] and scores == pytest.approx([1.0, 2 / 3, 2 / 3])
+    drafter.reset(0)
+    assert drafter.scored_lookup([5, 6, 4, 7, 5, 6], 3) == ([4, 7, 5], [1.0, CONTEXT_DECAY, CONTEXT_DECAY ** 2])
 
 
 def test_greedy_output_with_the_shipped_datastore_equals_plain_decoding():

@@ -56,12 +56,37 @@ class Draft:
     confidence: torch.Tensor | None = None  # [k] drafter's probability of each drafted token
     # a tree (hybrid_sd/tree.py): each node's parent (-1 = the bonus), best node first; None = a chain
     parents: list[int] | None = None
-    scores: list[float] | None = None  # per tree node: the drafter's probability of its whole path
+    scores: list[float] | None = None  # per node: the drafter's probability of its whole path, where it has one
+    origins: list[str] | None = None  # a merge of drafts: per node, the drafter whose score it carries
 
     def first(self, n: int) -> "Draft":
         """The first n nodes (of a tree: again a tree, the n best)."""
         cut = lambda x: x[:n] if x is not None else None  # noqa: E731
-        return Draft(self.tokens[:n], cut(self.probs), cut(self.confidence), cut(self.parents), cut(self.scores))
+        return Draft(self.tokens[:n], cut(self.probs), cut(self.confidence), cut(self.parents), cut(self.scores),
+                     cut(self.origins))
+
+    def select(self, nodes: list[int]) -> "Draft":
+        """The given nodes of a tree, in the given order, as a tree of their own (every node's
+        parent must be among them, before it)."""
+        where = {old: new for new, old in enumerate(nodes)}
+        parents = [where[self.parents[i]] if self.parents[i] >= 0 else -1 for i in nodes]
+        index = torch.tensor(nodes, dtype=torch.long, device=self.tokens.device)
+        pick = lambda x: [x[i] for i in nodes] if x is not None else None  # noqa: E731
+        confidence = self.confidence[index.to(self.confidence.device)] if self.confidence is not None else None
+        return Draft(self.tokens[index], None, confidence, parents, pick(self.scores), pick(self.origins))
+
+    def path_scores(self) -> list[float] | None:
+        """Per node, the drafter's probability of its whole path: its scores, else the product
+        of its per-token confidences along the path; None where it has neither."""
+        if self.scores is not None:
+            return list(self.scores)
+        if self.confidence is None:
+            return None
+        parents = self.parents if self.parents is not None else chain_parents(self.tokens.numel())
+        out: list[float] = []
+        for p, c in zip(parents, self.confidence.tolist()):
+            out.append((out[p] if p >= 0 else 1.0) * c)
+        return out
 
 
 class Drafter(ABC):
@@ -76,6 +101,9 @@ class Drafter(ABC):
     name: ClassVar[str]                       # registry name, stats and router label
     feature_layers: tuple[int, ...] = ()      # target hidden states it reads (transformers numbering)
     frontier: int = 0
+    # its every draft is a tree, whatever the engine's --tree (a merge of drafters' drafts): the
+    # engine warms the tree verify's graphs for it and cuts its drafts by cost
+    tree_only: ClassVar[bool] = False
 
     @classmethod
     def load(cls, target, checkpoint: Path | None, options: DraftOptions) -> "Drafter":

@@ -131,14 +131,16 @@ class Datastore:
             positions = positions[np.linspace(0, len(positions) - 1, SAMPLE).astype(np.int64)]
         return positions, n
 
-    def continuation(self, ids: list[int], k: int) -> tuple[list[int], int]:
+    def continuation(self, ids: list[int], k: int) -> tuple[list[int], int, list[float]]:
         """Up to k tokens that most often followed the longest matched suffix (token by token,
         among the occurrences that agree so far, while at least MIN_AGREEMENT of the voting
-        occurrences agree with the whole draft), and the suffix length n; ([], 0) for none."""
+        occurrences agree with the whole draft), the suffix length n, and per drafted token the
+        share of the voting occurrences that follow the draft that far; ([], 0, []) for none."""
         positions, n = self.voters(ids)
         if n == 0 or k <= 0:
-            return [], 0
+            return [], 0, []
         out: list[int] = []
+        shares: list[float] = []
         last, voters = len(self.tokens) - 1, len(positions)
         for j in range(k):
             following = self.tokens[np.minimum(positions + j, last)]
@@ -149,8 +151,9 @@ class Datastore:
             if count < MIN_AGREEMENT * voters:
                 break
             out.append(token)
+            shares.append(count / voters)
             positions = positions[following == token]
-        return out, n
+        return out, n, shares
 
     def prefixes(self, ids: list[int], depth: int, limit: int) -> dict[tuple[int, ...], float]:
         """The `limit` continuation prefixes (up to `depth` tokens) that the most voting

@@ -21,6 +21,10 @@ from .datastore import Datastore
 # repeats are the better bet at equal length; chosen on the held-out split, docs/drafters.md)
 DATASTORE_MARGIN = 1
 
+# prompt lookup has no probabilities: a context continuation's path score falls by this a token
+# (a tree cut calibrates every score against what the target accepted, router/tree.py)
+CONTEXT_DECAY = 0.8
+
 TREE_MATCHES = 8  # the context's earlier occurrences a tree merges (the most recent of the longest n-grams first)
 
 
@@ -63,15 +67,21 @@ class NgramDrafter(Drafter):
     def lookup(self, ids: list[int], k: int) -> list[int]:
         """Up to k tokens; a shorter k's answer is a prefix (the match does not depend on k), so
         the draft after a router's query of the same context costs no second scan."""
+        return self.scored_lookup(ids, k)[0]
+
+    def scored_lookup(self, ids: list[int], k: int) -> tuple[list[int], list[float]]:
+        """`lookup` and per token the path score: the store's share of voting occurrences that
+        follow the draft that far, or CONTEXT_DECAY per token for the context's own match."""
         if self.last is not None and self.last[:2] == (len(ids), ids[-1] if ids else None) and self.last[2] >= k:
-            return self.last[3][:k]
+            return self.last[3][:k], self.last[4][:k]
         found, n = self.scan(ids, k)
+        scores = [CONTEXT_DECAY ** j for j in range(len(found))]
         if self.datastore is not None:
-            stored, m = self.datastore.continuation(ids, k)
+            stored, m, shares = self.datastore.continuation(ids, k)
             if stored and (m > n + DATASTORE_MARGIN or not found):
-                found = stored
-        self.last = (len(ids), ids[-1] if ids else None, k, found)
-        return found
+                found, scores = stored, shares
+        self.last = (len(ids), ids[-1] if ids else None, k, found, scores)
+        return found, scores
 
     def occurrences(self, ids: list[int]):
         """(n, end) of every earlier occurrence of the context's last n tokens, for n = max_n down
@@ -93,8 +103,8 @@ class NgramDrafter(Drafter):
         return self.lookup(ctx.ids, k_max) if k_max > 0 else []
 
     def draft(self, ctx: Context, k: int, sampling: Sampling, generator=None) -> Draft:
-        found = self.lookup(ctx.ids, k) if k > 0 else []
-        return Draft(torch.tensor(found, dtype=torch.long, device=self.device))
+        found, scores = self.scored_lookup(ctx.ids, k) if k > 0 else ([], [])
+        return Draft(torch.tensor(found, dtype=torch.long, device=self.device), scores=scores)
 
     def context_continuations(self, ids: list[int], depth: int, limit: int = TREE_MATCHES) -> list[list[int]]:
         """Up to `limit` distinct continuations of earlier occurrences of the context's last
@@ -111,8 +121,8 @@ class NgramDrafter(Drafter):
     def draft_tree(self, ctx: Context, budget: int, depth: int, generator=None) -> Draft:
         """The chain's draft first, run `depth` deep (the continuation a chain round would
         propose), then the other guesses best first: the context's other continuations, a node
-        scored by the share of them through it (decayed 0.8 a level: prompt lookup has no
-        probabilities), and the store's voting occurrences, a node scored by the share that follow
+        scored by the share of them through it (decayed CONTEXT_DECAY a level: prompt lookup has
+        no probabilities), and the store's voting occurrences, a node scored by the share that follow
         it. The tree cut calibrates the scores against what the target accepted."""
         ids = ctx.ids
         if budget <= 0 or depth <= 0:
@@ -122,7 +132,7 @@ class NgramDrafter(Drafter):
         own = self.context_continuations(ids, depth)
         for cont in own:
             for j in range(1, len(cont) + 1):
-                score[tuple(cont[:j])] = score.get(tuple(cont[:j]), 0.0) + 0.8 ** (j - 1) / len(own)
+                score[tuple(cont[:j])] = score.get(tuple(cont[:j]), 0.0) + CONTEXT_DECAY ** (j - 1) / len(own)
         if self.datastore is not None:  # room for the chain's own prefixes beside the budget's best
             for prefix, share in self.datastore.prefixes(ids, depth, budget + len(chain)).items():
                 score[prefix] = max(score.get(prefix, 0.0), share)
@@ -137,6 +147,6 @@ class NgramDrafter(Drafter):
             tokens.append(prefix[-1])
             parents.append(parent)
             # a path is no likelier than its parent's (a chain node may have no score of its own)
-            scores.append(min(score.get(prefix, 0.8 ** (len(prefix) - 1)), scores[parent] if parent >= 0 else 1.0))
+            scores.append(min(score.get(prefix, CONTEXT_DECAY ** (len(prefix) - 1)), scores[parent] if parent >= 0 else 1.0))
         return Draft(torch.tensor(tokens, dtype=torch.long, device=self.device), None,
                      torch.tensor(scores), parents, scores)

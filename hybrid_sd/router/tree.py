@@ -17,9 +17,13 @@ tree's drafting narrow (its width is the budget's).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from ..config import TREE_BUDGET
 from .cost import LatencyTable
+
+if TYPE_CHECKING:  # the drafts it cuts; the router reads them, it builds none
+    from ..drafters.base import Draft
 
 BINS = 12          # score bins, by -log2(score): 1, 1/2, 1/4, ... 1/2048 and below
 PRIOR_WEIGHT = 2.0  # pseudo-observations at the drafter's own score until rounds say otherwise
@@ -67,13 +71,39 @@ class TreeBudget:
     def cut(self, name: str, scores: list[float], draft_seconds: float) -> int:
         """The N (1..len(scores)) with the most expected tokens per second."""
         curve = self.curve(name)
+        return self.best_count([curve(s) for s in scores], draft_seconds)
+
+    def best_count(self, probabilities: list[float], draft_seconds: float) -> int:
+        """The N (1..len) whose first N nodes, with these acceptance probabilities, give the
+        most expected tokens per second of draft and verify."""
         best_n, best_rate, expected = 1, -1.0, 1.0
-        for n, s in enumerate(scores, start=1):
-            expected += curve(s)
+        for n, p in enumerate(probabilities, start=1):
+            expected += p
             rate = expected / (draft_seconds + self.latency.verify_seconds(n))
             if rate > best_rate:
                 best_n, best_rate = n, rate
         return best_n
 
-    def observe(self, name: str, scores: list[float], accepted_nodes: set[int]) -> None:
-        self.curve(name).observe(scores, accepted_nodes)
+    def keep(self, name: str, draft: Draft, draft_seconds: float) -> Draft:
+        """The nodes of a drafted tree worth verifying. One drafter's tree: its first N (it
+        ranks its own nodes, `cut`). A merge of several drafters' drafts, whose scores are on
+        different scales: every node's score through its own drafter's curve (never above its
+        parent's, as a node is accepted only with its parent), then the N most likely."""
+        if draft.origins is None:
+            return draft.first(self.cut(name, draft.scores, draft_seconds))
+        p = [self.curve(o)(s) for o, s in zip(draft.origins, draft.scores)]
+        for i, parent in enumerate(draft.parents):
+            if parent >= 0:
+                p[i] = min(p[i], p[parent])
+        order = sorted(range(len(p)), key=lambda i: -p[i])  # stable: a parent keeps its place before its children
+        return draft.select(order[:self.best_count([p[i] for i in order], draft_seconds)])
+
+    def observe(self, name: str, scores: list[float], accepted_nodes: set[int],
+                origins: list[str] | None = None) -> None:
+        """Each verified node is one observation for the curve of the drafter that scored it."""
+        if origins is None:
+            self.curve(name).observe(scores, accepted_nodes)
+            return
+        for o in set(origins):
+            nodes = [i for i, x in enumerate(origins) if x == o]
+            self.curve(o).observe([scores[i] for i in nodes], {j for j, i in enumerate(nodes) if i in accepted_nodes})
