@@ -122,8 +122,9 @@ def check_engine_args(args) -> None:
     from . import factory
     if args.drafter is not None and args.drafter not in factory.drafter_choices():
         raise UserError(f"unknown drafter {args.drafter!r} (choose from {', '.join(factory.drafter_choices())})")
-    if args.drafter == factory.MERGED:
-        names = [name for name in args.merge.split(",") if name]
+    drafter = args.drafter or factory.default_drafter(args.target is None)
+    if drafter == factory.MERGED:
+        names = merge_names(args)
         unknown = [name for name in names if name not in factory.DRAFTERS]
         if unknown or len(names) < 2 or len(set(names)) != len(names):
             raise UserError(f"--merge takes two or more different drafters from {', '.join(factory.DRAFTERS)}, "
@@ -134,10 +135,15 @@ def check_engine_args(args) -> None:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     if args.budget is not None:
         from .graphs import TREE_BUCKETS
-        if args.tree == "off" and args.drafter != factory.MERGED:  # a merge verifies trees anyway
+        if args.tree == "off" and drafter != factory.MERGED:  # a merge verifies trees anyway
             raise UserError("--budget sets the tree size: add --tree auto")
         if not 1 <= args.budget <= TREE_BUCKETS[-1]:
             raise UserError(f"--budget must be 1..{TREE_BUCKETS[-1]} tree nodes, got {args.budget}")
+
+
+def merge_names(args) -> tuple[str, ...]:
+    """The drafters --merge names (empty items dropped: "ar,ngram," is ar and ngram)."""
+    return tuple(name for name in args.merge.split(",") if name)
 
 
 def emit(text: str) -> None:
@@ -218,7 +224,8 @@ def load_target(args, tokenizer: bool = True):
                                                          load_tokenizer=tokenizer)
     if args.max_context > target.max_len:
         raise UserError(f"--max-context {args.max_context} exceeds the model's {target.max_len} positions")
-    if (args.drafter or factory.default_drafter(embedded)) in (factory.HYBRID, factory.MERGED):  # a latency table
+    drafter = args.drafter or factory.default_drafter(embedded)
+    if drafter == factory.HYBRID or (drafter == factory.MERGED and args.budget is None):  # they measure a latency table
         from .engine import check_probe_context
         check_probe_context(args.max_context)
     return target, tokenizer, eos, embedded
@@ -239,8 +246,8 @@ def build_engine(args, target, eos, embedded: bool, greedy: bool = True):
         return factory.build_hybrid(target, eos, engine_config(args), args.router, args.lam, args.router_dir,
                                     checkpoints, options, embedded)
     if args.drafter == factory.MERGED:
-        return factory.build_merged(target, eos, engine_config(args), tuple(args.merge.split(",")), checkpoints,
-                                    options, embedded)
+        return factory.build_merged(target, eos, engine_config(args), merge_names(args), checkpoints, options,
+                                    embedded)
     return factory.build_engine(target, eos, args.drafter, engine_config(args), args.draft, options, embedded)
 
 

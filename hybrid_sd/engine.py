@@ -531,6 +531,8 @@ class Engine:
                     draft = self.budgets.keep(name, draft, self.budgets.latency.draft_seconds(name, k))
             elif draft.parents is not None and self.config.tree_budget is not None:  # a merge's union: --budget
                 draft = draft.first(self.config.tree_budget)
+            if draft.parents is not None:  # a merge's union may outgrow what each member was allowed
+                draft = draft.first(min(self.max_len - n - 1, TREE_BUCKETS[-1]))
         tree = draft.parents is not None
         kd = draft.tokens.numel()
         with self.clock.phase("verify"):

@@ -104,6 +104,10 @@ def build_merged(target, eos, config: EngineConfig = EngineConfig(), names: tupl
     one tree, cut by this machine's latency table (or to config.tree_budget nodes)."""
     if len(names) < 2 or len(set(names)) != len(names):
         raise UserError(f"--merge needs two or more different drafters, got {','.join(names)}")
+    for name in names:  # a merge reads each member's checkpoint flag, not --draft
+        if drafter_kind(name).needs_checkpoint and checkpoints.get(name) is None and not embedded:
+            raise UserError(f"--drafter merged with {name} needs its checkpoint: pass --{name}-draft PATH "
+                            "(drafters ship only for the embedded default target)")
     members = [build_drafter(name, target, checkpoints.get(name), options, embedded) for name in names]
     engine = Engine(target, eos, [MergedDrafter(members)], config=config)
     if config.tree_budget is None:

@@ -78,22 +78,22 @@ def walk(parents: list[int], tokens: list[int], next_token) -> tuple[list[int], 
 def merge(drafts: list[tuple[list[int], list[int], list[float]]]) -> tuple[list[int], list[int], list[float], list[int]]:
     """One tree of several drafts, each (tokens, parents, scores): a path that several drafts
     propose is one node, with the score of the first draft that proposed it. Returns (tokens,
-    parents, scores, owner: the index of the draft each node's score comes from); the nodes
-    come draft after draft, each in its own order, so every parent precedes its children."""
-    node: dict[tuple[int, ...], int] = {}  # path of tokens from the bonus -> merged node
-    tokens, parents, scores, owner = [], [], [], []
+    parents, scores, owner: the index of the draft each node's score comes from). Nodes come
+    depth by depth, the drafts in turn within a depth, so every parent precedes its children and
+    the first N nodes hold every draft's first guesses (a cut that cannot rank them by
+    calibrated acceptance, `--budget N`, keeps all drafters' shallow nodes, not one's whole draft)."""
+    found: dict[tuple[int, ...], tuple[int, int, float]] = {}  # path -> (draft, its node, score)
     for d, (draft_tokens, draft_parents, draft_scores) in enumerate(drafts):
         paths: list[tuple[int, ...]] = []
-        for token, parent, score in zip(draft_tokens, draft_parents, draft_scores):
+        for i, (token, parent, score) in enumerate(zip(draft_tokens, draft_parents, draft_scores)):
             path = (paths[parent] if parent >= 0 else ()) + (token,)
             paths.append(path)
-            if path not in node:
-                node[path] = len(tokens)
-                tokens.append(token)
-                parents.append(node[path[:-1]] if len(path) > 1 else -1)
-                scores.append(score)
-                owner.append(d)
-    return tokens, parents, scores, owner
+            found.setdefault(path, (d, i, score))
+    order = sorted(found, key=lambda path: (len(path), found[path][:2]))
+    node = {path: i for i, path in enumerate(order)}
+    parents = [node[path[:-1]] if len(path) > 1 else -1 for path in order]
+    return ([path[-1] for path in order], parents, [found[path][2] for path in order],
+            [found[path][0] for path in order])
 
 
 def best_first(top_logp: torch.Tensor, top_ids: torch.Tensor, budget: int):

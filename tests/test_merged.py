@@ -22,15 +22,18 @@ def test_merge_shares_common_paths_and_keeps_each_drafts_branches():
     ar = ([5, 6, 7, 8], [-1, 0, 1, 2], [0.9, 0.8, 0.5, 0.4])   # a chain 5 6 7 8
     lookup = ([5, 6, 9, 3], [-1, 0, 1, 2], [1.0, 1.0, 0.6, 0.6])  # shares "5 6", then branches
     tokens, parents, scores, owner = merge([ar, lookup])
-    assert tokens == [5, 6, 7, 8, 9, 3]
-    assert parents == [-1, 0, 1, 2, 1, 4]
-    assert scores == [0.9, 0.8, 0.5, 0.4, 0.6, 0.6]  # a shared node keeps the first draft's score
-    assert owner == [0, 0, 0, 0, 1, 1]
+    # depth by depth, the drafts in turn: "5", "5 6", then "5 6 7" (ar) and "5 6 9" (lookup), ...
+    assert tokens == [5, 6, 7, 9, 8, 3]
+    assert parents == [-1, 0, 1, 1, 2, 3]
+    assert scores == [0.9, 0.8, 0.5, 0.6, 0.4, 0.6]  # a shared node keeps the first draft's score
+    assert owner == [0, 0, 0, 1, 0, 1]
     check_tree(parents)
     # a tree member: its branch under a shared node hangs off the merged node
     tree = ([5, 2, 4], [-1, 0, -1], [0.5, 0.2, 0.1])
     tokens, parents, _, owner = merge([ar, tree])
-    assert tokens == [5, 6, 7, 8, 2, 4] and parents == [-1, 0, 1, 2, 0, -1] and owner[4:] == [1, 1]
+    assert tokens == [5, 4, 6, 2, 7, 8] and parents == [-1, -1, 0, 0, 2, 4] and owner == [0, 1, 0, 1, 0, 0]
+    # so a budget's first nodes hold both drafters' first guesses
+    assert set(merge([ar, ([1, 2, 3, 4], [-1, 0, 1, 2], [1.0] * 4)])[3][:4]) == {0, 1}
 
 
 def test_select_renumbers_the_kept_nodes():
@@ -132,6 +135,17 @@ def test_a_merge_catches_every_member_up(target, members):
         MergedDrafter([members["ar"], members["ar"]])
 
 
+def test_a_merge_runs_to_the_end_of_the_context(target, members):
+    """Each member drafts what fits before the cache ends; their union may not: it is cut to
+    the room left, and the answer stops at the context's end as plain decoding's does."""
+    from helpers import plain_greedy
+    prompt = PROMPTS[2][:20]
+    decoder = engine(target, (), MergedDrafter([members["ar"], members["block"]]), k=7, max_len=len(prompt) + 12)
+    gen = decoder.generate(prompt, 40)  # two model drafters: each drafts k tokens, and they part
+    assert gen.token_ids == plain_greedy(target, (), prompt, 40, max_len=len(prompt) + 12)
+    assert gen.stop_reason == "context" and max(r.k for r in gen.rounds) > 7
+
+
 @pytest.mark.slow
 def test_merged_sampling_matches_the_target_distribution(target, members):
     prompt = [5, 9, 5, 9, 5]
@@ -154,8 +168,12 @@ def test_a_bad_merge_is_one_clear_error(merge):
 
 
 def test_a_merge_takes_a_budget_without_tree_auto():
-    from hybrid_sd.decode import build_parser, check_args
+    from hybrid_sd.decode import build_parser, check_args, merge_names
     from hybrid_sd.errors import UserError
     check_args(build_parser().parse_args(["--drafter", "merged", "--budget", "6", "hi"]))
+    check_args(build_parser().parse_args(["--budget", "6", "hi"]))  # the embedded default is the merge
     with pytest.raises(UserError, match="add --tree auto"):
         check_args(build_parser().parse_args(["--drafter", "ar", "--budget", "6", "hi"]))
+    with pytest.raises(UserError, match="--merge takes"):  # checked for the default drafter too
+        check_args(build_parser().parse_args(["--merge", "ar", "hi"]))
+    assert merge_names(build_parser().parse_args(["--merge", "ar,ngram,", "hi"])) == ("ar", "ngram")
