@@ -35,9 +35,9 @@ def drafter_choices() -> list[str]:
 
 def default_drafter(embedded: bool) -> str:
     """On the embedded default, the merge of the shipped AR drafter and the lookup (in side-by-side
-    benchmarks ahead of the lookup drafter alone and of the routed hybrid, with 1.3x their tokens
-    per round: docs/performance.md, sixteenth session); prompt lookup, which needs no checkpoint,
-    elsewhere."""
+    benchmarks level with the lookup drafter alone and with the routed hybrid in speed, with 1.3x
+    the lookup's tokens per round and no router to train: docs/performance.md, sixteenth session);
+    prompt lookup, which needs no checkpoint, elsewhere."""
     kinds = [drafter_kind(name) for name in DEFAULT_MERGE]
     if embedded and all(not kind.needs_checkpoint or kind.shipped_checkpoint() is not None for kind in kinds):
         return MERGED

@@ -6,9 +6,9 @@ Where the drafters agree the union shares the nodes, where they differ it branch
 tree cut (router/tree.py) keeps the nodes whose calibrated acceptance pays for their verify
 rows: each node's score is mapped through the acceptance curve of the drafter that proposed
 it, since the AR drafter's probabilities and the lookup's agreement shares are on different
-scales. It pays where one drafter is cheap to run beside another: prompt lookup costs nothing,
-so merging it with the AR drafter costs the AR drafter's draft plus the rows that pay
-(docs/drafters.md, "Merged drafts").
+scales. Prompt lookup costs nothing to run, so merging it with the AR drafter costs the AR
+drafter's draft plus the rows that pay: on the 2-core CPU, 1.3x the lookup's tokens per round
+at about its speed (docs/performance.md, sixteenth session).
 
 Members keep their own state: each catches up on what it missed before it drafts (every round,
 since every member drafts every round) and its graphs are its own.
