@@ -60,7 +60,7 @@ def add_engine_arguments(p: Parser) -> None:
     p.add_argument("--target", help="HF checkpoint directory (Llama, Qwen2, Qwen3 dense); default: embedded SmolLM2-135M-Instruct")
     p.add_argument("--drafter", default=None,
                    help=f"{' | '.join(drafter_choices())}: plain decoding, one registered drafter, several at once "
-                        "(merged, --merge), or the hybrid of the drafters its router knows (default: merged on the "
+                        "(merged, --merge), or the hybrid of the drafters its router knows (default: hybrid on the "
                         "embedded target, ngram otherwise)")
     p.add_argument("--draft", help="drafter checkpoint directory (for --drafter ar/block)")
     p.add_argument("--router", default=DEFAULT_ROUTER, help=f"hybrid: {' | '.join(ROUTERS)} (calibrated rule | MLP)")

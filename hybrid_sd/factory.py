@@ -24,6 +24,7 @@ from .models.loading import load_target
 from .models.packed_linear import LAYOUT_VERSION, pack_linears
 from .router import DEFAULT_LAM, DEFAULT_ROUTER, FixedRouter, LatencyTable, load_router, router_names
 from .router.cost import MEASURE_VERSION
+from .weights import shipped_router
 
 PLAIN, MERGED, HYBRID = "none", "merged", "hybrid"
 
@@ -34,14 +35,11 @@ def drafter_choices() -> list[str]:
 
 
 def default_drafter(embedded: bool) -> str:
-    """On the embedded default, the merge of the shipped AR drafter and the lookup (in side-by-side
-    benchmarks level with the lookup drafter alone and with the routed hybrid in speed, with 1.3x
-    the lookup's tokens per round and no router to train: docs/performance.md, sixteenth session);
-    prompt lookup, which needs no checkpoint, elsewhere."""
-    kinds = [drafter_kind(name) for name in DEFAULT_MERGE]
-    if embedded and all(not kind.needs_checkpoint or kind.shipped_checkpoint() is not None for kind in kinds):
-        return MERGED
-    return "ngram"
+    """The hybrid on the embedded default where a router ships; prompt lookup, which needs no
+    checkpoint, elsewhere. (The merge of the AR drafter and the lookup, `merged`, commits 1.3x the
+    lookup's tokens per round, but on the 2-core CPU it was level with the hybrid on the
+    benchmark and 0.92x it on the README's prompt: docs/performance.md, sixteenth session.)"""
+    return HYBRID if embedded and shipped_router() is not None else "ngram"
 
 
 def load_packed_target(path: str | Path | None = None, device="cpu", dtype=torch.float32, max_len: int | None = None,
