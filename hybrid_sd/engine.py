@@ -529,10 +529,10 @@ class Engine:
             if draft.parents is not None and draft.scores is not None and self.budgets is not None:
                 with self.clock.phase("route"):
                     draft = self.budgets.keep(name, draft, self.budgets.latency.draft_seconds(name, k))
-            elif draft.parents is not None and self.config.tree_budget is not None:  # a merge's union: --budget
-                draft = draft.first(self.config.tree_budget)
-            if draft.parents is not None:  # a merge's union may outgrow what each member was allowed
-                draft = draft.first(min(self.max_len - n - 1, TREE_BUCKETS[-1]))
+            # a merge's union may outgrow what each member was allowed: --budget, the room left
+            limit = min(self.config.tree_budget or TREE_BUCKETS[-1], self.max_len - n - 1)
+            if draft.parents is not None and draft.tokens.numel() > limit:
+                draft = draft.first(limit)
         tree = draft.parents is not None
         kd = draft.tokens.numel()
         with self.clock.phase("verify"):

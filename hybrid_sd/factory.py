@@ -56,17 +56,17 @@ def drafter_kind(name: str) -> DrafterKind:
     return DRAFTERS[name]
 
 
-def checkpoint_of(name: str, path: str | Path | None, embedded: bool) -> Path | None:
-    """The checkpoint directory a drafter is built from: the one given, else on the embedded
-    default the shipped one; for a drafter that needs none, the shipped extra it may use (the
-    lookup drafter's datastore) on the embedded default, else None."""
+def checkpoint_of(name: str, path: str | Path | None, embedded: bool, flag: str = "--draft") -> Path | None:
+    """The checkpoint directory a drafter is built from: the one given (by `flag`), else on the
+    embedded default the shipped one; for a drafter that needs none, the shipped extra it may use
+    (the lookup drafter's datastore) on the embedded default, else None."""
     kind = drafter_kind(name)
     if not kind.needs_checkpoint:
         return kind.shipped_checkpoint() if embedded else None
     if path is None and embedded:
         path = kind.shipped_checkpoint()
     if path is None:
-        raise UserError(f"--drafter {name} needs a checkpoint: pass --draft PATH"
+        raise UserError(f"--drafter {name} needs a checkpoint: pass {flag} PATH"
                         + ("" if embedded else " (drafters ship only for the embedded default target)"))
     path = Path(path)
     if not path.is_dir():
@@ -102,11 +102,8 @@ def build_merged(target, eos, config: EngineConfig = EngineConfig(), names: tupl
     one tree, cut by this machine's latency table (or to config.tree_budget nodes)."""
     if len(names) < 2 or len(set(names)) != len(names):
         raise UserError(f"--merge needs two or more different drafters, got {','.join(names)}")
-    for name in names:  # a merge reads each member's checkpoint flag, not --draft
-        if drafter_kind(name).needs_checkpoint and checkpoints.get(name) is None and not embedded:
-            raise UserError(f"--drafter merged with {name} needs its checkpoint: pass --{name}-draft PATH "
-                            "(drafters ship only for the embedded default target)")
-    members = [build_drafter(name, target, checkpoints.get(name), options, embedded) for name in names]
+    members = [drafter_kind(name).cls.load(target, checkpoint_of(name, checkpoints.get(name), embedded,
+                                                                 f"--{name}-draft"), options) for name in names]
     engine = Engine(target, eos, [MergedDrafter(members)], config=config)
     if config.tree_budget is None:
         engine.use_latency(cached_latency(engine))
@@ -119,7 +116,7 @@ def build_hybrid(target, eos, config: EngineConfig = EngineConfig(), router: str
     """The drafters the router was calibrated for (by name: checkpoints[name] or the shipped
     ones), one engine over them, this machine's latency table, then the router on it."""
     names = router_names(router, router_dir)
-    paths = {name: checkpoint_of(name, checkpoints.get(name), embedded) for name in names}
+    paths = {name: checkpoint_of(name, checkpoints.get(name), embedded, f"--{name}-draft") for name in names}
     drafters = [drafter_kind(name).cls.load(target, paths[name], options) for name in names]
     # the latency probes run each step once before timing it: on CUDA that call captures its graph
     engine = Engine(target, eos, drafters, router=FixedRouter(0, 1), config=config)

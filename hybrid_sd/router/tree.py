@@ -51,11 +51,14 @@ class AcceptanceCurve:
         prior = 2.0 ** -(b + 0.5)
         return (self.hits[b] + PRIOR_WEIGHT * prior) / (self.seen[b] + PRIOR_WEIGHT)
 
+    def add(self, score: float, accepted: bool) -> None:
+        b = self.bin(score)
+        self.seen[b] += 1
+        self.hits[b] += accepted
+
     def observe(self, scores: list[float], accepted: set[int]) -> None:
         for i, s in enumerate(scores):
-            b = self.bin(s)
-            self.seen[b] += 1
-            self.hits[b] += i in accepted
+            self.add(s, i in accepted)
 
 
 class TreeBudget:
@@ -101,9 +104,5 @@ class TreeBudget:
     def observe(self, name: str, scores: list[float], accepted_nodes: set[int],
                 origins: list[str] | None = None) -> None:
         """Each verified node is one observation for the curve of the drafter that scored it."""
-        if origins is None:
-            self.curve(name).observe(scores, accepted_nodes)
-            return
-        for o in set(origins):
-            nodes = [i for i, x in enumerate(origins) if x == o]
-            self.curve(o).observe([scores[i] for i in nodes], {j for j, i in enumerate(nodes) if i in accepted_nodes})
+        for i, s in enumerate(scores):
+            self.curve(origins[i] if origins is not None else name).add(s, i in accepted_nodes)
