@@ -271,7 +271,8 @@ def test_acceptance_curve_learns_from_rounds():
     curve = AcceptanceCurve()
     before = curve(0.9)
     for _ in range(50):
-        curve.observe([0.9, 0.9], accepted=set())  # confident and always wrong
+        for score in (0.9, 0.9):
+            curve.add(score, accepted=False)  # confident and always wrong
     assert curve(0.9) < before / 10
     assert curve(0.9) == pytest.approx(2 * 2 ** -0.5 / 102)
     assert math.isclose(AcceptanceCurve()(0.0), 2.0 ** -(11.5))

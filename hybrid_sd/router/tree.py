@@ -56,10 +56,6 @@ class AcceptanceCurve:
         self.seen[b] += 1
         self.hits[b] += accepted
 
-    def observe(self, scores: list[float], accepted: set[int]) -> None:
-        for i, s in enumerate(scores):
-            self.add(s, i in accepted)
-
 
 class TreeBudget:
     def __init__(self, latency: LatencyTable):
