@@ -1,6 +1,7 @@
 """Training: each command runs end to end on a tiny target, lowers its loss and writes a
 checkpoint that loads; and the training forward computes exactly what drafting computes."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,6 +206,53 @@ def test_training_goes_on_from_a_published_drafter(setup, kind):
             torch.testing.assert_close(resized.lm_head.weight[r], want, rtol=1e-2, atol=1e-3)
     else:
         assert len(new.layers) == len(old.layers) == 2 and new.block_size == old.block_size
+
+
+def test_grown_block_drafter_drafts_as_before_until_trained(setup):
+    """--grow-layers appends layers that start as the identity: the grown drafter's blocks equal
+    the drafter's, its new layers hold target layers (residual outputs zero), and one training
+    step moves them."""
+    _, _, target = setup
+    drafter, seq, f, anchors = block_case(target, 3)
+    bigger = train_block.grown(drafter, target, 2)
+    bigger.reset(64)
+    assert len(bigger.layers) == 4 and bigger.target_layer_ids == drafter.target_layer_ids
+    torch.testing.assert_close(train_block.block_forward(bigger, f, seq[None], anchors[None]),
+                               train_block.block_forward(drafter, f, seq[None], anchors[None]), rtol=0, atol=0)
+    source_idx = train_block.default_target_layer_ids(target.config.num_hidden_layers, 2)[1]
+    new_layer, source = bigger.layers[3], target.model.layers[source_idx]
+    assert torch.equal(new_layer.self_attn.q_proj.weight, source.self_attn.q_proj.weight)
+    assert not new_layer.self_attn.o_proj.weight.any() and not new_layer.mlp.down_proj.weight.any()
+    a = anchors[1].item()  # and drafting: catch-up, then one block forward, as at inference
+    ctx = context_for(target, seq[:a + 1].tolist(), drafter.feature_layers)
+    blocks = []
+    for d in (drafter, bigger):
+        d.reset(64)
+        d.catch_up(ctx, ctx.n)
+        blocks.append(d.forward_block(ctx.tokens[ctx.n:ctx.n + 1], torch.arange(ctx.n, ctx.n + 8), d.cache.max_len))
+    torch.testing.assert_close(blocks[1], blocks[0], rtol=0, atol=0)
+    with torch.enable_grad():  # the suite runs without autograd (conftest)
+        train_block.block_forward(bigger, f, seq[None], anchors[None]).square().mean().backward()
+    assert new_layer.self_attn.o_proj.weight.grad.abs().sum() > 0
+
+
+def test_grow_layers_on_the_command_line(setup, capsys):
+    tmp, path, target = setup
+    first = tmp / "out-block"
+    if not (first / "config.json").is_file():
+        pytest.skip("needs test_training_command_end_to_end's drafter")
+    common = ["--data", str(tmp / "data"), "--target", str(path), "--out", str(tmp / "grown"), "--steps", "1",
+              "--batch", "4", "--ckpt-dir", str(tmp / "ckpt-grown"), "--eval-every", "0", "--eval-per-category", "0",
+              "--loss-vocab", "64", "--mask-token-id", "2", "--grow-layers", "1"]
+    assert train_block.main(common) == 2  # nothing to grow
+    assert "--start-from" in capsys.readouterr().err and not (tmp / "grown").exists()
+    assert train_block.main(common + ["--start-from", str(first)]) == 0
+    old, new = BlockDrafter.from_pretrained(first, target), BlockDrafter.from_pretrained(tmp / "grown", target)
+    assert len(new.layers) == len(old.layers) + 1 and new.block_size == old.block_size
+    record = json.loads((tmp / "grown" / "training_log.json").read_text())
+    before = json.loads((first / "training_log.json").read_text())["log"]
+    assert record["args"]["grow_layers"] == 1  # and it starts where the drafter ended, not afresh
+    assert record["log"][0]["loss"] < 0.8 * sum(r["loss"] for r in before[:2]) / 2
 
 
 @pytest.mark.parametrize("kind", ["ar", "block"])
@@ -435,6 +483,36 @@ def test_training_curve_reads_logs_and_checkpoints(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("[1, 2]")
     assert training_curve.main([str(tmp_path / "bad.json"), "--out", str(out)]) == 2
     assert "is not a training_log.json" in capsys.readouterr().err
+
+
+def test_tau_growth_counts_each_line_of_runs(tmp_path, capsys):
+    """A run's training is its own steps x batch plus its ancestors'; the shipped record plots;
+    a parent missing from the file or a loop is one clear error."""
+    pytest.importorskip("matplotlib")
+    from hybrid_sd.eval import tau_growth
+
+    def run(name, parent, steps, batch=8, tau=None, drafter="ar"):
+        return {"drafter": drafter, "name": name, "parent": parent, "steps": steps, "batch": batch, "bench_tau": tau}
+    runs = [run("a", None, 10), run("b", "a", 5, tau=2.0), run("c", "b", 2, batch=32, tau=2.1),
+            run("d", "a", 1, tau=1.9), run("a", None, 3, drafter="block", tau=1.2)]
+    assert tau_growth.seen_sequences(runs) == {("ar", "a"): 80, ("ar", "b"): 120, ("ar", "c"): 184, ("ar", "d"): 88,
+                                               ("block", "a"): 24}
+    (tmp_path / "runs.json").write_text(json.dumps({"runs": runs}))
+    out = tmp_path / "growth.png"
+    assert tau_growth.main([str(tmp_path / "runs.json"), "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    shipped = tau_growth.read_runs(Path(__file__).parents[1] / "docs" / "bench" / "training" / "tau-growth.json")
+    assert tau_growth.seen_sequences(shipped)[("ar", "v7")] == 1540 * 32 + 638 * 8 + 978 * 8  # GPU run, v6, v7
+    (tmp_path / "orphan.json").write_text(json.dumps({"runs": [run("b", "a", 5)]}))
+    (tmp_path / "loop.json").write_text(json.dumps({"runs": [run("a", "b", 1), run("b", "a", 1)]}))
+    (tmp_path / "twice.json").write_text(json.dumps({"runs": [run("a", None, 1), run("a", None, 2)]}))
+    (tmp_path / "kind.json").write_text(json.dumps({"runs": [run("a", None, 1, drafter="ngram")]}))
+    (tmp_path / "steps.json").write_text(json.dumps({"runs": [run("a", None, None)]}))
+    for name, words in (("orphan.json", "not in the runs file"), ("loop.json", "loop"), ("absent.json", "no runs file"),
+                        ("twice.json", "two ar runs"), ("kind.json", "drafter 'ngram'"), ("steps.json", "integer")):
+        assert tau_growth.main([str(tmp_path / name), "--out", str(tmp_path / "x.png")]) == 2
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_sampled_rest_draws_distinct_outside_tokens_with_their_weight():

@@ -26,6 +26,16 @@ def require_matplotlib():
     return plt
 
 
+def save_png(fig, path: Path, plt) -> Path:
+    """Write a figure atomically (nothing half-written on disk) and free it."""
+    from ..cli import write_atomic
+    try:
+        write_atomic(path, writer=lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
+    return path
+
+
 def grouped_bars(ax, groups: list[str], series: dict[str, list[float]]):
     width = 0.8 / max(len(series), 1)
     for i, (name, values) in enumerate(series.items()):
@@ -157,15 +167,7 @@ def plot_all(result: dict, out: Path) -> list[Path]:
         figures["tree-budget.png"] = plot_budget(result, plt)
     for method in result["routing"]:
         figures[f"routing-{method.replace(':', '-')}.png"] = plot_routing(result, method, plt)
-    paths = []
-    from ..cli import write_atomic
-    for name, fig in figures.items():
-        try:
-            write_atomic(out / name, writer=lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-        finally:
-            plt.close(fig)
-        paths.append(out / name)
-    return paths
+    return [save_png(fig, out / name, plt) for name, fig in figures.items()]
 
 
 def main(argv=None) -> int:

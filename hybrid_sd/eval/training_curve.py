@@ -47,8 +47,7 @@ def curves(log: list[dict], smooth: int = 25) -> tuple[list[tuple[int, float]], 
 
 
 def plot(logs: dict[str, list[dict]], out: Path) -> Path:
-    from ..cli import write_atomic
-    from .plots import require_matplotlib
+    from .plots import require_matplotlib, save_png
     plt = require_matplotlib()
     fig, (tau_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for label, log in logs.items():
@@ -62,11 +61,7 @@ def plot(logs: dict[str, list[dict]], out: Path) -> Path:
     for ax in (tau_ax, loss_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    try:
-        write_atomic(out, writer=lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    finally:
-        plt.close(fig)
-    return out
+    return save_png(fig, out, plt)
 
 
 def main(argv=None) -> int:

@@ -64,14 +64,58 @@ def new_drafter(target, n_layers: int, block_size: int, mask_token_id: int,
                     torch.nn.init.normal_(p, std=0.02)
             return drafter
         for mine, source_idx in zip(drafter.layers, ids):
-            src = target.model.layers[source_idx]
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                getattr(mine.self_attn, name).weight.copy_(getattr(src.self_attn, name).weight)
-            mine.mlp.load_state_dict(src.mlp.state_dict())
-            mine.input_layernorm.load_state_dict(src.input_layernorm.state_dict())
-            mine.post_attention_layernorm.load_state_dict(src.post_attention_layernorm.state_dict())
+            copy_target_layer(mine, target.model.layers[source_idx])
         drafter.norm.weight.copy_(target.model.norm.weight)
     return drafter
+
+
+@torch.no_grad()
+def copy_target_layer(mine, src) -> None:
+    """A draft layer's attention projections, MLP and norms from a target layer of the same
+    shapes; its q/k norms stay as they are (at 1 in a fresh layer)."""
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        getattr(mine.self_attn, name).weight.copy_(getattr(src.self_attn, name).weight)
+    mine.mlp.load_state_dict(src.mlp.state_dict())
+    mine.input_layernorm.load_state_dict(src.input_layernorm.state_dict())
+    mine.post_attention_layernorm.load_state_dict(src.post_attention_layernorm.state_dict())
+
+
+def same_shapes(mine, src) -> bool:
+    """Whether a target layer's attention projections and MLP fit a draft layer's."""
+    names = [f"self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+        [f"mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")]
+    theirs, ours = src.state_dict(), mine.state_dict()
+    return all(n in theirs and theirs[n].shape == ours[n].shape for n in names)
+
+
+@torch.no_grad()
+def grown(drafter: BlockDrafter, target, extra: int) -> BlockDrafter:
+    """`drafter` with `extra` draft layers appended that start as the identity, so that the grown
+    drafter drafts exactly what `drafter` did until training moves it: each new layer is a copy of
+    an evenly spaced target layer whose two residual outputs (o_proj, the MLP's down_proj) are
+    zero. The capacity question of #14 asks what more layers buy over the same training; a grown
+    drafter answers it from the shipped one's start rather than from scratch."""
+    c = drafter.config
+    config = Qwen3Config(**{**c.to_dict(), "num_hidden_layers": c.num_hidden_layers + extra, "layer_types": None})
+    bigger = BlockDrafter(config, target, drafter.target_layer_ids, drafter.mask_token_id, drafter.block_size)
+    missing, unexpected = bigger.load_state_dict(drafter.state_dict(), strict=False)
+    new_prefixes = tuple(f"layers.{i}." for i in range(c.num_hidden_layers, config.num_hidden_layers))
+    assert not unexpected and all(k.startswith(new_prefixes) for k in missing), (missing, unexpected)
+    sources = default_target_layer_ids(target.config.num_hidden_layers, extra)
+    for mine, source_idx in zip(bigger.layers[c.num_hidden_layers:], sources):
+        src = target.model.layers[source_idx]
+        if same_shapes(mine, src):
+            copy_target_layer(mine, src)
+        else:  # a drafter narrower or wider than its target: the new layers start at random
+            for p in mine.parameters():
+                if p.dim() == 2:
+                    torch.nn.init.normal_(p, std=0.02)
+        for out in (mine.self_attn.o_proj, mine.mlp.down_proj):  # the residual outputs: zero adds nothing
+            out.weight.zero_()
+            if out.bias is not None:
+                out.bias.zero_()
+    p = drafter.fc.weight
+    return bigger.to(device=p.device, dtype=p.dtype)
 
 
 def block_forward(drafter: BlockDrafter, feats: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor):
@@ -180,6 +224,8 @@ def train(args) -> Path:
     from .data import default_data_dir
 
     device = check_recipe(args)
+    if args.grow_layers and not args.start_from:
+        raise UserError("--grow-layers adds layers to a trained drafter: give it --start-from DIR")
     torch.manual_seed(args.seed)
     data_dir = Path(args.data) if args.data else default_data_dir()
     target, tokenizer, eos = load_target(args.target, load_tokenizer=args.mask_token_id is None)
@@ -193,6 +239,8 @@ def train(args) -> Path:
     layer_ids = [int(x) for x in args.target_layer_ids.split(",")] if args.target_layer_ids else None
     if args.start_from:  # go on training a drafter in the published format: its shapes and mask token
         drafter = BlockDrafter.from_pretrained(args.start_from, target)
+        if args.grow_layers:
+            drafter = grown(drafter, target, args.grow_layers)
     else:
         drafter = new_drafter(target, args.layers, args.block_size, mask_id, layer_ids, args.init)
     target.to(device)  # built on the CPU (checkpoints load there), trained where asked
@@ -235,7 +283,7 @@ def train(args) -> Path:
                 "loss_vocab": len(vocab_ids), "negatives": args.negatives, "batch": args.batch,
                 "layers": list(drafter.target_layer_ids),
                 "block_size": drafter.block_size, "anchors": args.anchors, "kd": args.kd, "init": args.init,
-                "start_from": args.start_from,
+                "start_from": args.start_from, **({"grow_layers": args.grow_layers} if args.grow_layers else {}),
                 "seed": args.seed, "lr": args.lr,
                 "steps": args.steps, "epochs": args.epochs}
     k = drafter.block_size - 1
@@ -277,6 +325,9 @@ def main(argv=None) -> int:
                    help="go on training this drafter (published DFlash format) instead of a fresh one; its layers, "
                         "layer ids, block size and mask token are kept, --init, --layers, --target-layer-ids, "
                         "--block-size and --mask-token are not used")
+    p.add_argument("--grow-layers", type=nonnegative_int, default=0, metavar="N",
+                   help="with --start-from: append N draft layers that start as the identity (target layers with "
+                        "zeroed residual outputs), so that training begins from the drafter's own drafts")
     p.add_argument("--eval-per-category", type=nonnegative_int, default=2,
                    help="held-out prompts per category to measure tokens per round on after training (0: skip)")
     add_recipe_args(p, kd=0.0, clip=1.0)
