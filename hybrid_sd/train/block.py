@@ -59,14 +59,20 @@ def new_drafter(target, n_layers: int, block_size: int, mask_token_id: int,
     with torch.no_grad():
         torch.nn.init.normal_(drafter.fc.weight, std=0.02)
         if init == "none":
-            for p in drafter.layers.parameters():
-                if p.dim() == 2:
-                    torch.nn.init.normal_(p, std=0.02)
+            random_matrices(drafter.layers)
             return drafter
         for mine, source_idx in zip(drafter.layers, ids):
             copy_target_layer(mine, target.model.layers[source_idx])
         drafter.norm.weight.copy_(target.model.norm.weight)
     return drafter
+
+
+@torch.no_grad()
+def random_matrices(module) -> None:
+    """Every weight matrix of `module` drawn afresh (norms keep their ones)."""
+    for p in module.parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.02)
 
 
 @torch.no_grad()
@@ -107,9 +113,7 @@ def grown(drafter: BlockDrafter, target, extra: int) -> BlockDrafter:
         if same_shapes(mine, src):
             copy_target_layer(mine, src)
         else:  # a drafter narrower or wider than its target: the new layers start at random
-            for p in mine.parameters():
-                if p.dim() == 2:
-                    torch.nn.init.normal_(p, std=0.02)
+            random_matrices(mine)
         for out in (mine.self_attn.o_proj, mine.mlp.down_proj):  # the residual outputs: zero adds nothing
             out.weight.zero_()
             if out.bias is not None:
