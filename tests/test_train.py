@@ -201,11 +201,31 @@ def test_training_goes_on_from_a_published_drafter(setup, kind):
         resized = cls.from_pretrained(tmp / "resized", target)
         ids_old, ids_new = old.d2t + torch.arange(64), resized.d2t + torch.arange(32)
         assert resized.draft_vocab == 32 and not torch.equal(ids_new, ids_old[:32])
-        for r, t in enumerate(ids_new.tolist()):
-            want = old.lm_head.weight[ids_old.tolist().index(t)] if t in ids_old else target.lm_head.weight[t]
-            torch.testing.assert_close(resized.lm_head.weight[r], want, rtol=1e-2, atol=1e-3)
+        kept = [(r, ids_old.tolist().index(t)) for r, t in enumerate(ids_new.tolist()) if t in ids_old]
+        for r, o in kept:  # new tokens' rows: test_resized_vocabulary_carries_the_trained_head_map
+            torch.testing.assert_close(resized.lm_head.weight[r], old.lm_head.weight[o], rtol=1e-2, atol=1e-3)
     else:
         assert len(new.layers) == len(old.layers) == 2 and new.block_size == old.block_size
+
+
+def test_resized_vocabulary_carries_the_trained_head_map(setup):
+    """A drafter whose LM head is the target's moved by a linear map: resized to a larger draft
+    vocabulary, its kept rows stay and each new token's row is the target's moved by that same map
+    (not the raw target row, which a trained drafter's rows would not match in scale)."""
+    _, _, target = setup
+    V, H = target.config.vocab_size, target.config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(V, generator=gen)
+    old_ids = order[:V - 16].sort().values  # the new vocabulary keeps H of them (enough to fit the map) and adds 16
+    drafter = train_ar.new_drafter(target, old_ids)
+    moved = 0.5 * torch.eye(H) + 0.1 * torch.randn(H, H, generator=gen)
+    drafter.lm_head.weight.copy_(target.lm_head.weight[old_ids] @ moved)
+    new_ids = torch.cat([order[:H], order[V - 16:]]).sort().values
+    resized = train_ar.with_vocabulary(drafter, target, new_ids)
+    assert torch.equal(resized.d2t + torch.arange(len(new_ids)), new_ids)
+    torch.testing.assert_close(resized.lm_head.weight, target.lm_head.weight[new_ids] @ moved, rtol=1e-3, atol=1e-4)
+    kept = torch.isin(new_ids, old_ids)
+    assert torch.equal(resized.lm_head.weight[kept], drafter.lm_head.weight[torch.isin(old_ids, new_ids)])
 
 
 def test_grown_block_drafter_drafts_as_before_until_trained(setup):
