@@ -100,7 +100,7 @@ def plot_routing(result: dict, method: str, plt):
     strips = result["routing"][method]
     fig, ax = plt.subplots(figsize=(11, 0.7 * len(strips) + 1.2))
     for row, (cat, rounds) in enumerate(strips.items()):
-        pos = 0
+        pos = 1  # token 0 is the prefill's, committed before the first round
         for drafter, _, accepted, committed in rounds:
             color = DRAFTER_COLORS.get(drafter, "#17becf")
             if accepted:
